@@ -1,18 +1,66 @@
 """Loading Stable Diffusion models (SD 1.x / 2.x / SDXL) into one ``ModelBundle``.
 
-Sources: an embedded tiny model (``tiny-sd1`` / ``tiny-sdxl``, built offline), a diffusers folder, or a
-single ``.safetensors`` / ``.ckpt`` file. Nothing is downloaded.
+``--pretrained_model_name_or_path`` may name
+
+* an embedded tiny model, ``tiny-sd1`` or ``tiny-sdxl`` (built offline with a fixed seed; a real path of that
+  name on disk takes precedence),
+* a diffusers folder (``model_index.json`` with ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/`` and, for
+  SDXL, ``text_encoder_2/`` and ``tokenizer_2/``),
+* a single ``.safetensors`` / ``.ckpt`` file in the original LDM/SGM layout. Its component configs come from a
+  local diffusers folder of the same architecture: ``--pretrained_model_config DIR``, or a folder named like the
+  file without its suffix next to it, or the local Hugging Face cache; files written by
+  ``tools/make_tiny_model.py`` name their embedded config in their metadata,
+* a Hugging Face Hub id, only when it is already in the local Hugging Face cache.
+
+Nothing is ever downloaded: every ``from_pretrained`` / ``from_single_file`` call gets ``local_files_only=True``
+and a local config folder. The noise scheduler is not loaded from the model; like sd-scripts, it is built with the
+training configuration (``make_noise_scheduler``).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import logging
+import os
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.models.attention_processor import AttnProcessor2_0
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError
+from safetensors import safe_open
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from library import tiny_models
 
+logger = logging.getLogger(__name__)
+
 SD1_LATENT_SCALE = 0.18215
 SDXL_LATENT_SCALE = 0.13025
+
+MODEL_VERSION_SD1 = "sd_v1"
+MODEL_VERSION_SD2 = "sd_v2"
+MODEL_VERSION_SDXL = "sdxl_base_v1-0"
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+# Metadata key, written by tools/make_tiny_model.py, naming the embedded model whose configs a single file uses.
+EMBEDDED_CONFIG_METADATA_KEY = "anlo_embedded_config"
+# The text encoder of SD 2.x (OpenCLIP ViT-H) is 1024 wide; SD 1.x's CLIP ViT-L is 768.
+SD2_TEXT_ENCODER_WIDTH = 1024
+MAX_TOKEN_LENGTHS = (None, 75, 150, 225)
+# The seed of the embedded models: fixed, so that a name always means the same base weights.
+EMBEDDED_MODEL_SEED = 0
 
 
 @dataclass
@@ -20,7 +68,8 @@ class ModelBundle:
     """Everything the trainer needs from a base model.
 
     ``text_encoders`` / ``tokenizers`` have one entry for SD 1.x/2.x and two for SDXL (CLIP-L, then
-    CLIP-G with projection). ``model_version`` is the ``ss_base_model_version`` string.
+    CLIP-G with projection). ``model_version`` is the ``ss_base_model_version`` string. ``clip_skip`` and
+    ``max_token_length`` are stored as given; the trainer applies them when it encodes captions.
     """
 
     unet: Any
@@ -31,19 +80,126 @@ class ModelBundle:
     is_sdxl: bool = False
     v2: bool = False
     v_parameterization: bool = False
-    model_version: str = "sd_v1"
+    model_version: str = MODEL_VERSION_SD1
     name_or_path: str = ""
+    clip_skip: int | None = None
+    max_token_length: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def latent_scale(self) -> float:
+        """The factor VAE latents are multiplied by before they enter the U-Net."""
         return SDXL_LATENT_SCALE if self.is_sdxl else SD1_LATENT_SCALE
 
 
-def load_embedded(name: str, seed: int = 0) -> ModelBundle:
+@dataclass
+class LoadOptions:
+    """The command-line arguments that model loading reads, gathered in one place."""
+
+    name_or_path: str
+    v2: bool = False
+    v_parameterization: bool = False
+    vae: str | None = None
+    pretrained_model_config: str | None = None
+    clip_skip: int | None = None
+    max_token_length: int | None = None
+    lowram: bool = False
+    sdpa: bool = False
+    xformers: bool = False
+
+    @classmethod
+    def from_args(cls, args: Any) -> LoadOptions:
+        """Read the options from an argparse namespace; flags a parser does not define keep their defaults."""
+        name_or_path = getattr(args, "pretrained_model_name_or_path", None)
+        if not name_or_path:
+            raise ValueError("--pretrained_model_name_or_path is required (a model folder, file or embedded name)")
+        options = cls(
+            name_or_path=str(name_or_path),
+            v2=bool(getattr(args, "v2", False)),
+            v_parameterization=bool(getattr(args, "v_parameterization", False)),
+            vae=getattr(args, "vae", None) or None,
+            pretrained_model_config=getattr(args, "pretrained_model_config", None) or None,
+            clip_skip=getattr(args, "clip_skip", None),
+            max_token_length=getattr(args, "max_token_length", None),
+            lowram=bool(getattr(args, "lowram", False)),
+            sdpa=bool(getattr(args, "sdpa", False)),
+            xformers=bool(getattr(args, "xformers", False)),
+        )
+        if options.max_token_length not in MAX_TOKEN_LENGTHS:
+            raise ValueError(
+                f"--max_token_length must be one of 75, 150, 225 (or unset), got {options.max_token_length!r}"
+            )
+        if options.clip_skip is not None and options.clip_skip < 1:
+            raise ValueError(f"--clip_skip must be 1 or more, got {options.clip_skip}")
+        return options
+
+
+def make_noise_scheduler(v_parameterization: bool = False) -> DDPMScheduler:
+    """The training noise schedule of SD 1.x/2.x/SDXL (sd-scripts builds it rather than loading it)."""
+    return DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
+        prediction_type="v_prediction" if v_parameterization else "epsilon",
+    )
+
+
+def load_models(args: Any, sdxl: bool = False) -> ModelBundle:
+    """Load the base model named by ``args.pretrained_model_name_or_path`` (see the module docstring).
+
+    Reads ``pretrained_model_name_or_path``, ``v2``, ``v_parameterization``, ``vae``, ``pretrained_model_config``,
+    ``clip_skip``, ``max_token_length``, ``lowram``, ``sdpa`` and ``xformers``. ``sdxl`` says which trainer asks:
+    a model of the other family is an error.
+    """
+    options = LoadOptions.from_args(args)
+    parts = load_components(options.name_or_path, options.pretrained_model_config)
+
+    model_is_sdxl = "text_encoder_2" in parts
+    if sdxl and not model_is_sdxl:
+        raise ValueError(
+            f"{options.name_or_path} is not an SDXL model (it has one text encoder); use train_network.py for it"
+        )
+    if not sdxl and model_is_sdxl:
+        raise ValueError(f"{options.name_or_path} is an SDXL model; use sdxl_train_network.py for it")
+
+    if options.vae:
+        parts["vae"] = load_vae(options.vae, reference=parts["vae"])
+
+    v2 = False
+    if not model_is_sdxl:
+        v2 = options.v2
+        if parts["text_encoder"].config.hidden_size == SD2_TEXT_ENCODER_WIDTH and not v2:
+            logger.warning("%s has an SD 2.x text encoder; treating it as --v2", options.name_or_path)
+            v2 = True
+
+    set_attention(parts["unet"], parts["vae"], xformers=options.xformers, sdpa=options.sdpa)
+    if options.lowram and torch.cuda.is_available():
+        # sd-scripts' --lowram: keep the weights in VRAM rather than in (scarce) CPU memory.
+        for name in ("unet", "text_encoder", "text_encoder_2"):
+            if name in parts:
+                parts[name].to("cuda")
+
+    bundle = _bundle_from_parts(parts, options.name_or_path)
+    bundle.noise_scheduler = make_noise_scheduler(options.v_parameterization)
+    bundle.v_parameterization = options.v_parameterization
+    bundle.v2 = v2
+    if v2:
+        bundle.model_version = MODEL_VERSION_SD2
+    bundle.clip_skip = options.clip_skip
+    bundle.max_token_length = options.max_token_length
+    return bundle
+
+
+def load_embedded(name: str, seed: int = EMBEDDED_MODEL_SEED) -> ModelBundle:
     """The embedded tiny model ``name`` (see ``library.tiny_models``) as a bundle."""
-    parts = tiny_models.build_tiny(name, seed)
-    is_sdxl = name == tiny_models.TINY_SDXL
+    return _bundle_from_parts(tiny_models.build_tiny(name, seed), name)
+
+
+def _bundle_from_parts(parts: dict[str, Any], name_or_path: str) -> ModelBundle:
+    """A bundle from a components dict (diffusers pipeline component names)."""
+    is_sdxl = "text_encoder_2" in parts
     encoders = [parts["text_encoder"]] + ([parts["text_encoder_2"]] if is_sdxl else [])
     tokenizers = [parts["tokenizer"]] + ([parts["tokenizer_2"]] if is_sdxl else [])
     return ModelBundle(
@@ -51,8 +207,222 @@ def load_embedded(name: str, seed: int = 0) -> ModelBundle:
         vae=parts["vae"],
         text_encoders=encoders,
         tokenizers=tokenizers,
-        noise_scheduler=parts["scheduler"],
+        noise_scheduler=parts.get("scheduler") or make_noise_scheduler(),
         is_sdxl=is_sdxl,
-        model_version="sdxl_base_v1-0" if is_sdxl else "sd_v1",
-        name_or_path=name,
+        model_version=MODEL_VERSION_SDXL if is_sdxl else MODEL_VERSION_SD1,
+        name_or_path=name_or_path,
     )
+
+
+def load_components(name_or_path: str, config_dir: str | None = None) -> dict[str, Any]:
+    """The model's components by diffusers pipeline name: ``unet``, ``vae``, ``text_encoder``, ``tokenizer``
+    (and ``text_encoder_2``, ``tokenizer_2`` for SDXL), from whichever source ``name_or_path`` names.
+
+    ``config_dir`` is the diffusers config folder for a single file (``--pretrained_model_config``).
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return load_diffusers_folder(path)
+    if path.is_file():
+        return load_single_file(path, config_dir)
+    if name_or_path in tiny_models.TINY_MODEL_NAMES:
+        return tiny_models.build_tiny(name_or_path, EMBEDDED_MODEL_SEED)
+    if _looks_like_hub_id(name_or_path):
+        return load_diffusers_folder(_cached_hub_snapshot(name_or_path))
+    raise FileNotFoundError(
+        f"model not found: {name_or_path}; expected a diffusers folder, a .safetensors/.ckpt file, "
+        f"or one of {', '.join(tiny_models.TINY_MODEL_NAMES)}"
+    )
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """``owner/name`` with no file suffix and no further path parts."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.endswith(SINGLE_FILE_SUFFIXES) and not name.startswith(".")
+
+
+def _cached_hub_snapshot(repo_id: str) -> Path:
+    """The local Hugging Face cache folder of ``repo_id``; never downloads."""
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError) as error:
+        raise FileNotFoundError(
+            f"{repo_id} is not a local path and is not in the local Hugging Face cache; this trainer never "
+            f"downloads models. Download it first, e.g. `hf download {repo_id} --local-dir models/{repo_id.split('/')[1]}` "
+            f"(huggingface_hub's CLI), then pass that folder as --pretrained_model_name_or_path"
+        ) from error
+
+
+def _read_model_index(folder: Path) -> dict[str, Any]:
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise FileNotFoundError(
+            f"no model_index.json in {folder}; expected a diffusers folder, a .safetensors/.ckpt file, "
+            f"or one of {', '.join(tiny_models.TINY_MODEL_NAMES)}"
+        )
+    try:
+        return json.loads(index_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{index_file} is not valid JSON: {error}") from error
+
+
+def load_diffusers_folder(folder: Path) -> dict[str, Any]:
+    """Load the components of a diffusers folder (SDXL when ``model_index.json`` lists ``text_encoder_2``)."""
+    index = _read_model_index(folder)
+    is_sdxl = "text_encoder_2" in index
+    required = ["unet", "vae", "text_encoder", "tokenizer"] + (["text_encoder_2", "tokenizer_2"] if is_sdxl else [])
+    for name in required:
+        if not (folder / name).is_dir():
+            raise FileNotFoundError(f"{folder} has no {name}/ folder; a diffusers SD model needs {', '.join(required)}")
+
+    local = {"local_files_only": True}
+    parts: dict[str, Any] = {
+        "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **local),
+        "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", **local),
+        "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **local),
+        "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **local),
+    }
+    if is_sdxl:
+        parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+            folder, subfolder="text_encoder_2", **local
+        )
+        parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2", **local)
+    return parts
+
+
+def _embedded_config_name(checkpoint: Path) -> str | None:
+    """The embedded model named in a ``.safetensors`` file's metadata, if any."""
+    if checkpoint.suffix != ".safetensors":
+        return None
+    try:
+        with safe_open(str(checkpoint), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception as error:  # safetensors raises its own error types for damaged headers
+        raise ValueError(f"{checkpoint} is not a readable .safetensors file: {error}") from error
+    return metadata.get(EMBEDDED_CONFIG_METADATA_KEY)
+
+
+def _find_config_dir(checkpoint: Path, config_dir: str | None) -> Path:
+    """The diffusers config folder for a single file: explicit, sibling ``<stem>/``, or the local HF cache."""
+    if config_dir:
+        folder = Path(config_dir).expanduser()
+        _read_model_index(folder)
+        return folder
+    sibling = checkpoint.with_suffix("")
+    if (sibling / "model_index.json").is_file():
+        return sibling
+    raise FileNotFoundError(
+        f"cannot load the single file {checkpoint} offline: its component configs are missing. Pass "
+        f"--pretrained_model_config DIR, a diffusers folder of the same architecture (only its *.json and "
+        f"*.txt files are needed, e.g. `hf download stable-diffusion-v1-5/stable-diffusion-v1-5 --include "
+        f"'*.json' '*.txt' --local-dir DIR`), or put that folder next to the file as {sibling}/"
+    )
+
+
+def load_single_file(checkpoint: Path, config_dir: str | None = None) -> dict[str, Any]:
+    """Load an LDM/SGM-layout single file with diffusers' single-file loaders and a local config folder."""
+    if checkpoint.suffix not in SINGLE_FILE_SUFFIXES:
+        raise ValueError(
+            f"{checkpoint} is not a model file; expected one of {', '.join(SINGLE_FILE_SUFFIXES)} or a diffusers folder"
+        )
+    embedded = None if config_dir else _embedded_config_name(checkpoint)
+    if embedded is not None:
+        if embedded not in tiny_models.TINY_MODEL_NAMES:
+            raise ValueError(
+                f"{checkpoint} names the embedded config {embedded!r} in its metadata; "
+                f"expected one of {', '.join(tiny_models.TINY_MODEL_NAMES)}"
+            )
+        with tempfile.TemporaryDirectory(prefix="anlo-config-") as temp:
+            save_diffusers_folder(tiny_models.build_tiny(embedded, EMBEDDED_MODEL_SEED), Path(temp) / "model")
+            return _load_single_file_with_config(checkpoint, Path(temp) / "model")
+    return _load_single_file_with_config(checkpoint, _find_config_dir(checkpoint, config_dir))
+
+
+def _load_single_file_with_config(checkpoint: Path, config_dir: Path) -> dict[str, Any]:
+    is_sdxl = "text_encoder_2" in _read_model_index(config_dir)
+    pipeline_class = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
+    extra = {} if is_sdxl else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    try:
+        pipeline = pipeline_class.from_single_file(
+            str(checkpoint), config=str(config_dir), local_files_only=True, **extra
+        )
+    except (KeyError, RuntimeError, ValueError) as error:
+        raise ValueError(
+            f"could not load {checkpoint} as a {'SDXL' if is_sdxl else 'SD 1.x/2.x'} single file with the configs "
+            f"in {config_dir}: {error}"
+        ) from error
+    names = ["unet", "vae", "text_encoder", "tokenizer"] + (["text_encoder_2", "tokenizer_2"] if is_sdxl else [])
+    return {name: getattr(pipeline, name) for name in names}
+
+
+def load_vae(path: str, reference: AutoencoderKL) -> AutoencoderKL:
+    """The ``--vae`` replacement: a diffusers VAE folder (or a model folder with ``vae/``) or a single file.
+
+    A single file takes its config (incl. ``scaling_factor``) from ``reference``, the base model's VAE.
+    """
+    vae_path = Path(path).expanduser()
+    if vae_path.is_dir():
+        if (vae_path / "config.json").is_file():
+            return AutoencoderKL.from_pretrained(vae_path, local_files_only=True)
+        if (vae_path / "vae" / "config.json").is_file():
+            return AutoencoderKL.from_pretrained(vae_path, subfolder="vae", local_files_only=True)
+        raise FileNotFoundError(f"--vae {path}: no config.json (or vae/config.json) in this folder")
+    if not vae_path.is_file():
+        raise FileNotFoundError(f"--vae {path}: no such file or folder; expected a VAE folder or a .safetensors/.ckpt")
+    if vae_path.suffix not in SINGLE_FILE_SUFFIXES:
+        raise ValueError(f"--vae {path}: expected a diffusers VAE folder or one of {', '.join(SINGLE_FILE_SUFFIXES)}")
+    with tempfile.TemporaryDirectory(prefix="anlo-vae-config-") as config_dir:
+        reference.save_config(config_dir)
+        try:
+            return AutoencoderKL.from_single_file(str(vae_path), config=config_dir, local_files_only=True)
+        except (KeyError, RuntimeError, ValueError) as error:
+            raise ValueError(f"--vae {path}: not a VAE matching the base model's VAE config: {error}") from error
+
+
+def set_attention(unet: Any, vae: Any, xformers: bool = False, sdpa: bool = False) -> None:
+    """``--xformers`` (wins, as in sd-scripts) or ``--sdpa`` attention in the U-Net and the VAE."""
+    if xformers:
+        if importlib.util.find_spec("xformers") is None:
+            raise ImportError("--xformers needs the xformers package, which is not installed; install it or use --sdpa")
+        unet.enable_xformers_memory_efficient_attention()
+        vae.enable_xformers_memory_efficient_attention()
+    elif sdpa:
+        unet.set_attn_processor(AttnProcessor2_0())
+        vae.set_attn_processor(AttnProcessor2_0())
+
+
+def save_diffusers_folder(parts: dict[str, Any], folder: Path) -> None:
+    """Write components (pipeline names, as ``load_components`` returns) as a diffusers folder.
+
+    Written to a temporary sibling folder first and renamed into place; ``folder`` must not exist yet or be empty.
+    """
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise FileExistsError(f"{folder} already exists and is not an empty folder; choose a new output folder")
+    scheduler = parts.get("scheduler") or make_noise_scheduler()
+    if "text_encoder_2" in parts:
+        pipeline = StableDiffusionXLPipeline(
+            vae=parts["vae"],
+            text_encoder=parts["text_encoder"],
+            text_encoder_2=parts["text_encoder_2"],
+            tokenizer=parts["tokenizer"],
+            tokenizer_2=parts["tokenizer_2"],
+            unet=parts["unet"],
+            scheduler=scheduler,
+        )
+    else:
+        pipeline = StableDiffusionPipeline(
+            vae=parts["vae"],
+            text_encoder=parts["text_encoder"],
+            tokenizer=parts["tokenizer"],
+            unet=parts["unet"],
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{folder.name}.", dir=folder.parent) as temp:
+        staging = Path(temp) / "model"
+        pipeline.save_pretrained(staging)
+        os.replace(staging, folder)
