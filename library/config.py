@@ -1,4 +1,4 @@
-"""Every command-line flag of ``train_network.py`` / ``sdxl_train_network.py``, ``--config_file`` and ``--output_config``.
+"""Every command-line flag of ``train_network.py`` / ``sdxl_train_network.py``; ``--config_file``, ``--output_config``.
 
 This is the one place where flags are defined. Names, types, choices and defaults follow kohya-ss/sd-scripts so that
 existing command lines and TOML files keep working; the few flags of our own are marked "(ours)" in their help.
@@ -11,15 +11,21 @@ file, the file beats the defaults. Unlike sd-scripts, file values are checked ag
 
 ``--output_config --config_file X`` writes the arguments that differ from the defaults to ``X`` and exits.
 
+Flags whose help is ``COMPAT_ONLY`` are accepted so that sd-scripts command lines keep working, do nothing here,
+and are warned about when set.
+
 Public API::
 
     build_parser(sdxl=False) -> argparse.ArgumentParser
     parse_args(argv=None, sdxl=False) -> argparse.Namespace     # parse, merge --config_file, normalize, verify
     read_config_file(path) -> (resolved_path, flat_dict)
+    config_file_values(parser, path) -> {dest: converted value}
     apply_config_file(parser, argv, config_file) -> argparse.Namespace
     save_config_file(args, parser, config_file) -> resolved_path
     verify_args(args, sdxl) -> None                             # raises ConfigError
     parse_resolution(text, flag="--resolution") -> (width, height)
+    int_or_float(text) -> int | float                           # type of --lr_warmup_steps / --lr_decay_steps
+    toml_path(config_file) -> str                               # ".toml" appended when missing
 """
 
 from __future__ import annotations
@@ -74,6 +80,10 @@ def int_or_float(text: str) -> int | float:
     """Parse a step count: an integer >= 1, a fraction below 1 (``0.1``) or a percentage (``"10%"``) of the steps."""
     text = text.strip()
     try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
         if text.endswith("%"):
             return float(text[:-1]) / 100.0
         number = float(text)
@@ -119,7 +129,8 @@ def _add_model_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--highvram", action="store_true", help="skip cache clearing that saves accelerator memory")
     group.add_argument("--fp8_base", action="store_true", help="keep the frozen base model in fp8")
     group.add_argument("--torch_compile", action="store_true", help=COMPAT_ONLY)
-    group.add_argument("--dynamo_backend", type=str, default="inductor", help=COMPAT_ONLY)
+    group.add_argument("--dynamo_backend", type=str, default="inductor",
+                       help="backend of --torch_compile; accepted for compatibility, not used")
 
 
 def _add_dataset_arguments(group: argparse._ArgumentGroup) -> None:
@@ -431,6 +442,11 @@ def read_config_file(config_file: str | os.PathLike[str]) -> tuple[str, dict[str
         entries = value.items() if isinstance(value, dict) else [(name, value)]
         where = f"[{name}]" if isinstance(value, dict) else "the top level"
         for key, item in entries:
+            if isinstance(item, dict):
+                raise ConfigError(
+                    f"--config_file: {path}: table [{name}.{key}] is nested too deep; "
+                    "only top-level keys and one level of [sections] are read"
+                )
             if key in flat and flat[key] != item:
                 logger.warning("%s: %r is set in %s and again in %s; using the value from %s",
                                path, key, origin[key], where, where)
@@ -592,29 +608,33 @@ def verify_args(args: argparse.Namespace, sdxl: bool) -> None:
     if args.full_bf16 and args.mixed_precision != "bf16":
         raise ConfigError("--full_bf16 requires --mixed_precision bf16")
 
-    if args.max_train_epochs is not None:
-        if args.max_train_epochs < 1:
-            raise ConfigError(f"--max_train_epochs: expected 1 or more, got {args.max_train_epochs}")
-    elif args.max_train_steps < 1:
-        raise ConfigError(f"--max_train_steps: expected 1 or more, got {args.max_train_steps}")
-    for name in ("train_batch_size", "gradient_accumulation_steps", "vae_batch_size", "bucket_reso_steps"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name}: expected 1 or more, got {getattr(args, name)}")
-    if args.max_data_loader_n_workers < 0 or args.nan_abort_steps < 0:
-        name = "max_data_loader_n_workers" if args.max_data_loader_n_workers < 0 else "nan_abort_steps"
-        raise ConfigError(f"--{name}: expected 0 or more, got {getattr(args, name)}")
+    minimums = {
+        # --max_train_epochs, when given, replaces --max_train_steps
+        "max_train_epochs" if args.max_train_epochs is not None else "max_train_steps": 1,
+        "train_batch_size": 1,
+        "gradient_accumulation_steps": 1,
+        "vae_batch_size": 1,
+        "bucket_reso_steps": 1,
+        "max_data_loader_n_workers": 0,
+        "nan_abort_steps": 0,
+    }
+    for name, low in minimums.items():
+        if getattr(args, name) < low:
+            raise ConfigError(f"--{name}: expected {low} or more, got {getattr(args, name)}")
 
     if args.resolution is not None:
         parse_resolution(args.resolution)
     if args.enable_bucket:
         if args.min_bucket_reso > args.max_bucket_reso:
             raise ConfigError(
-                f"--min_bucket_reso ({args.min_bucket_reso}) must not exceed --max_bucket_reso ({args.max_bucket_reso})"
+                f"--min_bucket_reso ({args.min_bucket_reso}) must not exceed "
+                f"--max_bucket_reso ({args.max_bucket_reso})"
             )
         for name in ("min_bucket_reso", "max_bucket_reso"):
             if getattr(args, name) % args.bucket_reso_steps:
                 raise ConfigError(
-                    f"--{name} ({getattr(args, name)}) must be divisible by --bucket_reso_steps ({args.bucket_reso_steps})"
+                    f"--{name} ({getattr(args, name)}) must be divisible by "
+                    f"--bucket_reso_steps ({args.bucket_reso_steps})"
                 )
 
     _check_range(args, "caption_dropout_rate", 0.0, 1.0)
@@ -662,6 +682,12 @@ def verify_args(args: argparse.Namespace, sdxl: bool) -> None:
                 )
 
 
+def _warn_compat_only(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for action in parser._actions:
+        if action.help == COMPAT_ONLY and getattr(args, action.dest) != action.default:
+            logger.warning("--%s is accepted for compatibility with sd-scripts but has no effect here", action.dest)
+
+
 def _normalize(args: argparse.Namespace) -> None:
     """Resolve aliases and implied flags in place, as sd-scripts does."""
     if args.caption_extention is not None:
@@ -702,6 +728,7 @@ def parse_args(argv: Sequence[str] | None = None, sdxl: bool = False) -> argpars
         if args.config_file:
             args = apply_config_file(parser, argv, args.config_file)
         _normalize(args)
+        _warn_compat_only(parser, args)
         verify_args(args, sdxl)
     except ConfigError as error:
         parser.error(str(error))
