@@ -113,6 +113,9 @@ def _add_model_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--pretrained_model_name_or_path", type=str, default=None,
                        help="base model: diffusers folder, .safetensors/.ckpt file, or an embedded tiny model name "
                             "(tiny-sd1, tiny-sdxl)")
+    group.add_argument("--pretrained_model_config", type=str, default=None,
+                       help="(ours) local diffusers folder holding the component configs of a single-file model; "
+                            "nothing is ever downloaded")
     group.add_argument("--v2", action="store_true", help="the base model is Stable Diffusion 2.x")
     group.add_argument("--v_parameterization", action="store_true", help="train with v-prediction targets")
     group.add_argument("--vae", type=str, default=None, help="replace the model's VAE with this checkpoint or folder")
