@@ -77,23 +77,22 @@ class ConfigError(ValueError):
 
 
 def int_or_float(text: str) -> int | float:
-    """Parse a step count: an integer >= 1, a fraction below 1 (``0.1``) or a percentage (``"10%"``) of the steps."""
+    """Parse a step count: an integer is a number of steps; a decimal (``0.05``, ``1.0``) or a percentage (``"5%"``)
+    is a fraction of the training steps, between 0 and 1. A TOML integer/float keeps that meaning."""
     text = text.strip()
     try:
         return int(text)
     except ValueError:
         pass
     try:
-        if text.endswith("%"):
-            return float(text[:-1]) / 100.0
-        number = float(text)
+        fraction = float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer, a fraction below 1 or a percentage") from None
-    if number < 1:
-        return number
-    if number != int(number):
-        raise argparse.ArgumentTypeError(f"{text!r}: a step count of 1 or more must be a whole number")
-    return int(number)
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a step count (integer) nor a fraction (0 to 1, or a percentage)"
+        ) from None
+    if not 0.0 <= fraction <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a fraction of the training steps must be between 0 and 1")
+    return fraction
 
 
 # What each `type=` expects, for error messages.
@@ -102,7 +101,7 @@ _TYPE_NAMES: dict[Callable[..., Any], str] = {
     int: "an integer",
     float: "a number",
     Path: "a path (string)",
-    int_or_float: "an integer step count, a fraction below 1 or a percentage such as \"10%\"",
+    int_or_float: "an integer step count, or a fraction of the steps from 0 to 1 (or a percentage such as \"10%\")",
 }
 
 
@@ -238,9 +237,9 @@ def _add_optimizer_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--lr_scheduler_args", type=str, default=None, nargs="*",
                        help="extra key=value arguments of --lr_scheduler_type")
     group.add_argument("--lr_warmup_steps", type=int_or_float, default=0,
-                       help="warm-up steps, or a fraction (< 1) / percentage of the training steps")
+                       help="warm-up steps (integer), or a fraction of the training steps (0.05, 1.0, '5%%')")
     group.add_argument("--lr_decay_steps", type=int_or_float, default=0,
-                       help="decay steps, or a fraction (< 1) / percentage of the training steps")
+                       help="decay steps (integer), or a fraction of the training steps (0.05, 1.0, '5%%')")
     group.add_argument("--lr_scheduler_num_cycles", type=int, default=1, help="restarts of cosine_with_restarts")
     group.add_argument("--lr_scheduler_power", type=float, default=1, help="power of the polynomial scheduler")
     group.add_argument("--lr_scheduler_timescale", type=int, default=None,
@@ -620,6 +619,8 @@ def verify_args(args: argparse.Namespace, sdxl: bool) -> None:
         "bucket_reso_steps": 1,
         "max_data_loader_n_workers": 0,
         "nan_abort_steps": 0,
+        "lr_warmup_steps": 0,
+        "lr_decay_steps": 0,
     }
     for name, low in minimums.items():
         if getattr(args, name) < low:

@@ -130,16 +130,27 @@ def test_command_line_types():
     assert args.caption_extension == ".txt"  # the misspelled alias wins, as in sd-scripts
 
 
-@pytest.mark.parametrize(("text", "expected"), [("0", 0), ("250", 250), ("0.05", 0.05), ("5%", 0.05), ("1.0", 1)])
+@pytest.mark.parametrize(
+    ("text", "expected"), [("0", 0), ("250", 250), ("0.05", 0.05), ("5%", 0.05), ("1.0", 1.0), ("100%", 1.0)]
+)
 def test_int_or_float(text, expected):
     value = int_or_float(text)
     assert value == pytest.approx(expected) and type(value) is type(expected)
 
 
-@pytest.mark.parametrize("text", ["ten", "2.5", "%"])
-def test_int_or_float_rejects(text):
-    with pytest.raises(argparse.ArgumentTypeError, match=repr(text)):
+@pytest.mark.parametrize(("text", "message"), [("ten", "neither"), ("%", "neither"), ("2.5", "between 0 and 1"),
+                                               ("150%", "between 0 and 1"), ("-0.5", "between 0 and 1")])
+def test_int_or_float_rejects(text, message):
+    with pytest.raises(argparse.ArgumentTypeError, match=f"{text!r}.*{message}"):
         int_or_float(text)
+
+
+def test_step_fractions_keep_their_toml_type(tmp_path):
+    """As in sd-scripts, a TOML float is a fraction of the training steps (1.0 = all) and an integer a step count."""
+    config = write(tmp_path / "steps.toml", "lr_warmup_steps = 1.0\nlr_decay_steps = 100\n")
+    args = parse_args(["--config_file", str(config)])
+    assert args.lr_warmup_steps == 1.0 and isinstance(args.lr_warmup_steps, float)
+    assert args.lr_decay_steps == 100 and isinstance(args.lr_decay_steps, int)
 
 
 def test_config_file_precedence(tmp_path):
@@ -309,6 +320,7 @@ def test_output_config_needs_a_path(capsys):
         (["--min_timestep", "500", "--max_timestep", "400"], False, r"must be smaller than --max_timestep"),
         (["--adaptive_noise_scale", "0.1"], False, r"--adaptive_noise_scale requires --noise_offset"),
         (["--nan_abort_steps", "-1"], False, r"--nan_abort_steps: expected 0 or more"),
+        (["--lr_warmup_steps", "-3"], False, r"--lr_warmup_steps: expected 0 or more, got -3"),
         (["--v2"], True, r"--v2 cannot be used for SDXL"),
         (["--cache_text_encoder_outputs"], True, r"--cache_text_encoder_outputs requires --network_train_unet_only"),
         (["--cache_text_encoder_outputs", "--network_train_unet_only", "--shuffle_caption",
