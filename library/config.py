@@ -566,7 +566,7 @@ def save_config_file(
             continue
         if isinstance(value, Path):
             value = str(value)
-        tables.setdefault(sections.get(key, "other_arguments"), {})[key] = value
+        tables.setdefault(sections[key], {})[key] = value
     _write_atomic(path, toml.dumps(tables))
     return path
 
