@@ -1,0 +1,608 @@
+"""``NetworkTrainer``: the LoRA training loop, compatible with sd-scripts' ``train_network.py``.
+
+The loop is written out in one place, in the order sd-scripts runs it, so that it reads top to bottom:
+
+    seed → accelerator → models → dataset (→ latent cache) → network → optimizer / scheduler → prepare
+    → for each epoch, for each batch: loss → backward → clip → optimizer.step → scheduler.step → zero_grad
+    → log → save every N steps / epochs → save the final LoRA
+
+What differs between model families is behind a few small methods that a subclass (the SDXL trainer in
+``library/sdxl.py``) overrides: ``load_models``, ``encode_text``, ``unet_forward``, ``latent_scale``,
+``model_version``, ``model_spec`` and ``metadata_extras``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import os
+import random
+import time
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm import tqdm
+
+from library import diffusion, metadata as ss_metadata
+from library.dataset import build_dataset
+from library.latents import LATENT_DOWNSCALE, encode_latents
+from library.lora_format import modelspec_metadata
+from library.models import ModelBundle, load_models
+from library.optimizers import get_optimizer, get_scheduler, is_schedulefree, optimizer_metadata_string
+
+DEFAULT_NETWORK_MODULE = "networks.lora"
+# sd-scripts' file names when --output_name is not given.
+DEFAULT_LAST_OUTPUT_NAME = "last"
+DEFAULT_EPOCH_NAME = "epoch"
+DEFAULT_STEP_NAME = "at"
+SAVE_PRECISIONS = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# get_normalization_stats() of a stateful optimizer (ANLO) may synchronise with the device: read it this rarely.
+OPTIMIZER_STATS_EVERY_N_STEPS = 10
+
+
+class LossRecorder:
+    """The moving average sd-scripts shows as ``avr_loss``: the mean of the most recent loss at each step
+    position of an epoch (the first epoch fills the window, later epochs overwrite it in place)."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.total = 0.0
+
+    def add(self, epoch: int, step: int, loss: float) -> None:
+        if epoch == 0 or step >= len(self.losses):
+            self.losses.append(loss)
+        else:
+            self.total -= self.losses[step]
+            self.losses[step] = loss
+        self.total += loss
+
+    @property
+    def moving_average(self) -> float:
+        return self.total / len(self.losses)
+
+
+def parse_network_args(network_args: list[str] | None) -> dict[str, str]:
+    """``--network_args key=value ...`` as a dict of strings, split on the first ``=`` (as sd-scripts does)."""
+    kwargs: dict[str, str] = {}
+    for item in network_args or []:
+        if "=" not in item:
+            raise ValueError(f"--network_args: {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        kwargs[key.strip()] = value.strip()
+    return kwargs
+
+
+def first_text_encoder_lr(text_encoder_lr: float | list[float] | None) -> float | None:
+    """``--text_encoder_lr`` takes several values on the command line (one per encoder) and one in a TOML file;
+    the LoRA network takes one: the first."""
+    if text_encoder_lr is None or isinstance(text_encoder_lr, (int, float)):
+        return text_encoder_lr
+    return text_encoder_lr[0] if len(text_encoder_lr) > 0 else None
+
+
+def checkpoint_name(args: argparse.Namespace, epoch: int | None = None, step: int | None = None) -> str:
+    """sd-scripts' file names: ``{name}-{epoch:06d}.ext``, ``{name}-step{step:08d}.ext``, final ``{name}.ext``."""
+    extension = "." + args.save_model_as
+    if epoch is not None:
+        return f"{args.output_name or DEFAULT_EPOCH_NAME}-{epoch:06d}{extension}"
+    if step is not None:
+        return f"{args.output_name or DEFAULT_STEP_NAME}-step{step:08d}{extension}"
+    return f"{args.output_name or DEFAULT_LAST_OUTPUT_NAME}{extension}"
+
+
+def epoch_to_remove(args: argparse.Namespace, epoch: int) -> int | None:
+    """Under ``--save_last_n_epochs N``: the epoch file that falls out of the kept window when ``epoch`` is saved."""
+    if args.save_last_n_epochs is None:
+        return None
+    old = epoch - args.save_every_n_epochs * args.save_last_n_epochs
+    return old if old > 0 else None
+
+
+def step_to_remove(args: argparse.Namespace, step: int) -> int | None:
+    """Under ``--save_last_n_steps N``: the saved step that is now more than N steps old (if any)."""
+    if args.save_last_n_steps is None:
+        return None
+    old = step - args.save_last_n_steps - 1
+    old -= old % args.save_every_n_steps
+    return old if old > 0 else None
+
+
+def final_layer_norm(text_encoder: torch.nn.Module) -> torch.nn.Module:
+    """The CLIP text encoder's final LayerNorm (transformers 5 dropped the ``text_model`` level; 4.x has it)."""
+    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+
+
+def tokenize(tokenizer: Any, captions: list[str], max_token_length: int | None) -> torch.Tensor:
+    """Token ids (B, L): L = the tokenizer's 77 by default, or ``max_token_length`` + 2 (150 / 225 tokens)."""
+    length = tokenizer.model_max_length if max_token_length is None else max_token_length + 2
+    return tokenizer(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+
+
+def split_into_chunks(input_ids: torch.Tensor, tokenizer: Any) -> torch.Tensor:
+    """Split long token ids (B, n·75 + 2) into n windows of the encoder's length 77, each ``BOS + 75 + EOS``:
+    returns (B·n, 77), batch-major. Ids of the default length are returned as they are.
+
+    When the tokenizer pads with a token other than EOS (SD 2.x, SDXL's second tokenizer), a window whose text
+    fills it gets EOS as its last token, and a window that starts in the padding starts with EOS, as sd-scripts
+    does.
+    """
+    window = tokenizer.model_max_length
+    if input_ids.shape[1] == window:
+        return input_ids
+    inner = window - 2
+    bos, eos = input_ids[:, :1], input_ids[:, -1:]
+    chunks = []
+    for start in range(1, input_ids.shape[1] - inner, inner):
+        chunk = torch.cat([bos, input_ids[:, start : start + inner], eos], dim=1)
+        if tokenizer.pad_token_id != tokenizer.eos_token_id:
+            text_fills_window = (chunk[:, -2] != tokenizer.eos_token_id) & (chunk[:, -2] != tokenizer.pad_token_id)
+            chunk[text_fills_window, -1] = tokenizer.eos_token_id
+            starts_in_padding = chunk[:, 1] == tokenizer.pad_token_id
+            chunk[starts_in_padding, 1] = tokenizer.eos_token_id
+        chunks.append(chunk)
+    return torch.stack(chunks, dim=1).reshape(-1, window)
+
+
+def merge_chunks(hidden: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Inverse of ``split_into_chunks`` for hidden states (B·n, 77, D) → (B, n·75 + 2, D): the first window's
+    BOS state, the 75 inner states of every window, the last window's EOS state."""
+    n_chunks = hidden.shape[0] // batch_size
+    if n_chunks == 1:
+        return hidden
+    hidden = hidden.reshape(batch_size, n_chunks, hidden.shape[1], hidden.shape[2])
+    inner = hidden[:, :, 1:-1].reshape(batch_size, -1, hidden.shape[3])
+    return torch.cat([hidden[:, 0, :1], inner, hidden[:, -1, -1:]], dim=1)
+
+
+def encode_with_clip_skip(text_encoder: torch.nn.Module, input_ids: torch.Tensor, clip_skip: int | None) -> torch.Tensor:
+    """Hidden states of a CLIP text encoder: the last layer, or with ``clip_skip`` = k the k-th layer from the
+    end passed through the final LayerNorm (SD 1.x convention)."""
+    if clip_skip is None or clip_skip == 1:
+        return text_encoder(input_ids).last_hidden_state
+    output = text_encoder(input_ids, output_hidden_states=True)
+    return final_layer_norm(text_encoder)(output.hidden_states[-clip_skip])
+
+
+class NetworkTrainer:
+    """Trains a LoRA (or any sd-scripts-style network module) on an SD 1.x / 2.x model.
+
+    After ``train(args)``, ``loss_history`` holds the loss of every micro-batch in order and ``output_file``
+    the path of the final LoRA file.
+    """
+
+    is_sdxl = False
+
+    def __init__(self) -> None:
+        self.loss_history: list[float] = []
+        self.output_file: str | None = None
+        self.args: argparse.Namespace | None = None
+        self.accelerator: Accelerator | None = None
+        self.models: ModelBundle | None = None
+
+    # ------------------------------------------------------------------ what a model family changes
+
+    def load_models(self, args: argparse.Namespace) -> ModelBundle:
+        """The base model (U-Net, VAE, text encoders, tokenizers, noise scheduler)."""
+        return load_models(args, sdxl=self.is_sdxl)
+
+    @property
+    def latent_scale(self) -> float:
+        """Factor applied to VAE latents before they enter the U-Net (0.18215 for SD 1.x/2.x)."""
+        return self.models.latent_scale
+
+    @property
+    def model_version(self) -> str:
+        """``ss_base_model_version``: ``sd_v1``, ``sd_v2`` (or ``sdxl_base_v1-0`` in the SDXL trainer)."""
+        return self.models.model_version
+
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        """Text conditioning for a batch of captions: the text encoder's hidden states (B, 77 or n·75 + 2, D)."""
+        args, tokenizer, text_encoder = self.args, self.models.tokenizers[0], self.models.text_encoders[0]
+        input_ids = tokenize(tokenizer, captions, args.max_token_length)
+        chunks = split_into_chunks(input_ids, tokenizer).to(self.accelerator.device)
+        hidden = encode_with_clip_skip(text_encoder, chunks, args.clip_skip)
+        return merge_chunks(hidden, len(captions))
+
+    def unet_forward(
+        self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: torch.Tensor, batch: dict
+    ) -> torch.Tensor:
+        """The U-Net's prediction (noise, or velocity under v-parameterization)."""
+        return self.models.unet(noisy_latents, timesteps, conditioning).sample
+
+    def model_spec(self, args: argparse.Namespace, training_started_at: float) -> dict[str, str]:
+        """The ``modelspec.*`` keys of a saved file (architecture, resolution, title, date, ...)."""
+        return modelspec_metadata(
+            sdxl=self.is_sdxl,
+            v2=self.models.v2,
+            v_parameterization=args.v_parameterization,
+            timestamp=training_started_at,
+            title=args.metadata_title if args.metadata_title is not None else args.output_name,
+            resolution=args.resolution,
+            author=args.metadata_author,
+            description=args.metadata_description,
+            license=args.metadata_license,
+            tags=args.metadata_tags,
+        )
+
+    def metadata_extras(self, args: argparse.Namespace) -> dict[str, str]:
+        """Model-family ``ss_*`` keys added to the run's metadata (none for SD 1.x/2.x)."""
+        return {}
+
+    # ------------------------------------------------------------------ one training step
+
+    def compute_loss(self, batch: dict, train_text_encoder: bool, weight_dtype: torch.dtype) -> torch.Tensor:
+        """The loss of one batch: noise the latents, predict, compare with the target, weight, average."""
+        args, accelerator, scheduler = self.args, self.accelerator, self.models.noise_scheduler
+        device = accelerator.device
+
+        with torch.no_grad():
+            if batch["latents"] is not None:
+                latents = batch["latents"].to(device, dtype=torch.float32)
+            else:
+                vae = self.models.vae
+                latents = encode_latents(vae, batch["images"].to(device, dtype=vae.dtype)).float()
+            latents = torch.nan_to_num(latents, 0.0) * self.latent_scale
+
+        with torch.set_grad_enabled(train_text_encoder), accelerator.autocast():
+            conditioning = self.encode_text(batch["captions"])
+        if args.full_fp16 or args.full_bf16:
+            conditioning = _to_dtype(conditioning, weight_dtype)
+
+        noise = diffusion.sample_noise(
+            latents,
+            noise_offset=args.noise_offset,
+            noise_offset_random_strength=args.noise_offset_random_strength,
+            adaptive_noise_scale=args.adaptive_noise_scale,
+            multires_noise_iterations=args.multires_noise_iterations,
+            multires_noise_discount=args.multires_noise_discount,
+        )
+        min_timestep = 0 if args.min_timestep is None else args.min_timestep
+        max_timestep = scheduler.config.num_train_timesteps if args.max_timestep is None else args.max_timestep
+        timesteps = diffusion.sample_timesteps(latents.shape[0], min_timestep, max_timestep, device)
+        model_input_noise = diffusion.input_perturbation(noise, args.ip_noise_gamma, args.ip_noise_gamma_random_strength)
+        noisy_latents = scheduler.add_noise(latents, model_input_noise, timesteps)
+
+        with accelerator.autocast():
+            prediction = self.unet_forward(noisy_latents.to(weight_dtype), timesteps, conditioning, batch)
+
+        if args.v_parameterization:
+            target = diffusion.velocity_target(scheduler, latents, noise, timesteps)
+        else:
+            target = noise
+
+        huber_c = None
+        if args.loss_type in ("huber", "smooth_l1"):
+            huber_c = diffusion.huber_threshold(args.huber_schedule, args.huber_c, args.huber_scale, scheduler, timesteps)
+        loss = diffusion.per_sample_loss(prediction, target, args.loss_type, huber_c)
+        loss = loss * batch["loss_weights"].to(device)
+
+        if args.min_snr_gamma or args.scale_v_pred_loss_like_noise_pred or args.v_pred_like_loss or args.debiased_estimation_loss:
+            snr_t = diffusion.snr(scheduler, timesteps)
+            if args.min_snr_gamma:
+                loss = loss * diffusion.min_snr_weight(snr_t, args.min_snr_gamma, args.v_parameterization)
+            if args.scale_v_pred_loss_like_noise_pred:
+                loss = loss * diffusion.v_like_noise_scale(snr_t)
+            if args.v_pred_like_loss:
+                loss = diffusion.add_v_prediction_like_loss(loss, snr_t, args.v_pred_like_loss)
+            if args.debiased_estimation_loss:
+                loss = loss * diffusion.debiased_estimation_weight(snr_t, args.v_parameterization)
+        return loss.mean()
+
+    # ------------------------------------------------------------------ the run
+
+    def train(self, args: argparse.Namespace) -> str:
+        """Train the network described by ``args`` (see ``library/config.py``); returns the final LoRA's path."""
+        session_id = random.randint(0, 2**32)
+        training_started_at = time.time()
+        if args.seed is None:
+            args.seed = random.randint(0, 2**32)
+        set_seed(args.seed)
+        self.args = args
+
+        accelerator = self.accelerator = make_accelerator(args)
+        weight_dtype = MIXED_PRECISION_DTYPES[args.mixed_precision]
+        save_dtype = SAVE_PRECISIONS[args.save_precision]
+        vae_dtype = torch.float32 if args.no_half_vae else weight_dtype
+
+        # models, frozen; the network's own parameters are the only ones trained
+        models = self.models = self.load_models(args)
+        unet, vae, text_encoders = models.unet, models.vae, models.text_encoders
+        for model in (unet, vae, *text_encoders):
+            model.requires_grad_(False)
+        if args.zero_terminal_snr:
+            diffusion.fix_betas_for_zero_terminal_snr(models.noise_scheduler)
+
+        # data
+        dataset = build_dataset(args)
+        dataset.verify_bucket_reso_steps(latent_size_multiple(unet) * LATENT_DOWNSCALE)
+        vae.eval()
+        if args.cache_latents:
+            dataset.cache_latents(vae, args.cache_latents_to_disk, accelerator.device, vae_dtype, args.vae_batch_size)
+            vae.to("cpu")  # not needed any more
+            accelerator.wait_for_everyone()
+        else:
+            vae.to(accelerator.device, dtype=vae_dtype)
+
+        # network
+        args.network_module = args.network_module or DEFAULT_NETWORK_MODULE
+        network_module = importlib.import_module(args.network_module)
+        network_kwargs = parse_network_args(args.network_args)
+        text_encoder = text_encoders[0] if len(text_encoders) == 1 else text_encoders
+        if args.dim_from_weights:
+            network, _ = network_module.create_network_from_weights(
+                1.0, args.network_weights, vae, text_encoder, unet, **network_kwargs
+            )
+        else:
+            network_kwargs.setdefault("dropout", args.network_dropout)  # LyCORIS reads its dropout from here
+            network = network_module.create_network(
+                1.0,
+                args.network_dim,
+                args.network_alpha,
+                vae,
+                text_encoder,
+                unet,
+                neuron_dropout=args.network_dropout,
+                **network_kwargs,
+            )
+        train_unet = not args.network_train_text_encoder_only
+        train_text_encoder = not args.network_train_unet_only
+        network.apply_to(text_encoder, unet, train_text_encoder, train_unet)
+        if args.network_weights is not None and not args.dim_from_weights:
+            info = network.load_weights(args.network_weights)
+            accelerator.print(f"loaded network weights from {args.network_weights}: {info}")
+
+        if args.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+            if train_text_encoder:
+                for encoder in text_encoders:
+                    encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(network, "enable_gradient_checkpointing"):
+                network.enable_gradient_checkpointing()
+
+        # optimizer, data loader, schedule
+        text_encoder_lr = first_text_encoder_lr(args.text_encoder_lr)
+        param_groups, lr_descriptions = network.prepare_optimizer_params(text_encoder_lr, args.unet_lr, args.learning_rate)
+        optimizer_name, optimizer_args, optimizer = get_optimizer(args, param_groups)
+
+        n_workers = min(args.max_data_loader_n_workers, os.cpu_count() or 1)
+        dataloader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=1,
+            shuffle=False,  # the dataset shuffles its batches itself, per epoch, from --seed
+            collate_fn=_single_batch,
+            num_workers=n_workers,
+            persistent_workers=args.persistent_data_loader_workers and n_workers > 0,
+        )
+        if args.max_train_epochs is not None:
+            args.max_train_steps = args.max_train_epochs * math.ceil(
+                len(dataloader) / accelerator.num_processes / args.gradient_accumulation_steps
+            )
+            accelerator.print(f"--max_train_epochs {args.max_train_epochs}: {args.max_train_steps} steps")
+        dataset.set_max_train_steps(args.max_train_steps)
+        lr_scheduler = get_scheduler(args, optimizer, accelerator.num_processes)
+
+        if args.full_fp16 or args.full_bf16:
+            network.to(weight_dtype)
+        unet.to(accelerator.device, dtype=weight_dtype)
+        for encoder in text_encoders:
+            encoder.to(accelerator.device, dtype=weight_dtype)
+        network, optimizer, dataloader, lr_scheduler = accelerator.prepare(network, optimizer, dataloader, lr_scheduler)
+        if args.full_fp16:
+            _allow_fp16_gradient_unscaling(accelerator)
+
+        # train mode only where it matters: gradient checkpointing is active in train mode only
+        unet.train(args.gradient_checkpointing)
+        for encoder in text_encoders:
+            encoder.train(args.gradient_checkpointing and train_text_encoder)
+
+        num_update_steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+        num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+
+        accelerator.print("running training")
+        accelerator.print(f"  num train images * repeats: {dataset.num_train_images}")
+        accelerator.print(f"  num reg images: {dataset.num_reg_images}")
+        accelerator.print(f"  num batches per epoch: {len(dataloader)}")
+        accelerator.print(f"  num epochs: {num_train_epochs}")
+        accelerator.print(f"  gradient accumulation steps: {args.gradient_accumulation_steps}")
+        accelerator.print(f"  total optimization steps: {args.max_train_steps}")
+
+        run_metadata = ss_metadata.training_metadata(
+            args,
+            session_id=session_id,
+            training_started_at=training_started_at,
+            model_version=self.model_version,
+            text_encoder_lr=text_encoder_lr,
+            optimizer=optimizer_metadata_string(optimizer_name, optimizer_args),
+            num_train_images=dataset.num_train_images,
+            num_reg_images=dataset.num_reg_images,
+            num_batches_per_epoch=len(dataloader),
+            num_epochs=num_train_epochs,
+            network_kwargs=network_kwargs,
+        )
+        total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+        run_metadata.update(ss_metadata.dataset_metadata(args, dataset, total_batch_size))
+        run_metadata.update(ss_metadata.base_model_metadata(args))
+        run_metadata.update(self.metadata_extras(args))
+        model_spec = self.model_spec(args, training_started_at)
+
+        def save(file_name: str, steps: int, epoch: int) -> str:
+            os.makedirs(args.output_dir, exist_ok=True)
+            path = os.path.join(args.output_dir, file_name)
+            accelerator.print(f"\nsaving checkpoint: {path}")
+            file_metadata = ss_metadata.metadata_for_save(
+                run_metadata, steps=steps, epoch=epoch, no_metadata=args.no_metadata, model_spec=model_spec
+            )
+            accelerator.unwrap_model(network).save_weights(path, save_dtype, file_metadata)
+            return path
+
+        def remove(file_name: str) -> None:
+            path = os.path.join(args.output_dir, file_name)
+            if os.path.exists(path):
+                accelerator.print(f"removing old checkpoint: {path}")
+                os.remove(path)
+
+        accelerator.init_trackers(args.log_tracker_name or "network_train", config=_tracker_config(args))
+        is_tracking = len(accelerator.trackers) > 0
+        trainable_params = [p for group in param_groups for p in group["params"]]
+        loss_recorder = LossRecorder()
+        global_step = 0
+        progress_bar = tqdm(
+            range(args.max_train_steps), smoothing=0, disable=not accelerator.is_local_main_process, desc="steps"
+        )
+
+        for epoch in range(num_train_epochs):
+            accelerator.print(f"\nepoch {epoch + 1}/{num_train_epochs}")
+            dataset.set_current_epoch(epoch + 1)
+            run_metadata["ss_epoch"] = str(epoch + 1)
+            network.train()
+
+            for step, batch in enumerate(dataloader):
+                dataset.set_current_step(global_step)
+                with accelerator.accumulate(network):
+                    loss = self.compute_loss(batch, train_text_encoder, weight_dtype)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        if accelerator.num_processes > 1:
+                            _all_reduce_gradients(accelerator, trainable_params)
+                        if args.max_grad_norm != 0.0:
+                            accelerator.clip_grad_norm_(trainable_params, args.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+
+                if accelerator.sync_gradients:
+                    progress_bar.update(1)
+                    global_step += 1
+                    if args.save_every_n_steps and global_step % args.save_every_n_steps == 0:
+                        accelerator.wait_for_everyone()
+                        if accelerator.is_main_process:
+                            save(checkpoint_name(args, step=global_step), global_step, epoch + 1)
+                            old_step = step_to_remove(args, global_step)
+                            if old_step is not None:
+                                remove(checkpoint_name(args, step=old_step))
+
+                current_loss = loss.detach().item()
+                self.loss_history.append(current_loss)
+                loss_recorder.add(epoch=epoch, step=step, loss=current_loss)
+                average_loss = loss_recorder.moving_average
+                progress_bar.set_postfix(loss=f"{current_loss:.4f}", avr_loss=f"{average_loss:.4f}")
+                if is_tracking:
+                    logs = step_logs(current_loss, average_loss, lr_scheduler, lr_descriptions)
+                    if global_step % OPTIMIZER_STATS_EVERY_N_STEPS == 0:
+                        logs.update(optimizer_stats_logs(optimizer))
+                    accelerator.log(logs, step=global_step)
+
+                if global_step >= args.max_train_steps:
+                    break
+
+            if is_tracking:
+                accelerator.log({"loss/epoch_average": loss_recorder.moving_average}, step=epoch + 1)
+            accelerator.wait_for_everyone()
+            saving_epoch = args.save_every_n_epochs and (epoch + 1) % args.save_every_n_epochs == 0
+            if saving_epoch and epoch + 1 < num_train_epochs and accelerator.is_main_process:
+                save(checkpoint_name(args, epoch=epoch + 1), global_step, epoch + 1)
+                old_epoch = epoch_to_remove(args, epoch + 1)
+                if old_epoch is not None:
+                    remove(checkpoint_name(args, epoch=old_epoch))
+
+        progress_bar.close()
+        accelerator.end_training()
+        if accelerator.is_main_process:
+            self.output_file = save(checkpoint_name(args), global_step, num_train_epochs)
+            accelerator.print(f"LoRA saved to {os.path.abspath(self.output_file)}")
+        return self.output_file
+
+
+def latent_size_multiple(unet: torch.nn.Module) -> int:
+    """Latent sides must be divisible by this for the U-Net's down/up path (2 per downsampling level): 8 for
+    SD 1.x/2.x, 4 for SDXL, so buckets must step by 64 / 32 pixels."""
+    return 2 ** (len(unet.config.down_block_types) - 1)
+
+
+def make_accelerator(args: argparse.Namespace) -> Accelerator:
+    """The ``Accelerator`` for a run. As in sd-scripts, ``--logging_dir`` turns on TensorBoard unless ``--log_with``
+    says otherwise, and each run logs into ``<logging_dir>/<log_prefix><YYYYmmddHHMMSS>``."""
+    log_with = args.log_with
+    logging_dir = None
+    if args.logging_dir is not None:
+        logging_dir = os.path.join(args.logging_dir, (args.log_prefix or "") + time.strftime("%Y%m%d%H%M%S"))
+        log_with = log_with or "tensorboard"
+    if log_with in ("tensorboard", "all") and logging_dir is None:
+        raise ValueError(f"--log_with {log_with} needs --logging_dir (the folder the event files go to)")
+    return Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=log_with,
+        project_dir=logging_dir,
+    )
+
+
+def step_logs(current_loss: float, average_loss: float, lr_scheduler: Any, lr_descriptions: list[str] | None) -> dict:
+    """Per-step tracker values: ``loss/current``, ``loss/average`` and ``lr/<group description>``."""
+    logs: dict[str, float] = {"loss/current": current_loss, "loss/average": average_loss}
+    for index, lr in enumerate(lr_scheduler.get_last_lr()):
+        description = lr_descriptions[index] if lr_descriptions else f"group{index}"
+        logs[f"lr/{description}"] = float(lr)
+    return logs
+
+
+def optimizer_stats_logs(optimizer: Any) -> dict[str, float]:
+    """Numeric entries of ``optimizer.get_normalization_stats()`` (ANLO) as ``optimizer/<key>``; the current
+    normalization mode (a string) is logged as ``optimizer/global_mode`` = 1 (global) or 0 (layer)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
+    if not hasattr(inner, "get_normalization_stats"):
+        return {}
+    logs: dict[str, float] = {}
+    for key, value in inner.get_normalization_stats().items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool):
+            logs[f"optimizer/{key}"] = float(value)
+        elif isinstance(value, (int, float)):
+            logs[f"optimizer/{key}"] = float(value)
+        elif isinstance(value, str) and value in ("global", "layer"):
+            logs[f"optimizer/{key}_is_global"] = 1.0 if value == "global" else 0.0
+    return logs
+
+
+def _tracker_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's arguments as tracker hyper-parameters: only plain scalars (TensorBoard rejects the rest)."""
+    return {key: value for key, value in vars(args).items() if isinstance(value, (bool, int, float, str))}
+
+
+def _single_batch(items: list[dict]) -> dict:
+    """Collate for a dataset whose items are whole batches (the loader's batch size is 1)."""
+    return items[0]
+
+
+def _to_dtype(conditioning: Any, dtype: torch.dtype) -> Any:
+    if isinstance(conditioning, torch.Tensor):
+        return conditioning.to(dtype)
+    if isinstance(conditioning, dict):
+        return {key: _to_dtype(value, dtype) for key, value in conditioning.items()}
+    return type(conditioning)(_to_dtype(value, dtype) for value in conditioning)
+
+
+def _all_reduce_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter]) -> None:
+    """Average the network's gradients over processes (the network's forward never runs through DDP)."""
+    for param in params:
+        if param.grad is not None:
+            param.grad = accelerator.reduce(param.grad, reduction="mean")
+
+
+def _allow_fp16_gradient_unscaling(accelerator: Accelerator) -> None:
+    """``--full_fp16``: the network's weights and gradients are fp16, which torch's GradScaler refuses to unscale
+    by default; let it (sd-scripts does the same)."""
+    scaler = accelerator.scaler
+    if scaler is None:
+        return
+    unscale = scaler._unscale_grads_
+
+    def unscale_allowing_fp16(optimizer, inv_scale, found_inf, allow_fp16):
+        return unscale(optimizer, inv_scale, found_inf, True)
+
+    scaler._unscale_grads_ = unscale_allowing_fp16
