@@ -46,6 +46,7 @@ from PIL import Image, ImageOps
 
 from library import latents as latent_cache
 from library.buckets import BucketChoice, BucketManager, adjust_min_max_bucket_reso, crop_box
+from library.config import parse_resolution
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class SubsetSettings:
     flip_aug: bool = False
     color_aug: bool = False
     random_crop: bool = False
-    face_crop_aug_range: tuple[float, float] | None = None
+    face_crop_aug_range: tuple[float, float] | str | None = None  # accepted for compatibility; see _check_subset
 
 
 @dataclass
@@ -250,21 +251,14 @@ def dreambooth_subsets(base_dir: str | os.PathLike, is_reg: bool) -> list[dict]:
     return subsets
 
 
-def _parse_resolution(value: Any, where: str) -> tuple[int, int]:
-    """``512``, ``"512"``, ``"512,768"`` or ``[512, 768]`` → ``(width, height)``."""
-    if isinstance(value, str):
-        value = [v.strip() for v in value.split(",")]
-    if isinstance(value, (int, str)):
-        value = [value]
-    try:
-        sizes = [int(v) for v in value]
-    except (TypeError, ValueError):
-        sizes = []
-    if len(sizes) == 1:
-        sizes *= 2
-    if len(sizes) != 2 or min(sizes) < 1:
-        raise ValueError(f"{where}: resolution must be 'N' or 'W,H' with positive integers, got {value!r}")
-    return sizes[0], sizes[1]
+def _resolution(value: Any, where: str) -> tuple[int, int]:
+    """A resolution from the config (``512`` or ``[w, h]``, already validated) or the command line
+    (``"512"`` / ``"512,768"``) as ``(width, height)``."""
+    if isinstance(value, int):
+        return value, value
+    if isinstance(value, (list, tuple)):
+        return int(value[0]), int(value[1])
+    return parse_resolution(value, flag=where)
 
 
 def _lookup(name: str, levels: list[dict], args: Any, default: Any) -> Any:
@@ -294,7 +288,7 @@ def resolve_settings(user_config: dict, args: Any, source: str) -> list[DatasetS
         if resolution is None:
             raise ValueError(f"{source}: datasets[{i}] has no resolution (set --resolution, or resolution in "
                              "[general] or [[datasets]])")
-        settings = DatasetSettings(resolution=_parse_resolution(resolution, f"{source}: datasets[{i}]"), **values)
+        settings = DatasetSettings(resolution=_resolution(resolution, f"{source}: datasets[{i}] resolution"), **values)
         for subset in dataset["subsets"]:
             subset_values = {
                 f.name: _lookup(f.name, [subset, dataset, general], args, f.default)
@@ -302,8 +296,6 @@ def resolve_settings(user_config: dict, args: Any, source: str) -> list[DatasetS
                 if f.name != "image_dir"
             }
             subset_values["is_reg"] = bool(subset.get("is_reg", False))
-            if subset_values["face_crop_aug_range"] is not None:
-                subset_values["face_crop_aug_range"] = tuple(subset_values["face_crop_aug_range"])
             settings.subsets.append(SubsetSettings(image_dir=subset["image_dir"], **subset_values))
         resolved.append(settings)
     return resolved
@@ -810,6 +802,9 @@ def build_dataset(args: Any) -> DatasetGroup:
         if ignored:
             logger.warning("ignoring %s because --dataset_config is given", ", ".join(ignored))
     else:
+        if getattr(args, "in_json", None):
+            raise ValueError("--in_json (fine-tuning style datasets) is not supported; use --train_data_dir or "
+                             "--dataset_config with image_dir subsets")
         if not getattr(args, "train_data_dir", None):
             raise ValueError("no training data: give --train_data_dir or --dataset_config")
         source = f"--train_data_dir {args.train_data_dir}"
