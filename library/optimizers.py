@@ -313,20 +313,24 @@ def is_schedulefree(optimizer: Any) -> bool:
 
 
 def _scheduler_steps(value: int | float | None, flag: str, total_steps: int | None, num_processes: int) -> int:
-    """``--lr_warmup_steps`` / ``--lr_decay_steps`` in scheduler steps: an int is optimizer steps (×
-    ``num_processes``), a float in [0, 1) a fraction of ``total_steps``."""
+    """``--lr_warmup_steps`` / ``--lr_decay_steps`` in scheduler steps.
+
+    An int (or a whole float above 1) counts optimizer steps and is multiplied by ``num_processes``; a float
+    from 0 to 1 is a fraction of ``total_steps`` (1.0 = all of them; ``library.config`` reads "10%" as 0.1).
+    """
+    expected = "a number of steps (int >= 0) or a fraction from 0 to 1"
     if value is None:
         return 0
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"{flag} must be a number of steps (int >= 0) or a fraction in [0, 1), got {value!r}")
+        raise ValueError(f"{flag} must be {expected}, got {value!r}")
     if isinstance(value, int):
         return value * num_processes
-    if value < 1:
+    if value <= 1:
         if total_steps is None:
             raise ValueError(f"{flag} {value} is a fraction of --max_train_steps, which is not set")
         return int(value * total_steps)
     if not value.is_integer():
-        raise ValueError(f"{flag} must be a number of steps (int >= 0) or a fraction in [0, 1), got {value!r}")
+        raise ValueError(f"{flag} must be {expected}, got {value!r}")
     return int(value) * num_processes
 
 
