@@ -130,7 +130,7 @@ def parse_key_value_args(values: Iterable[str] | None, flag: str) -> dict[str, A
     return kwargs
 
 
-def format_kwargs(kwargs: dict[str, Any]) -> str:
+def _format_kwargs(kwargs: dict[str, Any]) -> str:
     """The ``k=v,k=v`` string sd-scripts logs and stores for the parsed optimizer arguments."""
     return ",".join(f"{key}={value}" for key, value in kwargs.items())
 
@@ -293,11 +293,11 @@ def get_optimizer(args: Any, trainable_params: Iterable[Any]) -> tuple[str, str,
     except TypeError as error:
         raise TypeError(
             f"--optimizer_type {optimizer_type}: {class_path} rejected its arguments "
-            f"(--optimizer_args {format_kwargs(kwargs) or '(none)'}): {error}"
+            f"(--optimizer_args {_format_kwargs(kwargs) or '(none)'}): {error}"
         ) from error
     if is_schedulefree(optimizer):
         optimizer.train()
-    return class_path, format_kwargs(kwargs), optimizer
+    return class_path, _format_kwargs(kwargs), optimizer
 
 
 def is_schedulefree(optimizer: Any) -> bool:

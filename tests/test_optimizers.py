@@ -47,11 +47,15 @@ def make_args(**overrides) -> argparse.Namespace:
 
 
 def two_groups(group_lrs=(LR, 3 * LR)) -> list[dict]:
-    """Two parameter groups with their own lrs (like text encoder / U-Net), same values on every call."""
+    """Two parameter groups with their own lrs (text encoder / U-Net) and the ``param_names`` our LoRA network
+    adds (ARCHITECTURE.md); the same values on every call."""
     generator = torch.Generator().manual_seed(0)
-    weight = torch.nn.Parameter(torch.randn(16, 8, generator=generator) * 0.1)
-    bias = torch.nn.Parameter(torch.randn(8, generator=generator) * 0.1)
-    return [{"params": [weight], "lr": group_lrs[0]}, {"params": [bias], "lr": group_lrs[1]}]
+    down = torch.nn.Parameter(torch.randn(16, 8, generator=generator) * 0.1)
+    up = torch.nn.Parameter(torch.randn(8, generator=generator) * 0.1)
+    return [
+        {"params": [down], "lr": group_lrs[0], "param_names": ["lora_te_x.lora_down.weight"]},
+        {"params": [up], "lr": group_lrs[1], "param_names": ["lora_unet_x.lora_up.weight"]},
+    ]
 
 
 def run_steps(optimizer: torch.optim.Optimizer, groups: list[dict], steps: int = 6) -> list[torch.Tensor]:
