@@ -1,0 +1,553 @@
+"""LoRA fine-tuning quality: how fast each optimizer teaches a pretrained diffusion U-Net a new concept.
+
+Setup (see ``benchmarks/digits_unet.py``): an SD-architecture U-Net pretrained on scikit-learn's digits 0–8
+learns digit 9 through a LoRA (``networks.lora``, kohya's U-Net targets) under a caption embedding it has never
+seen. The score is the diffusion (ε-MSE) loss on held-out 9s at FIXED noise and timesteps (stratified over
+0..999), measured along training. Every optimizer is run on the same learning-rate grid and seeds and is
+reported at its best lr (lowest mean final loss):
+
+* final validation loss (mean ± std over seeds),
+* steps to reach AdamW's best validation loss, and that count relative to AdamW's own.
+
+Run from the repository root::
+
+    nice -n 19 python -m benchmarks.lora_quality --out benchmarks/results          # the full benchmark
+    python -m benchmarks.lora_quality --smoke                                      # < 30 s self-check
+
+It writes ``lora_quality.md`` (table), ``lora_quality.png`` (curves) and ``lora_quality.json`` (every curve) to
+``--out``. The ANLO variants include one experiment from the literature, SinkGD-style alternating row/column
+normalization of each LoRA factor's gradient before ANLO's own normalization (``SinkhornANLO``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from benchmarks.digits_unet import (
+    NEW_CONCEPT,
+    DigitsConfig,
+    caption_embeddings,
+    diffusion_loss,
+    load_digit_images,
+    noise_scheduler,
+    pretrained_unet,
+)
+from networks.lora import LoRANetwork, create_network
+
+LR_GRID = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
+SMOKE_LRS = (1e-4, 1e-3)
+NETWORK_DIM = 8
+NETWORK_ALPHA = 4.0
+BATCH_SIZE = 16
+TRAIN_IMAGES = 100  # of the 180 nines; the rest are the held-out validation images
+EVAL_BATCH = 512
+WEIGHT_DECAY = 1e-2  # for the ANLO weight-decay variants (AdamW's own default is also 1e-2)
+DEFAULT_CACHE = Path(__file__).resolve().parent / "cache"
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+# --------------------------------------------------------------------------------------------------- optimizers
+
+
+def sinkhorn_normalize_(grad: torch.Tensor, iterations: int, eps: float = 1e-12) -> None:
+    """In place: alternately rescale the rows and columns of ``grad`` (as a 2-D matrix) to unit RMS.
+
+    SinkGD (Scetbon et al., arXiv 2502.06742): each iteration scales every row to L2 norm √cols, then every
+    column to L2 norm √rows. Tensors with fewer than two dimensions are left alone; conv kernels are viewed as
+    (out_channels, in_channels·kh·kw).
+    """
+    if grad.ndim < 2:
+        return
+    matrix = grad.view(grad.shape[0], -1)
+    rows, cols = matrix.shape
+    for _ in range(iterations):
+        matrix.mul_(math.sqrt(cols) / (matrix.norm(dim=1, keepdim=True) + eps))
+        matrix.mul_(math.sqrt(rows) / (matrix.norm(dim=0, keepdim=True) + eps))
+
+
+def sinkhorn_anlo_class() -> type[torch.optim.Optimizer]:
+    """ANLO whose gradients are Sinkhorn-normalized (per LoRA factor) before ANLO's own normalization."""
+    from library.hina_anlo import ANLO
+
+    class SinkhornANLO(ANLO):
+        """Experimental: SinkGD row/column normalization of every ≥2-D gradient, then a plain ANLO step."""
+
+        def __init__(self, params: Any, sinkhorn_iterations: int = 5, **kwargs: Any) -> None:
+            super().__init__(params, **kwargs)
+            self.sinkhorn_iterations = sinkhorn_iterations
+
+        @torch.no_grad()
+        def step(self, closure: Callable[[], float] | None = None) -> Any:
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        sinkhorn_normalize_(p.grad, self.sinkhorn_iterations)
+            super().step()
+            return loss
+
+    return SinkhornANLO
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One benchmarked optimizer: a label, how to build it from param groups and an lr, and whether the
+    groups keep their ``param_names`` (without them ANLO's layer mode falls back to one layer per tensor)."""
+
+    label: str
+    build: Callable[[list[dict[str, Any]], float], torch.optim.Optimizer]
+    named_groups: bool = True
+
+
+def _anlo(**kwargs: Any) -> Callable[[list[dict[str, Any]], float], torch.optim.Optimizer]:
+    def build(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+        from library.hina_anlo import ANLO
+
+        return ANLO(groups, lr=lr, **kwargs)
+
+    return build
+
+
+def _sinkhorn_anlo(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+    return sinkhorn_anlo_class()(groups, lr=lr)
+
+
+def _lion(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+    from lion_pytorch import Lion
+
+    return Lion(groups, lr=lr)
+
+
+def optimizer_specs() -> dict[str, OptimizerSpec]:
+    """Every optimizer this benchmark knows, by label."""
+    specs = [
+        OptimizerSpec("AdamW", lambda groups, lr: torch.optim.AdamW(groups, lr=lr)),
+        OptimizerSpec("Lion", _lion),
+        OptimizerSpec("ANLO", _anlo()),
+        OptimizerSpec("ANLO per-tensor", _anlo(), named_groups=False),
+        OptimizerSpec("ANLO nf=2", _anlo(normalize_frequency=2)),
+        OptimizerSpec("ANLO nf=4", _anlo(normalize_frequency=4)),
+        OptimizerSpec("ANLO wd coupled", _anlo(weight_decay=WEIGHT_DECAY)),
+        OptimizerSpec("ANLO wd decoupled", _anlo(weight_decay=WEIGHT_DECAY, decoupled_weight_decay=True)),
+        # ANLO's cautious gate can only fire when coupled weight decay turns the update away from the gradient.
+        OptimizerSpec("ANLO wd coupled+cautious", _anlo(weight_decay=WEIGHT_DECAY, use_cautious_update=True)),
+        OptimizerSpec("ANLO+SinkGD", _sinkhorn_anlo),
+    ]
+    return {spec.label: spec for spec in specs}
+
+
+SMOKE_OPTIMIZERS = ("AdamW", "ANLO", "ANLO+SinkGD")
+
+
+# --------------------------------------------------------------------------------------------------- LoRA
+
+
+def attach_lora(unet: UNet2DConditionModel, seed: int) -> LoRANetwork:
+    """Freeze ``unet`` and attach a LoRA (rank ``NETWORK_DIM``, alpha ``NETWORK_ALPHA``) seeded by ``seed``."""
+    unet.requires_grad_(False)
+    torch.manual_seed(seed)
+    network = create_network(1.0, NETWORK_DIM, NETWORK_ALPHA, None, None, unet)
+    network.apply_to(None, unet, apply_text_encoder=False, apply_unet=True)
+    return network
+
+
+# --------------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class Setup:
+    """The pretrained model and the data every run shares."""
+
+    config: DigitsConfig
+    base: UNet2DConditionModel
+    train_images: torch.Tensor  # (TRAIN_IMAGES, 1, S, S)
+    val_images: torch.Tensor  # (V·draws, 1, S, S): each held-out image repeated per draw
+    val_noise: torch.Tensor
+    val_timesteps: torch.Tensor
+    context: torch.Tensor  # (1, tokens, dim): the new concept's caption embedding
+    scheduler: Any = field(default_factory=noise_scheduler)
+
+
+def validation_draws(images: torch.Tensor, draws_per_image: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """Fixed (images, noise, timesteps): each image ``draws_per_image`` times, timesteps stratified over 0..999
+    (one per equal-width bin, bins shuffled) so the estimate does not hinge on a few extreme timesteps."""
+    generator = torch.Generator().manual_seed(seed)
+    repeated = images.repeat(draws_per_image, 1, 1, 1)
+    n = len(repeated)
+    edges = torch.arange(n, dtype=torch.float64) * (1000 / n)
+    offsets = torch.rand(n, generator=generator, dtype=torch.float64) * (1000 / n)
+    timesteps = (edges + offsets).floor().long().clamp(0, 999)[torch.randperm(n, generator=generator)]
+    noise = torch.randn(repeated.shape, generator=generator)
+    return repeated, noise, timesteps
+
+
+def make_setup(config: DigitsConfig, cache_dir: Path, draws_per_image: int, draw_seed: int = 1000) -> Setup:
+    """Load (or pretrain) the base model and split the nines into training and held-out validation images."""
+    base = pretrained_unet(config, cache_dir)
+    images, labels = load_digit_images(config.image_size)
+    nines = images[labels == NEW_CONCEPT]
+    order = torch.randperm(len(nines), generator=torch.Generator().manual_seed(0))
+    train, held_out = nines[order[:TRAIN_IMAGES]], nines[order[TRAIN_IMAGES:]]
+    val_images, val_noise, val_timesteps = validation_draws(held_out, draws_per_image, draw_seed)
+    context = caption_embeddings(config)[NEW_CONCEPT].unsqueeze(0)
+    return Setup(config, base, train, val_images, val_noise, val_timesteps, context)
+
+
+@torch.no_grad()
+def validation_loss(unet: UNet2DConditionModel, setup: Setup, draws: tuple[torch.Tensor, ...] | None = None) -> float:
+    """Mean ε-MSE over the fixed validation draws (``setup``'s own unless ``draws`` is given)."""
+    images, noise, timesteps = draws if draws is not None else (setup.val_images, setup.val_noise, setup.val_timesteps)
+    total = 0.0
+    for start in range(0, len(images), EVAL_BATCH):
+        chunk = slice(start, start + EVAL_BATCH)
+        context = setup.context.expand(len(images[chunk]), -1, -1)
+        losses = diffusion_loss(unet, setup.scheduler, images[chunk], context, noise[chunk], timesteps[chunk])
+        total += losses.sum().item()
+    return total / len(images)
+
+
+# --------------------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class RunResult:
+    """One training run: validation loss at ``steps`` (step 0 = the pretrained model)."""
+
+    label: str
+    lr: float
+    seed: int
+    steps: list[int]
+    losses: list[float]
+    seconds: float
+
+
+def train_run(
+    setup: Setup, spec: OptimizerSpec, lr: float, seed: int, steps: int, eval_every: int, initial_loss: float
+) -> tuple[RunResult, UNet2DConditionModel]:
+    """Train a fresh LoRA on the nines with ``spec`` at ``lr``; the batches, noise and timesteps depend only on
+    ``seed``, so every optimizer sees the same data. Returns the curve and the trained (LoRA-applied) U-Net."""
+    start = time.perf_counter()
+    unet = copy.deepcopy(setup.base)
+    network = attach_lora(unet, seed)
+    groups, _ = network.prepare_optimizer_params(None, lr, lr)
+    if not spec.named_groups:
+        groups = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
+    optimizer = spec.build(groups, lr)
+    generator = torch.Generator().manual_seed(seed)
+    timesteps_total = setup.scheduler.config.num_train_timesteps
+    context = setup.context.expand(BATCH_SIZE, -1, -1)
+    curve_steps, curve_losses = [0], [initial_loss]
+    for step in range(1, steps + 1):
+        index = torch.randint(0, len(setup.train_images), (BATCH_SIZE,), generator=generator)
+        batch = setup.train_images[index]
+        noise = torch.randn(batch.shape, generator=generator)
+        timesteps = torch.randint(0, timesteps_total, (BATCH_SIZE,), generator=generator)
+        loss = diffusion_loss(unet, setup.scheduler, batch, context, noise, timesteps).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % eval_every == 0 or step == steps:
+            curve_steps.append(step)
+            curve_losses.append(validation_loss(unet, setup))
+    result = RunResult(spec.label, lr, seed, curve_steps, curve_losses, time.perf_counter() - start)
+    return result, unet
+
+
+# --------------------------------------------------------------------------------------------------- summary
+
+
+def steps_to_reach(steps: list[int], losses: list[float], target: float) -> int | None:
+    """The first evaluated step whose loss is ≤ ``target``, or None if the curve never gets there."""
+    for step, loss in zip(steps, losses):
+        if loss <= target:
+            return step
+    return None
+
+
+@dataclass
+class Row:
+    """One optimizer at its best lr."""
+
+    label: str
+    best_lr: float
+    final_mean: float
+    final_std: float
+    best_loss: float
+    steps_to_target: int | None
+    ratio_to_adamw: float | None
+    lr_at_grid_edge: bool
+
+
+def mean_curves(results: list[RunResult]) -> dict[tuple[str, float], tuple[list[int], list[float], list[float]]]:
+    """(label, lr) → (steps, mean over seeds, std over seeds)."""
+    grouped: dict[tuple[str, float], list[RunResult]] = {}
+    for r in results:
+        grouped.setdefault((r.label, r.lr), []).append(r)
+    out = {}
+    for key, runs in grouped.items():
+        losses = torch.tensor([r.losses for r in runs], dtype=torch.float64)
+        std = losses.std(dim=0, unbiased=True) if len(runs) > 1 else torch.zeros(losses.shape[1])
+        out[key] = (runs[0].steps, losses.mean(dim=0).tolist(), std.tolist())
+    return out
+
+
+def summarize(results: list[RunResult], lrs: tuple[float, ...], reference: str = "AdamW") -> list[Row]:
+    """Best lr per optimizer (lowest mean final loss) and steps to reach the reference's best mean loss."""
+    curves = mean_curves(results)
+    labels = list(dict.fromkeys(r.label for r in results))
+    best: dict[str, float] = {}
+    for label in labels:
+        candidates = [lr for lr in lrs if (label, lr) in curves]
+        best[label] = min(candidates, key=lambda lr: curves[(label, lr)][1][-1])
+    ref_steps, ref_mean, _ = curves[(reference, best[reference])]
+    target = min(ref_mean)
+    ref_reach = steps_to_reach(ref_steps, ref_mean, target)
+    rows = []
+    for label in labels:
+        lr = best[label]
+        steps, mean, std = curves[(label, lr)]
+        reach = steps_to_reach(steps, mean, target)
+        ratio = reach / ref_reach if reach is not None and ref_reach else None
+        edge = len(lrs) > 2 and lr in (min(lrs), max(lrs))
+        rows.append(Row(label, lr, mean[-1], std[-1], min(mean), reach, ratio, edge))
+    return rows
+
+
+def markdown_table(rows: list[Row], reference: str = "AdamW") -> str:
+    """The summary as a markdown table."""
+    ref = next(r for r in rows if r.label == reference)
+    lines = [
+        f"| optimizer | best lr | final val loss (mean ± std) | vs {reference} | best val loss "
+        f"| steps to {reference}'s best | × {reference}'s steps |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lr = f"{r.best_lr:.0e}" + (" (grid edge)" if r.lr_at_grid_edge else "")
+        change = 100.0 * (r.final_mean / ref.final_mean - 1.0)
+        reach = "not reached" if r.steps_to_target is None else str(r.steps_to_target)
+        ratio = "–" if r.ratio_to_adamw is None else f"{r.ratio_to_adamw:.2f}"
+        lines.append(
+            f"| {r.label} | {lr} | {r.final_mean:.5f} ± {r.final_std:.5f} | {change:+.2f} % | {r.best_loss:.5f} "
+            f"| {reach} | {ratio} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[RunResult], rows: list[Row], lrs: tuple[float, ...], path: Path) -> None:
+    """Validation curves at each optimizer's best lr, and final loss against lr."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = mean_curves(results)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    for row in rows:
+        steps, mean, std = curves[(row.label, row.best_lr)]
+        low = [m - s for m, s in zip(mean, std)]
+        high = [m + s for m, s in zip(mean, std)]
+        (line,) = left.plot(steps, mean, label=f"{row.label} (lr {row.best_lr:.0e})")
+        left.fill_between(steps, low, high, color=line.get_color(), alpha=0.15)
+        finals = [(lr, curves[(row.label, lr)][1][-1]) for lr in lrs if (row.label, lr) in curves]
+        right.plot(*zip(*finals), marker="o", color=line.get_color(), label=row.label)
+    target = min(curves[("AdamW", next(r.best_lr for r in rows if r.label == "AdamW"))][1])
+    left.axhline(target, color="gray", linestyle="--", linewidth=1, label="AdamW best")
+    left.set(xlabel="step", ylabel="validation ε-MSE (held-out 9s)", title="validation loss at best lr (±1 std)")
+    right.set(xscale="log", xlabel="learning rate", ylabel="final validation ε-MSE", title="lr sensitivity")
+    left.legend(fontsize=8)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` on a temp file next to ``path``, then move it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_text(path: Path, text: str) -> None:
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+    _atomic_write(path, write)
+
+
+# --------------------------------------------------------------------------------------------------- noise check
+
+
+def validation_noise(setup: Setup, trained: UNet2DConditionModel, draws_per_image: int, sets: int = 5) -> dict:
+    """How much the validation estimate depends on which fixed draws were picked: the loss of the pretrained and
+    of a trained model on ``sets`` independent draw sets (relative std), and of their difference."""
+    held_out = setup.val_images[: len(setup.val_images) // draws_per_image]
+    before, after = [], []
+    for k in range(sets):
+        draws = validation_draws(held_out, draws_per_image, seed=2000 + k)
+        before.append(validation_loss(setup.base, setup, draws))
+        after.append(validation_loss(trained, setup, draws))
+    b, a = torch.tensor(before, dtype=torch.float64), torch.tensor(after, dtype=torch.float64)
+    gain = b - a
+    return {
+        "draw_sets": sets,
+        "draws": len(setup.val_images),
+        "pretrained_rel_std": (b.std() / b.mean()).item(),
+        "trained_rel_std": (a.std() / a.mean()).item(),
+        "improvement_rel_std": (gain.std() / gain.mean().abs()).item(),
+    }
+
+
+# --------------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny self-checking run (< 30 s) in a temp dir")
+    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1) per optimizer and lr")
+    parser.add_argument("--steps", type=int, default=200, help="LoRA training steps per run")
+    parser.add_argument("--eval_every", type=int, default=20, help="steps between validation evaluations")
+    parser.add_argument("--draws", type=int, default=8, help="validation draws (noise, timestep) per held-out image")
+    parser.add_argument("--optimizers", nargs="+", default=None, help="labels to run (default: all)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the table, plot and JSON")
+    parser.add_argument("--cache_dir", type=Path, default=DEFAULT_CACHE, help="where the pretrained U-Net is cached")
+    args = parser.parse_args(argv)
+    specs = optimizer_specs()
+    unknown = [label for label in args.optimizers or [] if label not in specs]
+    if unknown:
+        parser.error(f"--optimizers: unknown label(s) {unknown}; expected some of {list(specs)}")
+    if "AdamW" not in (args.optimizers or ["AdamW"]):
+        parser.error("--optimizers: must include AdamW (the reference)")
+    for name in ("seeds", "steps", "eval_every", "draws"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}: expected a positive integer, got {getattr(args, name)}")
+    return args
+
+
+def run_benchmark(
+    setup: Setup, labels: list[str], lrs: tuple[float, ...], seeds: int, steps: int, eval_every: int
+) -> tuple[list[RunResult], UNet2DConditionModel]:
+    """Every (optimizer, lr, seed) run; also returns AdamW's seed-0 model at the largest lr ≤ 1e-3 for the noise
+    check."""
+    specs = optimizer_specs()
+    initial = validation_loss(setup.base, setup)
+    noise_lr = max(lr for lr in lrs if lr <= 1e-3)
+    results, noise_model = [], None
+    for label in labels:
+        for lr in lrs:
+            for seed in range(seeds):
+                result, unet = train_run(setup, specs[label], lr, seed, steps, eval_every, initial)
+                results.append(result)
+                print(f"{label:16s} lr {lr:.0e} seed {seed}: final {result.losses[-1]:.5f} ({result.seconds:.1f} s)",
+                      flush=True)
+                if label == "AdamW" and lr == noise_lr and seed == 0:
+                    noise_model = unet
+    return results, noise_model
+
+
+def environment() -> dict[str, str]:
+    """Machine and library versions for the report."""
+    import diffusers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "torch_threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    if args.smoke:
+        config = DigitsConfig(pretrain_steps=5, pretrain_batch_size=16)
+        temp = tempfile.TemporaryDirectory()
+        cache_dir = Path(temp.name) / "cache"
+        args.out = args.out if args.out != DEFAULT_OUT else Path(temp.name) / "results"
+        seeds, steps, eval_every, draws, lrs = 1, 10, 5, 1, SMOKE_LRS
+        labels = list(args.optimizers or SMOKE_OPTIMIZERS)
+    else:
+        config, cache_dir = DigitsConfig(), args.cache_dir
+        seeds, steps, eval_every, draws, lrs = args.seeds, args.steps, args.eval_every, args.draws, LR_GRID
+        labels = list(args.optimizers or optimizer_specs())
+    labels = ["AdamW"] + [label for label in labels if label != "AdamW"]
+
+    started = time.perf_counter()
+    setup = make_setup(config, cache_dir, draws)
+    results, noise_model = run_benchmark(setup, labels, lrs, seeds, steps, eval_every)
+    noise = validation_noise(setup, noise_model, draws, sets=2 if args.smoke else 5)
+    rows = summarize(results, lrs)
+    table = markdown_table(rows)
+    wall = time.perf_counter() - started
+    env = environment()
+
+    command = "python -m benchmarks.lora_quality " + " ".join(argv if argv is not None else sys.argv[1:])
+    header = (
+        f"Command: `{command.strip()}`  \n"
+        f"Machine: {env['cpu']}, {env['torch_threads']} torch thread(s); torch {env['torch']}, "
+        f"diffusers {env['diffusers']}; {env['date']}; wall time {wall / 60:.1f} min  \n"
+        f"Setup: {len(setup.train_images)} training / {len(setup.val_images) // draws} held-out 9s, "
+        f"{setup.config.image_size}² px, LoRA rank {NETWORK_DIM} alpha {NETWORK_ALPHA:g}, batch {BATCH_SIZE}, "
+        f"{steps} steps, {seeds} seed(s), lr grid {', '.join(f'{lr:.0e}' for lr in lrs)}; "
+        f"validation: {len(setup.val_images)} fixed draws, evaluated every {eval_every} steps.  \n"
+        f"Validation noise: over {noise['draw_sets']} independent draw sets the loss varies by "
+        f"{100 * noise['pretrained_rel_std']:.2f} % (pretrained) / {100 * noise['trained_rel_std']:.2f} % "
+        f"(trained, relative std); the improvement trained − pretrained by {100 * noise['improvement_rel_std']:.2f} %.\n\n"
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    _write_text(args.out / "lora_quality.md", header + table)
+    payload = {"environment": env, "noise": noise, "config": vars(setup.config),
+               "rows": [vars(r) for r in rows], "runs": [vars(r) for r in results]}
+    _write_text(args.out / "lora_quality.json", json.dumps(payload, indent=1, default=str))
+    plot(results, rows, lrs, args.out / "lora_quality.png")
+    print(header + table)
+
+    problems = [f"{r.label} lr {r.lr:g} seed {r.seed}" for r in results if not all(map(math.isfinite, r.losses))]
+    if problems:
+        print(f"FAILED: non-finite validation loss in {problems}", file=sys.stderr)
+        return 1
+    produced = [args.out / name for name in ("lora_quality.md", "lora_quality.png", "lora_quality.json")]
+    missing = [str(p) for p in produced if not p.exists() or p.stat().st_size == 0]
+    if missing or len(rows) != len(labels):
+        print(f"FAILED: outputs missing {missing} or table rows {len(rows)} != optimizers {len(labels)}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

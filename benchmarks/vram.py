@@ -1,0 +1,362 @@
+"""Memory of one LoRA training step: ANLO vs AdamW vs AdamW8bit on SD 1.5- and SDXL-sized U-Nets.
+
+On a GPU it measures ``torch.cuda.max_memory_allocated`` over full training steps (forward, backward,
+optimizer step, zero_grad) of a randomly initialised U-Net with the real SD 1.5 / SDXL base architecture
+(configs below), frozen in fp16 or bf16, with gradient checkpointing, a ``networks.lora`` LoRA (fp32 weights,
+autocast compute) at rank 32 and 128, batch 1 at 512² (64×64 latents) / 1024² (128×128 latents)::
+
+    python -m benchmarks.vram --out benchmarks/results           # GPU: the full table
+
+Without a GPU (or with ``--smoke``) it runs a reduced, self-checking CPU mode on tiny configs: the step must
+succeed and change the LoRA, and the optimizer state read from ``optimizer.state_dict()`` must be 0 bytes per
+parameter for ANLO and 8 for AdamW (fp32 m and v)::
+
+    python -m benchmarks.vram --smoke
+
+Both write ``vram.md`` and ``vram.json`` to ``--out`` and exit non-zero when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+# Stable Diffusion 1.5's U-Net (runwayml/stable-diffusion-v1-5, unet/config.json): 859.5 M parameters.
+SD15_UNET: dict[str, Any] = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    attention_head_dim=8,
+    cross_attention_dim=768,
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    act_fn="silu",
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    downsample_padding=1,
+)
+
+# SDXL base 1.0's U-Net (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json): 2.567 B parameters.
+SDXL_UNET: dict[str, Any] = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    attention_head_dim=(5, 10, 20),
+    transformer_layers_per_block=(1, 2, 10),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    act_fn="silu",
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    downsample_padding=1,
+)
+
+# The tiny test-size configurations of SPEC §4 (CPU mode).
+TINY_SD_UNET: dict[str, Any] = dict(
+    sample_size=8,
+    block_out_channels=(32, 64),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32,
+)
+TINY_SDXL_UNET: dict[str, Any] = dict(
+    TINY_SD_UNET,
+    attention_head_dim=(2, 4),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    transformer_layers_per_block=(1, 2),
+    projection_class_embeddings_input_dim=80,
+    cross_attention_dim=64,
+)
+
+MODELS: dict[str, dict[str, Any]] = {"SD1.5": SD15_UNET, "SDXL": SDXL_UNET}
+TINY_MODELS: dict[str, dict[str, Any]] = {"tiny-sd": TINY_SD_UNET, "tiny-sdxl": TINY_SDXL_UNET}
+GPU_RANKS = (32, 128)
+TINY_RANKS = (4, 8)
+OPTIMIZERS = ("ANLO", "AdamW", "AdamW8bit")
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+TOKENS = 77
+MIB = 2**20
+
+
+def build_optimizer(name: str, groups: list[dict[str, Any]], lr: float = 1e-4) -> torch.optim.Optimizer:
+    """ANLO, torch AdamW or bitsandbytes AdamW8bit over ``groups``."""
+    if name == "ANLO":
+        from library.hina_anlo import ANLO
+
+        return ANLO(groups, lr=lr)
+    plain = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
+    if name == "AdamW":
+        return torch.optim.AdamW(plain, lr=lr)
+    if name == "AdamW8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(plain, lr=lr)
+    raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {name!r}")
+
+
+def _tensor_bytes(value: Any) -> int:
+    """Bytes of every tensor with at least one dimension in ``value``, looking inside nested dicts (bitsandbytes
+    keeps its quantized state in one)."""
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if torch.is_tensor(value) and value.ndim > 0:
+        return value.numel() * value.element_size()
+    return 0
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of per-parameter state in ``optimizer.state_dict()``: every tensor with at least one dimension
+    (0-dim step counters and Python scalars are not per-element state)."""
+    return sum(_tensor_bytes(per_param) for per_param in optimizer.state_dict()["state"].values())
+
+
+def step_inputs(config: dict[str, Any], latent_size: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Random batch-1 U-Net inputs of the right shapes (SDXL also gets pooled text embeds and six time ids)."""
+    channels = config.get("in_channels", 4)
+    inputs: dict[str, Any] = {
+        "sample": torch.randn(1, channels, latent_size, latent_size, device=device, dtype=dtype),
+        "timestep": torch.randint(0, 1000, (1,), device=device),
+        "encoder_hidden_states": torch.randn(1, TOKENS, config["cross_attention_dim"], device=device, dtype=dtype),
+    }
+    if config.get("addition_embed_type") == "text_time":
+        time_ids_width = 6 * config["addition_time_embed_dim"]
+        pooled = config["projection_class_embeddings_input_dim"] - time_ids_width
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(1, pooled, device=device, dtype=dtype),
+            "time_ids": torch.tensor([[latent_size * 8, latent_size * 8, 0, 0, latent_size * 8, latent_size * 8]],
+                                     device=device, dtype=dtype),
+        }
+    return inputs
+
+
+@dataclass
+class Measurement:
+    """One (model, rank, optimizer, dtype) training-step measurement."""
+
+    model: str
+    latent: int
+    rank: int
+    optimizer: str
+    dtype: str
+    lora_params: int
+    state_bytes: int
+    weights_mib: float  # allocated after building model + LoRA + optimizer, before the first step
+    peak_mib: float | None  # max_memory_allocated over the steps (GPU only)
+    loss: float
+    lora_changed: bool
+    seconds: float
+
+    @property
+    def state_bytes_per_param(self) -> float:
+        return self.state_bytes / self.lora_params
+
+
+def measure(
+    model: str, config: dict[str, Any], rank: int, optimizer_name: str, dtype_name: str,
+    device: torch.device, steps: int = 3,
+) -> Measurement:
+    """Build the U-Net (random init, frozen, ``dtype``, gradient checkpointing) with a LoRA at ``rank`` and run
+    ``steps`` training steps under autocast; the peak covers the steps after the optimizer state exists."""
+    from networks.lora import create_network
+
+    started = time.perf_counter()
+    dtype = DTYPES[dtype_name]
+    torch.manual_seed(0)
+    with device:
+        unet = UNet2DConditionModel(**config)
+    unet.to(dtype=dtype).requires_grad_(False)
+    unet.enable_gradient_checkpointing()
+    unet.train()
+    network = create_network(1.0, rank, rank, None, [], unet)
+    network.apply_to([], unet, apply_text_encoder=False, apply_unet=True)
+    network.to(device=device, dtype=torch.float32)
+    groups, _ = network.prepare_optimizer_params(None, 1e-4, 1e-4)
+    params = [p for g in groups for p in g["params"]]
+    before = [p.detach().clone() for p in params]
+    optimizer = build_optimizer(optimizer_name, groups)
+    latent = config["sample_size"]
+    inputs = step_inputs(config, latent, device, dtype)
+    noise = torch.randn_like(inputs["sample"], dtype=torch.float32)
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    weights_mib = torch.cuda.memory_allocated(device) / MIB if device.type == "cuda" else 0.0
+    loss_value = float("nan")
+    for _ in range(steps):
+        with torch.autocast(device_type=device.type, dtype=dtype):
+            prediction = unet(**inputs).sample
+        loss = F.mse_loss(prediction.float(), noise)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = loss.item()
+    peak_mib = torch.cuda.max_memory_allocated(device) / MIB if device.type == "cuda" else None
+    changed = any(not torch.equal(p.detach(), b) for p, b in zip(params, before))
+    result = Measurement(
+        model, latent, rank, optimizer_name, dtype_name, sum(p.numel() for p in params),
+        optimizer_state_bytes(optimizer), weights_mib, peak_mib, loss_value, changed, time.perf_counter() - started,
+    )
+    del unet, network, optimizer, params, before, inputs, noise
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def check(results: list[Measurement]) -> list[str]:
+    """The self-checks: finite loss, LoRA changed, ANLO 0 and AdamW 8 bytes of state per parameter, AdamW8bit
+    no more than AdamW."""
+    problems = []
+    for r in results:
+        where = f"{r.model} rank {r.rank} {r.optimizer} {r.dtype}"
+        if not torch.isfinite(torch.tensor(r.loss)):
+            problems.append(f"{where}: loss {r.loss} is not finite")
+        if not r.lora_changed:
+            problems.append(f"{where}: the optimizer step left every LoRA weight unchanged")
+        expected = {"ANLO": 0.0, "AdamW": 8.0}.get(r.optimizer)
+        if expected is not None and r.state_bytes_per_param != expected:
+            problems.append(f"{where}: {r.state_bytes_per_param:.3f} bytes of state per parameter, expected {expected:g}")
+        if r.optimizer == "AdamW8bit" and r.state_bytes_per_param > 8.0:
+            problems.append(f"{where}: AdamW8bit keeps {r.state_bytes_per_param:.3f} bytes/param, more than AdamW")
+    return problems
+
+
+def markdown_table(results: list[Measurement]) -> str:
+    """The measurements as a markdown table."""
+    lines = [
+        "| model | latent | rank | LoRA params | optimizer | dtype | optimizer state | state bytes/param "
+        "| allocated before step | peak during steps |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        peak = "–" if r.peak_mib is None else f"{r.peak_mib:,.0f} MiB"
+        before = "–" if r.peak_mib is None else f"{r.weights_mib:,.0f} MiB"
+        lines.append(
+            f"| {r.model} | {r.latent}×{r.latent} | {r.rank} | {r.lora_params / 1e6:.2f} M | {r.optimizer} | {r.dtype} "
+            f"| {r.state_bytes / MIB:,.1f} MiB | {r.state_bytes_per_param:.2f} | {before} | {peak} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    """Device, library versions and date for the report."""
+    import diffusers
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "cuda": str(torch.version.cuda),
+        "diffusers": diffusers.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temp file in the same directory, then ``os.replace``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="the reduced CPU mode on tiny configs (self-checking)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for vram.md and vram.json")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="GPU mode models")
+    parser.add_argument("--ranks", nargs="+", type=int, default=list(GPU_RANKS), help="GPU mode LoRA ranks")
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES), help="GPU mode dtypes")
+    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
+    args = parser.parse_args(argv)
+    if any(rank < 1 for rank in args.ranks):
+        parser.error(f"--ranks: expected positive integers, got {args.ranks}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    diffusers_logging.set_verbosity_error()  # the fp16 cast warning repeats for every model built
+    gpu = torch.cuda.is_available() and not args.smoke
+    if gpu:
+        device = torch.device("cuda")
+        plan = [(m, MODELS[m], r, d) for m in args.models for r in args.ranks for d in args.dtypes]
+    else:
+        torch.set_num_threads(1)
+        device = torch.device("cpu")
+        plan = [(m, c, r, "bf16") for m, c in TINY_MODELS.items() for r in TINY_RANKS]
+        print("no GPU (or --smoke): reduced CPU mode on tiny configs; no peak memory is measured", flush=True)
+
+    results: list[Measurement] = []
+    for model, config, rank, dtype in plan:
+        for name in args.optimizers:
+            results.append(measure(model, config, rank, name, dtype, device))
+            r = results[-1]
+            peak = "" if r.peak_mib is None else f", peak {r.peak_mib:,.0f} MiB"
+            print(f"{model} rank {rank} {name} {dtype}: state {r.state_bytes_per_param:.2f} B/param{peak} "
+                  f"({r.seconds:.1f} s)", flush=True)
+
+    env = environment(device)
+    command = "python -m benchmarks.vram " + " ".join(argv if argv is not None else sys.argv[1:])
+    mode = "GPU" if gpu else "reduced CPU mode (tiny configs, no peak memory)"
+    header = (f"Command: `{command.strip()}`  \nDevice: {env['device']} ({mode}); torch {env['torch']} "
+              f"(CUDA {env['cuda']}), diffusers {env['diffusers']}; {env['date']}\n\n")
+    table = markdown_table(results)
+    _write_text(args.out / "vram.md", header + table)
+    _write_text(args.out / "vram.json", json.dumps({"environment": env, "mode": mode,
+                                                     "results": [asdict(r) for r in results]}, indent=1))
+    print(header + table)
+    problems = check(results)
+    for problem in problems:
+        print(f"FAILED: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
