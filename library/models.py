@@ -40,9 +40,10 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from library import tiny_models
+from library import ldm_convert, tiny_models
 
 logger = logging.getLogger(__name__)
 
@@ -338,21 +339,80 @@ def load_single_file(checkpoint: Path, config_dir: str | None = None) -> dict[st
     return _load_single_file_with_config(checkpoint, _find_config_dir(checkpoint, config_dir))
 
 
-def _load_single_file_with_config(checkpoint: Path, config_dir: Path) -> dict[str, Any]:
-    is_sdxl = "text_encoder_2" in _read_model_index(config_dir)
-    pipeline_class = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
-    extra = {} if is_sdxl else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+def read_checkpoint(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` or torch pickle file (a ``state_dict`` wrapper is unwrapped)."""
     try:
-        pipeline = pipeline_class.from_single_file(
-            str(checkpoint), config=str(config_dir), local_files_only=True, **extra
-        )
+        if checkpoint.suffix == ".safetensors":
+            return load_file(str(checkpoint))
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as error:  # safetensors / pickle raise many types for damaged or foreign files
+        raise ValueError(f"{checkpoint} could not be read as a model checkpoint: {error}") from error
+    while isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    return state
+
+
+def _load_text_encoder(
+    model_class: type, config_dir: Path, subfolder: str, weights: dict[str, torch.Tensor], source: str
+) -> Any:
+    """A transformers CLIP text model from ``config_dir/subfolder`` with ``weights`` (transformers names with the
+    ``text_model.`` level). Extra entries in the file (an unused last layer, a projection) are ignored."""
+    model = model_class(model_class.config_class.from_pretrained(config_dir, subfolder=subfolder, local_files_only=True))
+    expected = model.state_dict().keys()
+    if not any(key.startswith("text_model.") for key in expected):  # transformers 5 CLIPTextModel: no such level
+        weights = {key.removeprefix("text_model."): tensor for key, tensor in weights.items()}
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise ValueError(f"{source}: {subfolder} weights missing from the file: {', '.join(missing[:5])}")
+    try:
+        model.load_state_dict({key: weights[key] for key in expected})
+    except RuntimeError as error:
+        raise ValueError(f"{source}: {subfolder} weights do not fit the config in {config_dir}: {error}") from error
+    return model.eval()
+
+
+def _load_single_file_with_config(checkpoint: Path, config_dir: Path) -> dict[str, Any]:
+    """Load each component of an LDM/SGM single file with the configs in ``config_dir``."""
+    is_sdxl = "text_encoder_2" in _read_model_index(config_dir)
+    state = read_checkpoint(checkpoint)
+    local = {"config": str(config_dir), "local_files_only": True}
+    try:
+        parts: dict[str, Any] = {
+            "unet": UNet2DConditionModel.from_single_file(state, subfolder="unet", **local),
+            "vae": AutoencoderKL.from_single_file(state, subfolder="vae", **local),
+        }
     except (KeyError, RuntimeError, ValueError) as error:
-        raise ValueError(
-            f"could not load {checkpoint} as a {'SDXL' if is_sdxl else 'SD 1.x/2.x'} single file with the configs "
-            f"in {config_dir}: {error}"
-        ) from error
-    names = ["unet", "vae", "text_encoder", "tokenizer"] + (["text_encoder_2", "tokenizer_2"] if is_sdxl else [])
-    return {name: getattr(pipeline, name) for name in names}
+        raise ValueError(f"{checkpoint}: U-Net/VAE do not fit the configs in {config_dir}: {error}") from error
+    parts["tokenizer"] = CLIPTokenizer.from_pretrained(config_dir, subfolder="tokenizer", local_files_only=True)
+
+    if is_sdxl:
+        te1 = ldm_convert.clip_text_from_ldm(ldm_convert.select_prefixed(state, ldm_convert.SDXL_TEXT_ENCODER_1_PREFIX))
+        te2 = ldm_convert.open_clip_text_from_ldm(
+            ldm_convert.select_prefixed(state, ldm_convert.SDXL_TEXT_ENCODER_2_PREFIX)
+        )
+        parts["text_encoder"] = _load_text_encoder(CLIPTextModel, config_dir, "text_encoder", te1, str(checkpoint))
+        parts["text_encoder_2"] = _load_text_encoder(
+            CLIPTextModelWithProjection, config_dir, "text_encoder_2", te2, str(checkpoint)
+        )
+        parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(config_dir, subfolder="tokenizer_2", local_files_only=True)
+    else:
+        open_clip = ldm_convert.select_prefixed(state, ldm_convert.SD2_TEXT_ENCODER_PREFIX)
+        if open_clip:  # SD 2.x
+            te = ldm_convert.open_clip_text_from_ldm(open_clip)
+        else:
+            te = ldm_convert.clip_text_from_ldm(ldm_convert.select_prefixed(state, ldm_convert.SD1_TEXT_ENCODER_PREFIX))
+        parts["text_encoder"] = _load_text_encoder(CLIPTextModel, config_dir, "text_encoder", te, str(checkpoint))
+    _check_no_meta_tensors(parts, checkpoint)
+    return parts
+
+
+def _check_no_meta_tensors(parts: dict[str, Any], source: Path) -> None:
+    """diffusers leaves weights absent from a file on the meta device; name them instead of failing later."""
+    for name, component in parts.items():
+        if isinstance(component, torch.nn.Module):
+            empty = [key for key, tensor in component.state_dict().items() if tensor.is_meta]
+            if empty:
+                raise ValueError(f"{source}: {name} weights missing from the file: {', '.join(empty[:5])}")
 
 
 def load_vae(path: str, reference: AutoencoderKL) -> AutoencoderKL:
