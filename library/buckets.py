@@ -62,11 +62,13 @@ def adjust_min_max_bucket_reso(resolution: Size, min_reso: int, max_reso: int, s
         raise ValueError(f"bucket_reso_steps must be a positive integer, got {steps}")
     if min_reso % steps:
         adjusted = min_reso - min_reso % steps
-        logger.warning("min_bucket_reso %d adjusted to %d, a multiple of bucket_reso_steps %d", min_reso, adjusted, steps)
+        logger.warning("min_bucket_reso %d adjusted to %d, a multiple of bucket_reso_steps %d",
+                       min_reso, adjusted, steps)
         min_reso = adjusted
     if max_reso % steps:
         adjusted = max_reso + steps - max_reso % steps
-        logger.warning("max_bucket_reso %d adjusted to %d, a multiple of bucket_reso_steps %d", max_reso, adjusted, steps)
+        logger.warning("max_bucket_reso %d adjusted to %d, a multiple of bucket_reso_steps %d",
+                       max_reso, adjusted, steps)
         max_reso = adjusted
     if min(resolution) < min_reso:
         raise ValueError(f"min_bucket_reso ({min_reso}) must be <= the smaller side of resolution {resolution}")

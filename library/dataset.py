@@ -20,6 +20,14 @@ Sources, as in sd-scripts:
   ``--reg_data_dir`` the same for regularization images. Regularization images are repeated or cut so that
   they count as many as the training images (images × repeats), like sd-scripts.
 
+Images: PNG/JPEG/WebP/BMP (any case), opened with PIL as RGB, resized (Lanczos) to cover their bucket keeping the
+aspect ratio, then centre-cropped (``random_crop``: a random crop) — see ``library.buckets`` for how buckets are
+chosen and what happens to images smaller than the buckets. Unreadable or truncated files are skipped with one
+warning listing them. SDXL size conditioning per image: ``original_sizes_hw`` is the file's size;
+``crop_top_lefts`` is where the crop starts in the resized image (the SDXL paper's and diffusers' definition,
+mirrored when the image is flipped; sd-scripts instead reports the offset the image would have if fitted inside
+the bucket); ``target_sizes_hw`` is the bucket.
+
 Determinism: the batch order of an epoch depends only on ``args.seed`` and the epoch; the random choices for one
 image (flip, crop, caption shuffle/dropout) only on the seed, epoch, batch index and position in the batch, so
 results do not depend on the number of DataLoader workers. The epoch lives in shared memory, so persistent
@@ -245,7 +253,10 @@ def dreambooth_subsets(base_dir: str | os.PathLike, is_reg: bool) -> list[dict]:
             logger.warning("%s: skipping folder '%s': its name does not start with '<repeats>_' (e.g. '10_sks dog')",
                            flag, folder)
             continue
-        subsets.append({"image_dir": str(folder), "num_repeats": parsed[0], "class_tokens": parsed[1], "is_reg": is_reg})
+        repeats, class_tokens = parsed
+        subsets.append(
+            {"image_dir": str(folder), "num_repeats": repeats, "class_tokens": class_tokens, "is_reg": is_reg}
+        )
     if not subsets:
         raise ValueError(f"{flag} {base} contains no '<repeats>_<class tokens>' folders (e.g. '10_sks dog')")
     return subsets
@@ -282,8 +293,11 @@ def resolve_settings(user_config: dict, args: Any, source: str) -> list[DatasetS
     for i, dataset in enumerate(datasets):
         if not dataset.get("subsets"):
             raise ValueError(f"{source}: datasets[{i}] has no [[datasets.subsets]]")
-        dataset_defaults = {f.name: f.default for f in fields(DatasetSettings) if f.name not in ("resolution", "subsets")}
-        values = {name: _lookup(name, [dataset, general], args, d) for name, d in dataset_defaults.items()}
+        values = {
+            f.name: _lookup(f.name, [dataset, general], args, f.default)
+            for f in fields(DatasetSettings)
+            if f.name not in ("resolution", "subsets")
+        }
         resolution = _lookup("resolution", [dataset, general], args, None)
         if resolution is None:
             raise ValueError(f"{source}: datasets[{i}] has no resolution (set --resolution, or resolution in "
@@ -585,7 +599,8 @@ class DatasetGroup(torch.utils.data.Dataset):
     # ---- sizes and metadata
 
     def __len__(self) -> int:
-        return sum(math.ceil(len(members) / d.settings.batch_size) for d in self.datasets for members in d.buckets.values())
+        return sum(math.ceil(len(members) / d.settings.batch_size)
+                   for d in self.datasets for members in d.buckets.values())
 
     @property
     def num_train_images(self) -> int:

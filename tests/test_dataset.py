@@ -43,6 +43,10 @@ def write_dataset_config(path: Path, text: str) -> Path:
     return path
 
 
+def one_subset_config(image_dir: Path) -> str:
+    return f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{image_dir}'\n"
+
+
 def all_batches(dataset):
     return [dataset[i] for i in range(len(dataset))]
 
@@ -90,6 +94,17 @@ def test_missing_or_empty_train_data_dir_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=f"--train_data_dir {tmp_path / 'empty'} contains no"):
         build_dataset(make_args(train_data_dir=str(tmp_path / "empty")))
+
+
+def test_empty_caption_file_is_an_error_naming_the_file(dreambooth_dir):
+    (dreambooth_dir / "3_sks dog" / "a.txt").write_text("", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"caption file .*a\.txt is empty"):
+        build_dataset(make_args(train_data_dir=str(dreambooth_dir)))
+
+
+def test_in_json_datasets_are_refused(dreambooth_dir):
+    with pytest.raises(ValueError, match="--in_json .* is not supported"):
+        build_dataset(make_args(in_json="meta.json"))
 
 
 def test_non_utf8_caption_is_an_error_naming_the_file(dreambooth_dir):
@@ -187,9 +202,31 @@ keep_tokens = 3
     assert (first.num_repeats, first.is_reg, second.num_repeats, second.is_reg) == (4, False, 1, True)
 
 
+def test_several_datasets_keep_their_own_resolution_and_batch_size(tmp_path):
+    for i in range(3):
+        write_image(tmp_path / "a" / f"{i}.png")
+        write_image(tmp_path / "b" / f"{i}.png")
+    config = write_dataset_config(tmp_path / "two.toml", f"""
+[[datasets]]
+batch_size = 3
+  [[datasets.subsets]]
+  image_dir = '{tmp_path / "a"}'
+[[datasets]]
+resolution = 16
+  [[datasets.subsets]]
+  image_dir = '{tmp_path / "b"}'
+  num_repeats = 2
+""")
+    dataset = build_dataset(make_args(dataset_config=str(config)))
+    assert len(dataset) == 1 + 6  # 3 images in one batch of 3; 3 images x 2 repeats in batches of 1
+    shapes = Counter(tuple(b["images"].shape) for b in all_batches(dataset))
+    assert shapes == {(3, 3, 32, 32): 1, (1, 3, 16, 16): 6}
+    assert dataset.dataset_dirs_info() == {"a": {"n_repeats": 1, "img_count": 3}, "b": {"n_repeats": 2, "img_count": 3}}
+
+
 def test_dataset_config_overrides_train_data_dir(tmp_path, caplog):
     write_image(tmp_path / "imgs" / "0.png")
-    config = write_dataset_config(tmp_path / "d.toml", f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{tmp_path / 'imgs'}'\n")
+    config = write_dataset_config(tmp_path / "d.toml", one_subset_config(tmp_path / "imgs"))
     with caplog.at_level(logging.WARNING):
         dataset = build_dataset(make_args(dataset_config=str(config), train_data_dir=str(tmp_path / "elsewhere")))
     assert "ignoring --train_data_dir" in caplog.text
@@ -222,13 +259,13 @@ def test_dataset_config_errors_name_the_file_and_key(tmp_path, body, message):
 
 def test_dataset_config_without_resolution_is_an_error(tmp_path):
     write_image(tmp_path / "imgs" / "0.png")
-    config = write_dataset_config(tmp_path / "d.toml", f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{tmp_path / 'imgs'}'\n")
+    config = write_dataset_config(tmp_path / "d.toml", one_subset_config(tmp_path / "imgs"))
     with pytest.raises(ValueError, match=r"d\.toml: datasets\[0\] has no resolution"):
         build_dataset(make_args(dataset_config=str(config), resolution=None))
 
 
 def test_dataset_config_missing_image_dir_names_it(tmp_path):
-    config = write_dataset_config(tmp_path / "d.toml", f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{tmp_path / 'gone'}'\n")
+    config = write_dataset_config(tmp_path / "d.toml", one_subset_config(tmp_path / "gone"))
     with pytest.raises(FileNotFoundError, match=r"image_dir .*gone does not exist"):
         build_dataset(make_args(dataset_config=str(config)))
 
