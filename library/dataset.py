@@ -622,12 +622,14 @@ class DatasetGroup(torch.utils.data.Dataset):
                 counter.update(tag.strip().lower() for tag in item.caption.split(",") if tag.strip())
         return {name: dict(counter) for name, counter in frequency.items()}
 
-    def dataset_dirs_info(self) -> dict[str, dict[str, int]]:
-        """``ss_dataset_dirs``: ``{folder name: {"n_repeats": r, "img_count": n}}``."""
+    def dataset_dirs_info(self, is_reg: bool = False) -> dict[str, dict[str, int]]:
+        """``ss_dataset_dirs`` (training folders) or, with ``is_reg``, ``ss_reg_dataset_dirs``:
+        ``{folder name: {"n_repeats": r, "img_count": n}}`` (the folder's own repeats, before balancing)."""
         info = {}
         for dataset in self.datasets:
             for subset, count in zip(dataset.subsets, dataset.subset_image_counts):
-                info[os.path.basename(subset.image_dir)] = {"n_repeats": subset.num_repeats, "img_count": count}
+                if subset.is_reg == is_reg:
+                    info[os.path.basename(subset.image_dir)] = {"n_repeats": subset.num_repeats, "img_count": count}
         return info
 
     def bucket_info(self) -> dict[str, Any]:

@@ -124,6 +124,8 @@ def test_regularization_images_are_balanced_to_the_training_images(tmp_path):
                                       prior_loss_weight=0.25))
     reg_repeats = [item.num_repeats for item in dataset.datasets[0].items if item.subset.is_reg]
     assert reg_repeats == [2, 2, 1, 1]
+    assert dataset.dataset_dirs_info() == {"3_sks": {"n_repeats": 3, "img_count": 2}}
+    assert dataset.dataset_dirs_info(is_reg=True) == {"1_dog": {"n_repeats": 1, "img_count": 4}}
     assert dataset.num_train_images == 6 and dataset.num_reg_images == 4
     weights = Counter()
     for batch in all_batches(dataset):
