@@ -39,7 +39,13 @@ SDXL_TEXT_ENCODER_2_PREFIX = "conditioner.embedders.1.model."
 StateDict = dict[str, torch.Tensor]
 
 # Inside a VAE resnet, only the shortcut is renamed.
-_VAE_RESNET_PARTS = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
+_VAE_RESNET_PARTS = {
+    "norm1": "norm1",
+    "conv1": "conv1",
+    "norm2": "norm2",
+    "conv2": "conv2",
+    "conv_shortcut": "nin_shortcut",
+}
 # The VAE mid-block attention: diffusers Linear layers, LDM 1×1 convolutions.
 _VAE_ATTENTION_PARTS = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 # The per-layer names of a CLIP encoder layer in OpenCLIP's layout (q/k/v are fused into in_proj).
@@ -187,7 +193,9 @@ def components_to_single_file(parts: Mapping[str, Any]) -> StateDict:
     return state
 
 
-def save_single_file(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+def save_single_file(
+    state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
     """Write ``state_dict`` as ``.safetensors`` atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
     if path.suffix != ".safetensors":

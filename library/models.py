@@ -7,9 +7,10 @@
 * a diffusers folder (``model_index.json`` with ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/`` and, for
   SDXL, ``text_encoder_2/`` and ``tokenizer_2/``),
 * a single ``.safetensors`` / ``.ckpt`` file in the original LDM/SGM layout. Its component configs come from a
-  local diffusers folder of the same architecture: ``--pretrained_model_config DIR``, or a folder named like the
-  file without its suffix next to it, or the local Hugging Face cache; files written by
-  ``tools/make_tiny_model.py`` name their embedded config in their metadata,
+  local diffusers folder of the same architecture (only its ``*.json`` / ``*.txt`` files are read):
+  ``--pretrained_model_config DIR``, or a folder named like the file without its suffix next to it; files written
+  by ``tools/make_tiny_model.py`` name their embedded config in their metadata instead. U-Net and VAE are read by
+  diffusers' single-file loaders, the text encoders by ``library.ldm_convert``,
 * a Hugging Face Hub id, only when it is already in the local Hugging Face cache.
 
 Nothing is ever downloaded: every ``from_pretrained`` / ``from_single_file`` call gets ``local_files_only=True``
@@ -249,8 +250,8 @@ def _cached_hub_snapshot(repo_id: str) -> Path:
     except (LocalEntryNotFoundError, OSError, ValueError) as error:
         raise FileNotFoundError(
             f"{repo_id} is not a local path and is not in the local Hugging Face cache; this trainer never "
-            f"downloads models. Download it first, e.g. `hf download {repo_id} --local-dir models/{repo_id.split('/')[1]}` "
-            f"(huggingface_hub's CLI), then pass that folder as --pretrained_model_name_or_path"
+            f"downloads models. Download it first, e.g. `hf download {repo_id} --local-dir DIR` (huggingface_hub's "
+            f"CLI), then pass DIR as --pretrained_model_name_or_path"
         ) from error
 
 
@@ -321,7 +322,11 @@ def _find_config_dir(checkpoint: Path, config_dir: str | None) -> Path:
 
 
 def load_single_file(checkpoint: Path, config_dir: str | None = None) -> dict[str, Any]:
-    """Load an LDM/SGM-layout single file with diffusers' single-file loaders and a local config folder."""
+    """Load an LDM/SGM-layout single file with the component configs of a local diffusers folder.
+
+    The config folder is, in this order: ``config_dir`` (``--pretrained_model_config``), the embedded model named in
+    the file's metadata, or the sibling folder ``<file without suffix>/``.
+    """
     if checkpoint.suffix not in SINGLE_FILE_SUFFIXES:
         raise ValueError(
             f"{checkpoint} is not a model file; expected one of {', '.join(SINGLE_FILE_SUFFIXES)} or a diffusers folder"
@@ -357,7 +362,8 @@ def _load_text_encoder(
 ) -> Any:
     """A transformers CLIP text model from ``config_dir/subfolder`` with ``weights`` (transformers names with the
     ``text_model.`` level). Extra entries in the file (an unused last layer, a projection) are ignored."""
-    model = model_class(model_class.config_class.from_pretrained(config_dir, subfolder=subfolder, local_files_only=True))
+    config = model_class.config_class.from_pretrained(config_dir, subfolder=subfolder, local_files_only=True)
+    model = model_class(config)
     expected = model.state_dict().keys()
     if not any(key.startswith("text_model.") for key in expected):  # transformers 5 CLIPTextModel: no such level
         weights = {key.removeprefix("text_model."): tensor for key, tensor in weights.items()}

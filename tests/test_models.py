@@ -81,7 +81,10 @@ def component_outputs(parts: dict[str, Any], tokenizers: list[Any]) -> dict[str,
     context = torch.randn(1, 77, unet.config.cross_attention_dim, generator=generator)
     added = None
     if unet.config.addition_embed_type == "text_time":
-        added = {"text_embeds": torch.randn(1, 32, generator=generator), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+        added = {
+            "text_embeds": torch.randn(1, 32, generator=generator),
+            "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]]),
+        }
     image = torch.rand(1, 3, 64, 64, generator=generator) * 2 - 1
     outputs = {
         "unet": unet(sample, 10, encoder_hidden_states=context, added_cond_kwargs=added).sample,
@@ -106,12 +109,17 @@ def bundle_parts(bundle: models.ModelBundle) -> dict[str, Any]:
     return parts
 
 
-def reference_tokenizers(parts: dict[str, Any]) -> list[Any]:
-    return [parts["tokenizer"]] + ([parts["tokenizer_2"]] if "tokenizer_2" in parts else [])
+@pytest.fixture(scope="module")
+def reference_outputs(reference: dict[str, dict[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
+    """The embedded models' outputs on the fixed inputs, computed once."""
+    outputs = {}
+    for name, parts in reference.items():
+        tokenizers = [parts["tokenizer"]] + ([parts["tokenizer_2"]] if "tokenizer_2" in parts else [])
+        outputs[name] = component_outputs(parts, tokenizers)
+    return outputs
 
 
-def assert_same_outputs(bundle: models.ModelBundle, reference_parts: dict[str, Any], atol: float) -> None:
-    expected = component_outputs(reference_parts, reference_tokenizers(reference_parts))
+def assert_same_outputs(bundle: models.ModelBundle, expected: dict[str, torch.Tensor], atol: float) -> None:
     actual = component_outputs(bundle_parts(bundle), bundle.tokenizers)
     assert actual.keys() == expected.keys()
     for key in expected:
@@ -225,20 +233,20 @@ def test_arguments_from_the_real_parser() -> None:
 
 
 @pytest.mark.parametrize("name", list(KINDS))
-def test_diffusers_folder_round_trip(name: str, exported: dict, reference: dict) -> None:
+def test_diffusers_folder_round_trip(name: str, exported: dict, reference_outputs: dict) -> None:
     folder, _ = exported[name]
     bundle = models.load_models(make_args(folder), sdxl=name == "tiny-sdxl")
     assert bundle.model_version == ("sdxl_base_v1-0" if name == "tiny-sdxl" else "sd_v1")
     assert bundle.name_or_path == str(folder)
-    assert_same_outputs(bundle, reference[name], atol=1e-6)
+    assert_same_outputs(bundle, reference_outputs[name], atol=1e-6)
 
 
 @pytest.mark.parametrize("name", list(KINDS))
-def test_single_file_round_trip(name: str, exported: dict, reference: dict) -> None:
+def test_single_file_round_trip(name: str, exported: dict, reference_outputs: dict) -> None:
     _, single = exported[name]
     bundle = models.load_models(make_args(single), sdxl=name == "tiny-sdxl")
     assert bundle.is_sdxl == (name == "tiny-sdxl")
-    assert_same_outputs(bundle, reference[name], atol=1e-5)
+    assert_same_outputs(bundle, reference_outputs[name], atol=1e-5)
 
 
 def test_sd1_single_file_layout(exported: dict, reference: dict) -> None:
@@ -247,7 +255,8 @@ def test_sd1_single_file_layout(exported: dict, reference: dict) -> None:
     assert torch.equal(state["model.diffusion_model.input_blocks.0.0.weight"], ref["unet"].conv_in.weight)
     assert torch.equal(state["model.diffusion_model.out.2.weight"], ref["unet"].conv_out.weight)
     resnet = ref["unet"].down_blocks[1].resnets[0]
-    assert torch.equal(state["model.diffusion_model.input_blocks.4.0.skip_connection.weight"], resnet.conv_shortcut.weight)
+    skip = state["model.diffusion_model.input_blocks.4.0.skip_connection.weight"]
+    assert torch.equal(skip, resnet.conv_shortcut.weight)
     # VAE attention: 1×1 conv weights in LDM, Linear in diffusers
     to_q = ref["vae"].encoder.mid_block.attentions[0].to_q.weight
     q = state["first_stage_model.encoder.mid.attn_1.q.weight"]
@@ -313,23 +322,35 @@ def test_single_file_without_config_is_a_clear_error(plain_single_file: Path) ->
         models.load_models(make_args(plain_single_file))
 
 
-def test_single_file_with_explicit_config(plain_single_file: Path, exported: dict, reference: dict) -> None:
+def test_single_file_with_explicit_config(plain_single_file: Path, exported: dict, reference_outputs: dict) -> None:
     folder, _ = exported["tiny-sd1"]
     bundle = models.load_models(make_args(plain_single_file, pretrained_model_config=str(folder)))
-    assert_same_outputs(bundle, reference["tiny-sd1"], atol=1e-5)
+    assert_same_outputs(bundle, reference_outputs["tiny-sd1"], atol=1e-5)
 
 
-def test_single_file_with_sibling_config(tmp_path: Path, plain_single_file: Path, reference: dict) -> None:
+def test_single_file_with_sibling_config(
+    tmp_path: Path, plain_single_file: Path, reference: dict, reference_outputs: dict
+) -> None:
     single = tmp_path / "mine.safetensors"
     single.write_bytes(plain_single_file.read_bytes())
     models.save_diffusers_folder(reference["tiny-sd1"], tmp_path / "mine")
     bundle = models.load_models(make_args(single))
-    assert_same_outputs(bundle, reference["tiny-sd1"], atol=1e-5)
+    assert_same_outputs(bundle, reference_outputs["tiny-sd1"], atol=1e-5)
+
+
+def test_ckpt_with_state_dict_wrapper(
+    tmp_path: Path, plain_single_file: Path, exported: dict, reference_outputs: dict
+) -> None:
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": load_file(plain_single_file)}, path)
+    bundle = models.load_models(make_args(path, pretrained_model_config=str(exported["tiny-sd1"][0])))
+    assert_same_outputs(bundle, reference_outputs["tiny-sd1"], atol=1e-5)
 
 
 def test_single_file_with_wrong_family_config(plain_single_file: Path, exported: dict) -> None:
-    with pytest.raises(ValueError, match=r"model\.safetensors"):
-        models.load_models(make_args(plain_single_file, pretrained_model_config=str(exported["tiny-sdxl"][0])), sdxl=True)
+    args = make_args(plain_single_file, pretrained_model_config=str(exported["tiny-sdxl"][0]))
+    with pytest.raises(ValueError, match=r"model\.safetensors: U-Net/VAE do not fit the configs in .*tiny-sdxl"):
+        models.load_models(args, sdxl=True)
 
 
 # --- --vae ------------------------------------------------------------------------------------------------------
