@@ -1,0 +1,946 @@
+"""ANLO: Alternating Norm LoRA Optimizer.
+
+A stateless optimizer for LoRA training. Every step normalizes the current gradient to unit RMS and
+then applies each parameter's own learning rate; no moment buffers are kept. The normalization
+alternates between a *global* norm (one norm over every gradient of every parameter group) and a
+*layer* norm (one norm per LoRA module, e.g. ``lora_down`` + ``lora_up``)::
+
+    u_p   = g_p + wd * p                      (coupled weight decay; u_p = g_p by default)
+    s     = w_global * sqrt(N)   / (||u_all||_2 + eps_t)       even blocks of normalize_frequency steps
+    s_L   = w_layer  * sqrt(N_L) / (||u_L||_2   + eps_t)       odd blocks
+    p    <- p - lr_p * s * u_p                (per parameter group lr, so LoRA+ ratios survive)
+
+See ``docs/ANLO.md`` for the full definition, the options and the statistics. The module depends on
+torch only.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["ANLO", "lora_module_key"]
+
+logger = logging.getLogger(__name__)
+
+#: Key under which ``state_dict()`` stores the step counter (a plain ``int``).
+STEP_KEY = "anlo_step"
+
+#: Name components that mark a LoRA / LyCORIS / DoRA factor. A parameter's module key is its name
+#: with the last such component and everything after it removed (``a.b.lora_down.weight`` -> ``a.b``).
+LORA_FACTOR_NAMES = frozenset(
+    {
+        # kohya LoRA / LoCon, LyCORIS LoCon
+        "lora_down", "lora_up", "lora_mid",
+        # PEFT (and kohya DyLoRA)
+        "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+        # LyCORIS LoHa
+        "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+        # LyCORIS LoKr
+        "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t1", "lokr_t2",
+        # DoRA magnitudes (LyCORIS and kohya-style implementations)
+        "dora_scale", "magnitude",
+    }
+)  # fmt: skip
+
+# Adaptive eps: eps_t = eps * (1 + (_EPS_BOOST - 1) * max(0, 1 - step / _EPS_WARMUP_STEPS)).
+_EPS_BOOST = 10.0
+_EPS_WARMUP_STEPS = 1000
+# Stochastic rounding draws come from a private generator re-seeded with this value + step each step, so
+# they are reproducible, identical on every data-parallel rank, and need no state in the state dict.
+_SR_SEED = 0x414E4C4F
+
+# Per-group options: constructor defaults, overridable per parameter group (like torch.optim).
+_GROUP_OPTIONS = (
+    "lr", "eps", "weight_decay", "decoupled_weight_decay", "global_norm_weight", "layer_norm_weight",
+    "adaptive_eps", "use_cautious_update", "cautious_threshold", "cautious_scale",
+)  # fmt: skip
+# Optimizer-wide options: constructor only.
+_OPTIMIZER_OPTIONS = ("normalize_frequency", "stochastic_rounding", "foreach", "verbose")
+
+
+def lora_module_key(name: str) -> Optional[str]:
+    """Return the LoRA module a parameter belongs to, or ``None`` if its name has no factor component.
+
+    >>> lora_module_key("lora_unet_mid_block_attentions_0_proj_in.lora_down.weight")
+    'lora_unet_mid_block_attentions_0_proj_in'
+    >>> lora_module_key("unet.down_blocks.0.attn1.to_q.lora_B.default.weight")
+    'unet.down_blocks.0.attn1.to_q'
+    >>> lora_module_key("lycoris_te_0_mlp_fc1.hada_w1_a")
+    'lycoris_te_0_mlp_fc1'
+    >>> lora_module_key("encoder.layers.0.mlp.fc1.weight") is None
+    True
+    """
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i] in LORA_FACTOR_NAMES:
+            return ".".join(parts[:i])
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# argument validation
+
+
+def _check_real(name: str, value: Any, low: float = 0.0, high: float = math.inf) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not low <= value <= high
+    ):
+        bounds = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
+        raise ValueError(f"Invalid {name}: {value!r} (must be a finite number {bounds})")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name}: {value!r} (must be True or False)")
+
+
+def _validate_group_options(options: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first invalid per-group option."""
+    _check_real("lr", options["lr"])
+    _check_real("eps", options["eps"])
+    _check_real("weight_decay", options["weight_decay"])
+    _check_real("global_norm_weight", options["global_norm_weight"])
+    _check_real("layer_norm_weight", options["layer_norm_weight"])
+    _check_real("cautious_threshold", options["cautious_threshold"], 0.0, 1.0)
+    _check_real("cautious_scale", options["cautious_scale"], 0.0, 1.0)
+    for name in ("decoupled_weight_decay", "adaptive_eps", "use_cautious_update"):
+        _check_bool(name, options[name])
+
+
+# --------------------------------------------------------------------------------------------------
+# functional core: every function works on lists of tensors of one device and dtype
+
+
+def _squared_norms(tensors: list[Tensor], dtype: torch.dtype, foreach: bool) -> Tensor:
+    """Squared L2 norm of each tensor, accumulated in ``dtype``, as one 1-D tensor."""
+    if foreach:
+        norms = torch._foreach_norm(tensors, 2, dtype=dtype)
+    else:
+        norms = [torch.linalg.vector_norm(t, 2, dtype=dtype) for t in tensors]
+    return torch.stack(norms).square_()
+
+
+def _decay_terms(
+    grads: list[Tensor], params: list[Tensor], dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """``<g, p>`` and ``||p||^2`` of each pair, accumulated in ``dtype``, as two 1-D tensors on ``device``.
+
+    Low-precision tensors are upcast one at a time, so no temporary exceeds one parameter.
+    """
+    dots, params_sq = [], []
+    for g, p in zip(grads, params):
+        g_flat, p_flat = g.reshape(-1).to(dtype), p.reshape(-1).to(dtype)
+        dots.append(torch.dot(g_flat, p_flat).to(device))
+        params_sq.append(torch.dot(p_flat, p_flat).to(device))
+    return torch.stack(dots), torch.stack(params_sq)
+
+
+def _update_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    coefs: Sequence[Tensor],
+    decays: Sequence[Optional[Tensor]],
+    foreach: bool,
+) -> None:
+    """``p <- p * d + c * g`` in place, ``d`` skipped where ``None``. ``c`` and ``d`` are 0-dim tensors."""
+    decayed = [(p, d) for p, d in zip(params, decays) if d is not None]
+    if foreach:
+        if decayed:
+            torch._foreach_mul_([p for p, _ in decayed], [d for _, d in decayed])
+        torch._foreach_addcmul_(params, grads, coefs)
+    else:
+        for p, d in decayed:
+            p.mul_(d)
+        for p, g, c in zip(params, grads, coefs):
+            p.addcmul_(g, c)
+
+
+def _copy_stochastically_rounded_(dst: Tensor, src: Tensor, generator: torch.Generator) -> None:
+    """Copy float32 ``src`` into bfloat16 ``dst`` with stochastic rounding (``src`` is clobbered).
+
+    bfloat16 is float32 with the low 16 bits dropped. Adding uniform noise in [0, 2^16) to those bits
+    and truncating rounds the magnitude up with probability equal to the dropped fraction, so the
+    rounding is unbiased. Values already representable in bfloat16 are returned unchanged.
+    """
+    bits = src.view(torch.int32)
+    bits.add_(torch.empty_like(bits).random_(0, 1 << 16, generator=generator))
+    bits.bitwise_and_(-65536)  # 0xFFFF0000
+    dst.copy_(src)
+
+
+def _update_low_precision_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    coefs: Sequence[Tensor],
+    decays: Sequence[Optional[Tensor]],
+    generator: Optional[torch.Generator],
+) -> None:
+    """Same update as :func:`_update_` for float16/bfloat16 params, computed in float32.
+
+    The coefficients are float32 and may exceed float16's range when gradients are tiny, so they are
+    never cast to the parameter dtype. The result is rounded stochastically into bfloat16 params when
+    a ``generator`` is given, else to nearest. Works one tensor at a time, so the temporaries never
+    exceed one parameter (in float32).
+    """
+    for p, g, c, d in zip(params, grads, coefs, decays):
+        x = p.float()
+        if d is not None:
+            x.mul_(d)
+        x.addcmul_(g, c)
+        if generator is not None:
+            _copy_stochastically_rounded_(p, x, generator)
+        else:
+            p.copy_(x)
+
+
+def _safe_div(numerator: Union[Tensor, float], denominator: Tensor) -> Tensor:
+    """``numerator / denominator``, and 0 where the denominator is 0 (a zero norm with ``eps=0``)."""
+    return torch.where(denominator > 0, numerator / denominator, 0.0)
+
+
+def _cautious_gate(
+    dot: Tensor, update_sq: Tensor, grad_sq: Tensor, threshold: float, scale: float
+) -> tuple[Tensor, Tensor]:
+    """Cautious-update factors from ``<u, g>``, ``||u||^2`` and ``||g||^2`` (element-wise, no host sync).
+
+    Returns ``(factor, fired)``: ``factor`` is ``scale`` where cosine(u, g) < ``threshold`` and both
+    norms are positive, else 1; ``fired`` is the boolean mask of those entries.
+    """
+    cosine = dot / (update_sq.sqrt() * grad_sq.sqrt())
+    fired = (cosine < threshold) & (update_sq > 0) & (grad_sq > 0)
+    return torch.where(fired, torch.full_like(dot, scale), 1.0), fired
+
+
+# --------------------------------------------------------------------------------------------------
+# cached structure of one parameter layout
+
+
+class _Bucket:
+    """Tensors of one device and dtype, with buffers that carry their per-tensor coefficients.
+
+    The foreach update takes one 0-dim tensor per parameter. Views of a persistent buffer are made
+    once here; each step only copies the new coefficients into the buffer.
+    """
+
+    def __init__(
+        self, device: torch.device, dtype: torch.dtype, positions: list[int], index: Optional[Tensor],
+        stat_dtype: torch.dtype,
+    ) -> None:  # fmt: skip
+        self.device = device
+        self.dtype = dtype
+        self.positions = positions
+        self.index = index  # selects the bucket from the per-tensor vectors; None if it is all of them
+        self.coefs = torch.empty(len(positions), dtype=stat_dtype, device=device)
+        self.decays = torch.empty_like(self.coefs)
+        self.coef_views = self.coefs.unbind(0)
+        self.decay_views = self.decays.unbind(0)
+
+    def load(self, buffer: Tensor, vector: Tensor) -> None:
+        """Copy this bucket's entries of a per-tensor ``vector`` into ``buffer``."""
+        buffer.copy_(vector if self.index is None else vector[self.index])
+
+    def tensors(self) -> list[Tensor]:
+        return [t for t in (self.index, self.coefs, self.decays) if t is not None]
+
+
+@dataclass
+class _Layout:
+    """Everything ``step()`` needs that depends only on which tensors have gradients."""
+
+    key: tuple
+    device: torch.device  # where the per-tensor statistics live
+    stat_dtype: torch.dtype
+    on_host: bool  # every tensor is on the CPU: reading a flag needs no device synchronization
+    group_slices: list[tuple[int, int, int]]  # (group index, start, end) into the active tensors
+    numel: int
+    num_layers: int
+    layer_index: Tensor  # (n,) long: the layer of each tensor
+    layer_sqrt_numel: Tensor  # (n,): sqrt(N_L) of each tensor's layer
+    buckets: list[_Bucket]
+    inverse_order: Optional[Tensor]  # maps bucket-major order back to group-major; None if identity
+
+    def nbytes(self) -> int:
+        tensors = [self.layer_index, self.layer_sqrt_numel, self.inverse_order]
+        tensors += [t for b in self.buckets for t in b.tensors()]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+@dataclass
+class _StepRecord:
+    """Device tensors kept from the last step for the statistics (read lazily, never in ``step()``)."""
+
+    mode: str
+    grad_sq: Tensor  # (n,) squared norms of the raw gradients
+    total_sq: Tensor  # squared global norm of what was normalized (gradients + coupled decay)
+    group_slices: list[tuple[int, int, int]]
+    num_layers: int
+
+
+class ANLO(torch.optim.Optimizer):
+    r"""Alternating Norm LoRA Optimizer: stateless, unit-RMS normalized gradient steps.
+
+    Each step normalizes the gradients (plus coupled weight decay, if any) to unit RMS, alternating
+    every ``normalize_frequency`` steps between one global norm over all parameters of all groups and
+    one norm per LoRA module, then applies each parameter's own group ``lr``. No per-parameter state
+    is kept; the only state is the step counter, saved in ``state_dict()["anlo_step"]``.
+
+    LoRA modules are found from parameter names: pass ``model.named_parameters()``, ``(name, tensor)``
+    pairs, or groups with a ``"param_names"`` list parallel to ``"params"``. Parameters of one module
+    may sit in different groups (LoRA+); they still share one layer norm. Parameters without a
+    recognizable name are each their own layer.
+
+    Args:
+        params: iterable of tensors, of ``(name, tensor)`` pairs, or of parameter-group dicts.
+        lr: learning rate; with unit-RMS updates it sits in AdamW's range. (default: 1e-4)
+        eps: added to every norm. (default: 1e-8)
+        weight_decay: decay coefficient. (default: 0)
+        normalize_frequency: how many consecutive steps one mode is held: block = step //
+            normalize_frequency, even block -> global, odd -> layer. (default: 1)
+        global_norm_weight: RMS of the update in global steps. (default: 1)
+        layer_norm_weight: RMS of each layer's update in layer steps. (default: 1)
+        adaptive_eps: use ``eps * (1 + 9 * max(0, 1 - step / 1000))``, 10x at step 0 down to 1x at
+            step 1000. (default: True)
+        use_cautious_update: scale a tensor's update by ``cautious_scale`` where cosine(update, raw
+            gradient) < ``cautious_threshold``. The update is a positive multiple of the gradient
+            unless coupled weight decay turns it, so only then can the gate fire. (default: False)
+        cautious_threshold: cosine threshold in [0, 1]. (default: 0.1)
+        cautious_scale: factor in [0, 1]. (default: 0.5)
+        verbose: log a one-line summary every ``log_interval`` (100) steps via ``logging``; reading
+            the numbers synchronizes with the device at those steps only. (default: False)
+        decoupled_weight_decay: False decays like the seed algorithm (``wd * p`` added to the
+            gradient before normalization); True decays AdamW-style, ``p *= 1 - lr * wd``.
+            (default: False)
+        stochastic_rounding: update bfloat16 parameters in float32 and round stochastically, so tiny
+            updates are not lost to round-to-nearest. Other dtypes are unaffected. (default: True)
+        foreach: use the multi-tensor (``torch._foreach_*``) implementation; False runs a plain loop
+            over tensors with the same arithmetic. (default: None = True)
+
+    All options except ``normalize_frequency``, ``stochastic_rounding``, ``foreach`` and ``verbose``
+    can be set per parameter group. Unknown keyword arguments raise ``TypeError``.
+    """
+
+    #: Steps between two ``verbose`` log lines.
+    log_interval: int = 100
+
+    def __init__(
+        self,
+        params: Iterable[Union[Tensor, tuple[str, Tensor], dict[str, Any]]],
+        lr: float = 1e-4,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        normalize_frequency: int = 1,
+        global_norm_weight: float = 1.0,
+        layer_norm_weight: float = 1.0,
+        adaptive_eps: bool = True,
+        use_cautious_update: bool = False,
+        cautious_threshold: float = 0.1,
+        cautious_scale: float = 0.5,
+        verbose: bool = False,
+        *,
+        decoupled_weight_decay: bool = False,
+        stochastic_rounding: bool = True,
+        foreach: Optional[bool] = None,
+        **kwargs: Any,
+    ) -> None:
+        if kwargs:
+            raise TypeError(_unknown_arguments_message(kwargs))
+        if not isinstance(normalize_frequency, int) or isinstance(normalize_frequency, bool) or normalize_frequency < 1:
+            raise ValueError(f"Invalid normalize_frequency: {normalize_frequency!r} (must be an integer >= 1)")
+        _check_bool("verbose", verbose)
+        _check_bool("stochastic_rounding", stochastic_rounding)
+        if foreach is not None:
+            _check_bool("foreach", foreach)
+        defaults = dict(
+            lr=lr,
+            eps=eps,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            global_norm_weight=global_norm_weight,
+            layer_norm_weight=layer_norm_weight,
+            adaptive_eps=adaptive_eps,
+            use_cautious_update=use_cautious_update,
+            cautious_threshold=cautious_threshold,
+            cautious_scale=cautious_scale,
+        )
+        _validate_group_options(defaults)
+        self.normalize_frequency = normalize_frequency
+        self.stochastic_rounding = stochastic_rounding
+        self.foreach = True if foreach is None else foreach
+        self.verbose = verbose
+        self._init_runtime_state()
+        super().__init__(params, defaults)
+
+    def _init_runtime_state(self) -> None:
+        """Counters and caches that are not hyperparameters (also rebuilt after unpickling)."""
+        self._step = 0
+        self._layout: Optional[_Layout] = None
+        self._last: Optional[_StepRecord] = None
+        self._skipped: Optional[Tensor] = None  # device int64 counter of skipped steps
+        self._skipped_reported = 0
+        self._warned_skip = False
+        self._cautious_fired: Optional[Tensor] = None  # device int64 counter per group
+        self._cautious_evaluated: list[int] = []
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(
+            _step=self._step,
+            normalize_frequency=self.normalize_frequency,
+            stochastic_rounding=self.stochastic_rounding,
+            foreach=self.foreach,
+            verbose=self.verbose,
+        )
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        step = state.pop("_step", 0)
+        self._init_runtime_state()
+        super().__setstate__(state)
+        self._step = step
+
+    # ----------------------------------------------------------------------------------------------
+    # parameter groups and state dict
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group (validated like the constructor arguments)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _validate_group_options(group)
+            names = group.get("param_names")
+            if names is not None and (
+                len(names) != len(group["params"]) or not all(isinstance(n, str) for n in names)
+            ):
+                raise ValueError(
+                    f"Invalid param_names: expected {len(group['params'])} strings, one per parameter "
+                    f"of the group, got {len(names)} entries"
+                )
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        self._layout = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The standard optimizer state dict plus the step counter under ``"anlo_step"`` (an int)."""
+        state_dict = super().state_dict()
+        state_dict[STEP_KEY] = self._step
+        self._report_skipped_steps()
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict from :meth:`state_dict`.
+
+        A state dict without ``"anlo_step"`` (e.g. saved by another optimizer) restarts the step
+        counter at 0: the next step is a global one and adaptive eps starts over. Per-parameter state
+        from another optimizer is dropped with a warning (ANLO keeps none), and option keys missing
+        from the saved groups take the constructor's values.
+        """
+        state_dict = dict(state_dict)
+        step = state_dict.pop(STEP_KEY, None)
+        super().load_state_dict(state_dict)
+        if step is None:
+            logger.info("ANLO: state dict has no %r; the step counter restarts at 0", STEP_KEY)
+        self._step = int(step) if step is not None else 0
+        if self.state:
+            warnings.warn(
+                "ANLO keeps no per-parameter state; ignoring the per-parameter state in the loaded "
+                "state dict (saved by another optimizer?)",
+                stacklevel=2,
+            )
+            self.state.clear()
+        for group in self.param_groups:
+            for name in _GROUP_OPTIONS:
+                group.setdefault(name, self.defaults[name])
+            _validate_group_options(group)
+        self._layout = None
+
+    # ----------------------------------------------------------------------------------------------
+    # the step
+
+    def _mode(self, step: int) -> str:
+        return "global" if (step // self.normalize_frequency) % 2 == 0 else "layer"
+
+    def _effective_eps(self, group: dict[str, Any], step: int) -> float:
+        if not group["adaptive_eps"]:
+            return group["eps"]
+        warmup = max(0.0, 1.0 - step / _EPS_WARMUP_STEPS)
+        return group["eps"] * (1.0 + (_EPS_BOOST - 1.0) * warmup)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """Perform one optimization step.
+
+        Args:
+            closure: re-evaluates the model and returns the loss; run with gradients enabled.
+
+        Returns:
+            The closure's loss, or ``None``.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        params, grads, names, counts = self._collect()
+        step, mode = self._step, self._mode(self._step)
+        self._step += 1
+        if not params:
+            return loss
+        layout = self._get_layout(params, names, counts)
+
+        # Pass 1 reads every gradient once: squared norms per tensor, then everything else works on
+        # vectors with one entry per tensor.
+        grad_sq = self._gather(
+            [
+                _squared_norms([grads[i] for i in bucket.positions], layout.stat_dtype, self.foreach)
+                for bucket in layout.buckets
+            ],
+            layout,
+        )
+        update_sq, update_dot_grad = self._apply_coupled_decay_to_norms(params, grads, grad_sq, layout)
+        total_sq = update_sq.sum()
+        finite = torch.isfinite(total_sq)
+        if mode == "global":
+            scales = self._apply_global_normalization(total_sq, layout, step)
+        else:
+            scales = self._apply_layer_normalization(update_sq, layout, step)
+        coefs, decays, decayed = self._coefficients(scales, grad_sq, update_sq, update_dot_grad, finite, layout)
+        # Pass 2 (in _apply_updates) reads every gradient and parameter once and writes the parameter.
+        self._skipped = _accumulate(self._skipped, (~finite).long())
+        self._last = _StepRecord(mode, grad_sq, total_sq, layout.group_slices, layout.num_layers)
+        if layout.on_host and not finite:
+            # The flag is already in host memory, so reading it costs no synchronization; skip here.
+            self._report_skipped_steps()
+        else:
+            self._apply_updates(params, grads, coefs, decays, decayed, layout, step)
+        if self.verbose and self._step % self.log_interval == 0:
+            self._log_summary()
+        return loss
+
+    def _collect(self) -> tuple[list[Tensor], list[Tensor], list[Optional[str]], list[int]]:
+        """Parameters with gradients, group by group: the tensors, gradients, names (``None`` where
+        the group has no ``param_names``) and the count per group."""
+        params, grads, names, counts = [], [], [], []
+        for group in self.param_groups:
+            count = 0
+            for p, name in zip(group["params"], group.get("param_names") or [None] * len(group["params"])):
+                grad = p.grad
+                if grad is None:
+                    continue
+                if grad.layout != torch.strided:
+                    raise RuntimeError(
+                        f"ANLO does not support sparse gradients (got layout {grad.layout}); "
+                        "use dense gradients, e.g. nn.Embedding(..., sparse=False)"
+                    )
+                params.append(p)
+                grads.append(grad)
+                names.append(name)
+                count += 1
+            counts.append(count)
+        return params, grads, names, counts
+
+    def _get_layout(self, params: list[Tensor], names: list[Optional[str]], counts: list[int]) -> _Layout:
+        key = (tuple(counts), tuple((id(p), p.dtype, p.device) for p in params))
+        if self._layout is None or self._layout.key != key:
+            self._layout = self._build_layout(key, params, names, counts)
+        return self._layout
+
+    def _build_layout(
+        self, key: tuple, params: list[Tensor], names: list[Optional[str]], counts: list[int]
+    ) -> _Layout:
+        device = params[0].device
+        stat_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
+        group_slices, start = [], 0
+        for group_index, count in enumerate(counts):
+            if count:
+                group_slices.append((group_index, start, start + count))
+                start += count
+
+        layer_ids: dict[tuple[str, Union[str, int]], int] = {}
+        layer_of: list[int] = []
+        seen_names: set[str] = set()
+        for i, name in enumerate(names):
+            module = lora_module_key(name) if name is not None else None
+            if name is not None and name in seen_names:
+                warnings.warn(f"ANLO: parameter name {name!r} repeats; the repeat is its own layer", stacklevel=4)
+                module = None
+            if name is not None:
+                seen_names.add(name)
+            layer_key = ("module", module) if module is not None else ("tensor", i)
+            layer_of.append(layer_ids.setdefault(layer_key, len(layer_ids)))
+
+        numels = torch.tensor([p.numel() for p in params], dtype=stat_dtype)
+        layer_index = torch.tensor(layer_of, dtype=torch.long)
+        layer_numel = torch.zeros(len(layer_ids), dtype=stat_dtype).index_add_(0, layer_index, numels)
+
+        by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, p in enumerate(params):
+            by_kind.setdefault((p.device, p.dtype), []).append(i)
+        order = [i for positions in by_kind.values() for i in positions]
+        identity = len(by_kind) == 1
+        buckets = [
+            _Bucket(dev, dtype, positions, None if identity else torch.tensor(positions, device=device), stat_dtype)
+            for (dev, dtype), positions in by_kind.items()
+        ]  # fmt: skip
+        inverse_order = None if identity else torch.argsort(torch.tensor(order)).to(device)
+        return _Layout(
+            key=key,
+            device=device,
+            stat_dtype=stat_dtype,
+            on_host=all(b.device.type == "cpu" for b in buckets),
+            group_slices=group_slices,
+            numel=sum(p.numel() for p in params),
+            num_layers=len(layer_ids),
+            layer_index=layer_index.to(device),
+            layer_sqrt_numel=layer_numel.sqrt()[layer_index].to(device),
+            buckets=buckets,
+            inverse_order=inverse_order,
+        )
+
+    @staticmethod
+    def _gather(vectors: list[Tensor], layout: _Layout) -> Tensor:
+        """Per-bucket vectors -> one vector in group-major tensor order, on the layout's device."""
+        if layout.inverse_order is None:
+            return vectors[0]
+        return torch.cat([v.to(layout.device) for v in vectors])[layout.inverse_order]
+
+    def _apply_coupled_decay_to_norms(
+        self, params: list[Tensor], grads: list[Tensor], grad_sq: Tensor, layout: _Layout
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        """``||u||^2`` and ``<u, g>`` per tensor, with ``u = g + wd * p`` in groups with coupled decay.
+
+        Uses ``||g + wd p||^2 = ||g||^2 + 2 wd <g, p> + wd^2 ||p||^2`` so ``u`` is never materialized
+        and the gradients are not modified. Returns ``(grad_sq, None)`` when no group has coupled decay.
+        """
+        pieces_sq, pieces_dot, any_decay = [], [], False
+        for group_index, start, end in layout.group_slices:
+            group = self.param_groups[group_index]
+            grad_sq_g = grad_sq[start:end]
+            wd = group["weight_decay"]
+            if wd == 0 or group["decoupled_weight_decay"]:
+                pieces_sq.append(grad_sq_g)
+                pieces_dot.append(grad_sq_g)
+                continue
+            any_decay = True
+            dots, params_sq = _decay_terms(
+                grads[start:end], params[start:end], layout.stat_dtype, layout.device
+            )
+            pieces_sq.append((grad_sq_g + 2 * wd * dots + wd * wd * params_sq).clamp_min_(0))
+            pieces_dot.append(grad_sq_g + wd * dots)
+        if not any_decay:
+            return grad_sq, None
+        return torch.cat(pieces_sq), torch.cat(pieces_dot)
+
+    def _apply_global_normalization(self, total_sq: Tensor, layout: _Layout, step: int) -> Tensor:
+        """Per-tensor scales of a global step: ``w_global * sqrt(N) / (||u_all||_2 + eps_t)``.
+
+        ``total_sq`` is the squared norm over every tensor of every group, so the scale is the same
+        for all groups (up to each group's ``global_norm_weight`` and ``eps``).
+        """
+        norm = total_sq.sqrt()
+        sqrt_numel = math.sqrt(layout.numel)
+        pieces = []
+        for group_index, start, end in layout.group_slices:
+            group = self.param_groups[group_index]
+            eps = self._effective_eps(group, step)
+            scale = _safe_div(group["global_norm_weight"] * sqrt_numel, norm + eps)
+            pieces.append(scale.expand(end - start))
+        return torch.cat(pieces)
+
+    def _apply_layer_normalization(self, update_sq: Tensor, layout: _Layout, step: int) -> Tensor:
+        """Per-tensor scales of a layer step: ``w_layer * sqrt(N_L) / (||u_L||_2 + eps_t)``.
+
+        A layer's squared norm is the sum over its tensors (which may sit in several groups).
+        """
+        layer_sq = torch.zeros(layout.num_layers, dtype=update_sq.dtype, device=update_sq.device)
+        layer_norm = layer_sq.index_add_(0, layout.layer_index, update_sq).sqrt_()[layout.layer_index]
+        pieces = []
+        for group_index, start, end in layout.group_slices:
+            group = self.param_groups[group_index]
+            pieces.append(
+                _safe_div(
+                    group["layer_norm_weight"] * layout.layer_sqrt_numel[start:end],
+                    layer_norm[start:end] + self._effective_eps(group, step),
+                )
+            )
+        return torch.cat(pieces)
+
+    @staticmethod
+    def _apply_cautious_update_optimized(
+        update: Tensor, grad: Tensor, threshold: float = 0.1, scale: float = 0.5
+    ) -> Tensor:
+        """Return ``update * scale`` if cosine(update, grad) < ``threshold``, else ``update``.
+
+        Works on one tensor pair without host synchronization (the choice is a ``torch.where``).
+        A zero ``update`` or ``grad`` is returned unchanged. ``step()`` applies the same gate
+        (:func:`_cautious_gate`) to per-tensor norms without materializing the update.
+        """
+        dtype = torch.promote_types(update.dtype, torch.float32)
+        u, g = update.reshape(-1).to(dtype), grad.reshape(-1).to(dtype)
+        factor, _ = _cautious_gate(torch.dot(u, g), torch.dot(u, u), torch.dot(g, g), threshold, scale)
+        return update * factor.to(update.dtype)
+
+    def _coefficients(
+        self,
+        scales: Tensor,
+        grad_sq: Tensor,
+        update_sq: Tensor,
+        update_dot_grad: Optional[Tensor],
+        finite: Tensor,
+        layout: _Layout,
+    ) -> tuple[Tensor, Optional[Tensor], list[bool]]:
+        """Per-tensor ``c`` and ``d`` of ``p <- p * d + c * g``: lr, cautious gate, decay and skip.
+
+        ``c = -lr * s * factor``, or ``-0.0`` when the step is skipped (``p + (-0.0) * 0`` is ``p`` bit
+        for bit, ``-0.0`` included). ``d = 1 + c * wd`` for coupled decay, ``1 - lr * wd`` for
+        decoupled decay (exactly 1 when skipped). Returns ``(c, d, decayed)``: ``d`` is ``None`` when no
+        group decays, and ``decayed`` tells per tensor whether ``d`` applies.
+        """
+        n_groups = len(self.param_groups)
+        self._cautious_evaluated += [0] * (n_groups - len(self._cautious_evaluated))
+        coef_pieces, decay_pieces, decayed, fired_by_group = [], [], [], {}
+        for group_index, start, end in layout.group_slices:
+            group = self.param_groups[group_index]
+            wd, coupled = group["weight_decay"], not group["decoupled_weight_decay"]
+            coef = scales[start:end] * -group["lr"]
+            if group["use_cautious_update"]:
+                self._cautious_evaluated[group_index] += end - start
+                # Without coupled decay the update is a positive multiple of the gradient: cosine 1.
+                if coupled and wd != 0:
+                    factor, fired = _cautious_gate(
+                        update_dot_grad[start:end], update_sq[start:end], grad_sq[start:end],
+                        group["cautious_threshold"], group["cautious_scale"],
+                    )  # fmt: skip
+                    coef = coef * factor
+                    fired_by_group[group_index] = (fired & finite).sum()
+            coef = torch.where(finite, coef, -0.0)
+            coef_pieces.append(coef)
+            if wd == 0:
+                decay = torch.ones_like(coef)
+            elif coupled:
+                decay = 1.0 + coef * wd
+            else:
+                decay = torch.where(finite, torch.full_like(coef, 1.0 - group["lr"] * wd), 1.0)
+            decay_pieces.append(decay)
+            decayed += [wd != 0] * (end - start)
+        if fired_by_group:
+            zero = torch.zeros((), dtype=torch.long, device=layout.device)
+            fired = torch.stack([fired_by_group.get(i, zero) for i in range(n_groups)])
+            self._cautious_fired = _accumulate(self._cautious_fired, fired)
+        decays = torch.cat(decay_pieces) if any(decayed) else None
+        return torch.cat(coef_pieces), decays, decayed
+
+    def _apply_updates(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        coefs: Tensor,
+        decays: Optional[Tensor],
+        decayed: list[bool],
+        layout: _Layout,
+        step: int,
+    ) -> None:
+        """Write ``p <- p * d + c * g``, one (device, dtype) bucket at a time."""
+        for bucket in layout.buckets:
+            b_params = [params[i] for i in bucket.positions]
+            b_grads = [grads[i] for i in bucket.positions]
+            if not layout.on_host:
+                # The skip decision stays on the device, so non-finite gradients must not reach the
+                # update as NaN * 0: zero them in place (a no-op for finite gradients).
+                for g in b_grads:
+                    torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+            bucket.load(bucket.coefs, coefs)
+            b_decays: list[Optional[Tensor]] = [None] * len(b_params)
+            if decays is not None:
+                bucket.load(bucket.decays, decays)
+                b_decays = [d if decayed[i] else None for d, i in zip(bucket.decay_views, bucket.positions)]
+            if bucket.dtype in (torch.float16, torch.bfloat16):
+                generator = None
+                if bucket.dtype == torch.bfloat16 and self.stochastic_rounding:
+                    generator = self._generator(bucket.device)
+                    generator.manual_seed(_SR_SEED + step)
+                _update_low_precision_(b_params, b_grads, bucket.coef_views, b_decays, generator)
+            else:
+                _update_(b_params, b_grads, bucket.coef_views, b_decays, self.foreach)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device)
+        return self._generators[device]
+
+    # ----------------------------------------------------------------------------------------------
+    # statistics (these synchronize with the device; step() never does)
+
+    def _report_skipped_steps(self) -> int:
+        """Return the number of skipped steps; warn the first time any are seen."""
+        skipped = int(self._skipped) if self._skipped is not None else 0
+        if skipped > self._skipped_reported:
+            if not self._warned_skip:
+                warnings.warn(
+                    f"ANLO skipped {skipped} step(s) because the gradients were not finite (inf/NaN); "
+                    "no weights were changed in those steps. Further skips are counted in "
+                    "get_normalization_stats()['skipped_steps'].",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self._warned_skip = True
+            self._skipped_reported = skipped
+        return skipped
+
+    def get_normalization_stats(self) -> dict[str, Any]:
+        """Step counter, modes, norms of the last step and skip count.
+
+        Keys: ``step_count`` (steps taken), ``normalization_mode`` (mode of the last step, ``None``
+        before the first), ``next_normalization_mode``, ``normalize_frequency``, ``num_layers``
+        (layers of the last step), ``global_norm`` (global L2 norm of the last step's normalized
+        quantity: gradients plus coupled decay), ``skipped_steps``, ``cautious_update_enabled`` and
+        ``groups``: per group ``lr``, ``effective_eps`` (for the next step), ``num_params``,
+        ``num_params_with_grad``, ``grad_norm_min/mean/max`` (per-tensor raw gradient L2 norms of
+        the last step, ``None`` if none).
+        """
+        last = self._last
+        per_group: dict[int, Tensor] = {}
+        if last is not None:
+            grad_norms = last.grad_sq.sqrt().cpu()
+            per_group = {gi: grad_norms[start:end] for gi, start, end in last.group_slices}
+        groups = []
+        for gi, group in enumerate(self.param_groups):
+            norms = per_group.get(gi)
+            groups.append(
+                {
+                    "lr": group["lr"],
+                    "effective_eps": self._effective_eps(group, self._step),
+                    "num_params": len(group["params"]),
+                    "num_params_with_grad": 0 if norms is None else len(norms),
+                    "grad_norm_min": None if norms is None else norms.min().item(),
+                    "grad_norm_mean": None if norms is None else norms.mean().item(),
+                    "grad_norm_max": None if norms is None else norms.max().item(),
+                }
+            )
+        return {
+            "step_count": self._step,
+            "normalization_mode": None if last is None else last.mode,
+            "next_normalization_mode": self._mode(self._step),
+            "normalize_frequency": self.normalize_frequency,
+            "num_layers": None if last is None else last.num_layers,
+            "global_norm": None if last is None else last.total_sq.sqrt().item(),
+            "skipped_steps": self._report_skipped_steps(),
+            "cautious_update_enabled": any(g["use_cautious_update"] for g in self.param_groups),
+            "groups": groups,
+        }
+
+    def get_cautious_update_stats(self) -> dict[str, Any]:
+        """Cautious-gate configuration per group and how often it fired.
+
+        Keys: ``enabled_groups``, ``total_groups``, ``cautious_update_config`` (``group_<i>`` ->
+        ``enabled``/``threshold``/``scale``), ``fired_per_group`` and ``evaluated_per_group`` (tensor
+        updates scaled / checked), ``fired_total``, ``evaluated_total``.
+        """
+        n_groups = len(self.param_groups)
+        fired = [0] * n_groups
+        if self._cautious_fired is not None:
+            fired[: len(self._cautious_fired)] = self._cautious_fired.tolist()
+        evaluated = (self._cautious_evaluated + [0] * n_groups)[:n_groups]
+        return {
+            "enabled_groups": sum(g["use_cautious_update"] for g in self.param_groups),
+            "total_groups": n_groups,
+            "cautious_update_config": {
+                f"group_{i}": {
+                    "enabled": g["use_cautious_update"],
+                    "threshold": g["cautious_threshold"],
+                    "scale": g["cautious_scale"],
+                }
+                for i, g in enumerate(self.param_groups)
+            },
+            "fired_per_group": fired,
+            "evaluated_per_group": evaluated,
+            "fired_total": sum(fired),
+            "evaluated_total": sum(evaluated),
+        }
+
+    def get_memory_usage(self) -> dict[str, Any]:
+        """Dtype-aware memory of parameters, gradients and optimizer state (``*_mb`` are MiB).
+
+        ``optimizer_state_*`` counts the tensors in ``self.state`` (what ``state_dict()`` saves), which
+        ANLO leaves empty; ``workspace_*`` counts its small per-tensor caches (a few bytes per tensor).
+        """
+        params = {id(p): p for g in self.param_groups for p in g["params"]}.values()
+        param_bytes = sum(p.numel() * p.element_size() for p in params)
+        grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+        state_bytes = sum(_tensor_bytes(s) for s in self.state.values())
+        workspace_bytes = self._layout.nbytes() if self._layout is not None else 0
+        total_parameters = sum(p.numel() for p in params)
+        mib = float(1 << 20)
+        return {
+            "total_parameters": total_parameters,
+            "parameter_memory_bytes": param_bytes,
+            "gradient_memory_bytes": grad_bytes,
+            "optimizer_state_memory_bytes": state_bytes,
+            "workspace_memory_bytes": workspace_bytes,
+            "parameter_memory_mb": param_bytes / mib,
+            "gradient_memory_mb": grad_bytes / mib,
+            "optimizer_state_memory_mb": state_bytes / mib,
+            "workspace_memory_mb": workspace_bytes / mib,
+            "total_memory_mb": (param_bytes + grad_bytes + state_bytes + workspace_bytes) / mib,
+            "state_bytes_per_parameter": state_bytes / total_parameters if total_parameters else 0.0,
+        }
+
+    def _log_summary(self) -> None:
+        stats = self.get_normalization_stats()
+        cautious = self.get_cautious_update_stats()
+        logger.info(
+            "ANLO step %d: mode=%s global_norm=%.4g layers=%s skipped=%d cautious_fired=%d/%d",
+            stats["step_count"],
+            stats["normalization_mode"],
+            stats["global_norm"],
+            stats["num_layers"],
+            stats["skipped_steps"],
+            cautious["fired_total"],
+            cautious["evaluated_total"],
+        )
+
+
+def _accumulate(counter: Optional[Tensor], value: Tensor) -> Tensor:
+    """``counter + value`` on ``value``'s device, growing ``counter`` if ``value`` is longer."""
+    if counter is None:
+        return value.clone()
+    counter = counter.to(value.device)
+    if counter.shape != value.shape:
+        padding = torch.zeros(value.numel() - counter.numel(), dtype=counter.dtype, device=value.device)
+        counter = torch.cat([counter, padding])
+    return counter + value
+
+
+def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+def _unknown_arguments_message(kwargs: dict[str, Any]) -> str:
+    valid = _GROUP_OPTIONS + _OPTIMIZER_OPTIONS
+    parts = []
+    for name in sorted(kwargs):
+        close = difflib.get_close_matches(name, valid, n=1)
+        parts.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return (
+        f"ANLO got unexpected keyword argument(s): {', '.join(parts)}. "
+        f"Valid arguments: params, {', '.join(valid)}"
+    )

@@ -1,0 +1,728 @@
+"""Unit tests of the ANLO optimizer (library/hina_anlo.py).
+
+The arithmetic is checked against ``reference_anlo`` below: an independent float64 implementation of
+the definition in docs/ANLO.md, written with per-element Python loops over plain lists.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import math
+import pickle
+import warnings
+
+import pytest
+import torch
+
+from library.hina_anlo import ANLO, lora_module_key
+
+# --------------------------------------------------------------------------------------------------
+# independent reference
+
+
+def _flat(t: torch.Tensor) -> list[float]:
+    return [float(v) for v in t.detach().double().reshape(-1).tolist()]
+
+
+def reference_anlo(params, grad_steps, config, layer_of, normalize_frequency=1, start_step=0):
+    """Run ANLO's definition in float64 with Python loops.
+
+    params: list of tensors (initial values). grad_steps: list of steps, each a list of gradients
+    (``None`` = no gradient). config: one dict per parameter with lr, eps, weight_decay, decoupled,
+    global_weight, layer_weight, adaptive_eps, cautious, threshold, scale. layer_of: layer id of each
+    parameter. Returns the final values as lists of floats.
+    """
+    values = [_flat(p) for p in params]
+    for step_offset, grads in enumerate(grad_steps):
+        step = start_step + step_offset
+        active = [i for i, g in enumerate(grads) if g is not None]
+        raw = {i: _flat(grads[i]) for i in active}
+        upd = {}
+        for i in active:
+            c = config[i]
+            coupled = c["weight_decay"] != 0 and not c["decoupled"]
+            upd[i] = [g + c["weight_decay"] * p if coupled else g for g, p in zip(raw[i], values[i])]
+
+        def eps_t(c):
+            boost = 1 + 9 * max(0.0, 1 - step / 1000) if c["adaptive_eps"] else 1.0
+            return c["eps"] * boost
+
+        scale = {}
+        if (step // normalize_frequency) % 2 == 0:
+            n_total = sum(len(upd[i]) for i in active)
+            norm = math.sqrt(sum(x * x for i in active for x in upd[i]))
+            for i in active:
+                scale[i] = config[i]["global_weight"] * math.sqrt(n_total) / (norm + eps_t(config[i]))
+        else:
+            for i in active:
+                members = [j for j in active if layer_of[j] == layer_of[i]]
+                n_layer = sum(len(upd[j]) for j in members)
+                norm = math.sqrt(sum(x * x for j in members for x in upd[j]))
+                scale[i] = config[i]["layer_weight"] * math.sqrt(n_layer) / (norm + eps_t(config[i]))
+        for i in active:
+            c = config[i]
+            if c["cautious"]:
+                dot = sum(u * g for u, g in zip(upd[i], raw[i]))
+                nu = math.sqrt(sum(u * u for u in upd[i]))
+                ng = math.sqrt(sum(g * g for g in raw[i]))
+                if nu > 0 and ng > 0 and dot / (nu * ng) < c["threshold"]:
+                    scale[i] *= c["scale"]
+            decay = 1 - c["lr"] * c["weight_decay"] if c["decoupled"] else 1.0
+            values[i] = [p * decay - c["lr"] * scale[i] * u for p, u in zip(values[i], upd[i])]
+    return values
+
+
+def _config(**overrides):
+    base = dict(
+        lr=1e-2, eps=1e-8, weight_decay=0.0, decoupled=False, global_weight=1.0, layer_weight=1.0,
+        adaptive_eps=True, cautious=False, threshold=0.1, scale=0.5,
+    )  # fmt: skip
+    base.update(overrides)
+    return base
+
+
+def _group_options(c):
+    return dict(
+        lr=c["lr"], eps=c["eps"], weight_decay=c["weight_decay"], decoupled_weight_decay=c["decoupled"],
+        global_norm_weight=c["global_weight"], layer_norm_weight=c["layer_weight"], adaptive_eps=c["adaptive_eps"],
+        use_cautious_update=c["cautious"], cautious_threshold=c["threshold"], cautious_scale=c["scale"],
+    )  # fmt: skip
+
+
+# A small LoRA-like parameter set: two modules (one split over two groups, as LoRA+ does), a LoHa
+# module, and two unnamed-looking tensors that are their own layers.
+NAMES = [
+    "lora_unet_a.lora_down.weight",   # layer 0, group 0
+    "lora_unet_b.lora_down.weight",   # layer 1, group 0
+    "lycoris_c.hada_w1_a",            # layer 2, group 0
+    "lycoris_c.hada_w1_b",            # layer 2, group 0
+    "plain.weight",                   # layer 3, group 0
+    "lora_unet_a.lora_up.weight",     # layer 0, group 1 (LoRA+ group)
+    "lora_unet_b.lora_up.weight",     # layer 1, group 1
+    "plain.bias",                     # layer 4, group 1
+]  # fmt: skip
+SHAPES = [(3, 6), (2, 5), (4, 2), (2, 3), (3, 3), (7, 3), (4, 2), (3,)]
+LAYER_OF = [0, 1, 2, 2, 3, 0, 1, 4]
+GROUP_OF = [0, 0, 0, 0, 0, 1, 1, 1]
+
+
+def _make_params(dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype).requires_grad_() for s in SHAPES]
+
+
+def _make_grads(n_steps, dtype=torch.float64, seed=1, missing=()):
+    gen = torch.Generator().manual_seed(seed)
+    steps = []
+    for step in range(n_steps):
+        grads = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) * (1 + i) for i, s in enumerate(SHAPES)]
+        steps.append([None if (step, i) in missing else g for i, g in enumerate(grads)])
+    return steps
+
+
+def _build(params, group_configs, names=NAMES, **kwargs):
+    groups = []
+    for gi, c in enumerate(group_configs):
+        idx = [i for i, g in enumerate(GROUP_OF) if g == gi]
+        groups.append(
+            {"params": [params[i] for i in idx], "param_names": [names[i] for i in idx], **_group_options(c)}
+        )
+    return ANLO(groups, **kwargs)
+
+
+def _run(opt, params, grad_steps):
+    for grads in grad_steps:
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.clone()
+        opt.step()
+
+
+def _assert_close_to_reference(params, expected, rtol, atol=0.0):
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach().double().reshape(-1), torch.tensor(e, dtype=torch.float64), rtol=rtol, atol=atol)
+
+
+# --------------------------------------------------------------------------------------------------
+# arithmetic against the reference
+
+
+@pytest.mark.parametrize("frequency", [1, 2, 3])
+@pytest.mark.parametrize("foreach", [True, False])
+def test_matches_reference_float64(frequency, foreach):
+    configs = [_config(lr=1e-2), _config(lr=1.6e-1)]  # LoRA+: ratio 16 on the second group
+    params = _make_params()
+    grads = _make_grads(7, missing={(2, 1), (4, 7)})
+    expected = reference_anlo(params, grads, [configs[g] for g in GROUP_OF], LAYER_OF, frequency)
+    opt = _build(params, configs, normalize_frequency=frequency, foreach=foreach)
+    _run(opt, params, grads)
+    _assert_close_to_reference(params, expected, rtol=1e-12, atol=1e-14)
+    assert opt.get_normalization_stats()["step_count"] == 7
+
+
+@pytest.mark.parametrize(
+    "group_configs",
+    [
+        [_config(weight_decay=0.3), _config(lr=5e-2, weight_decay=0.1)],
+        [_config(weight_decay=0.3, decoupled=True), _config(weight_decay=0.05, decoupled=True)],
+        [_config(weight_decay=2.0, cautious=True, threshold=0.6, scale=0.25), _config(cautious=True)],
+        [_config(eps=1e-3, adaptive_eps=False, global_weight=0.5, layer_weight=2.0), _config(eps=0.05, global_weight=3.0)],
+    ],
+    ids=["coupled-decay", "decoupled-decay", "cautious", "eps-and-weights"],
+)
+def test_matches_reference_options(group_configs):
+    params = _make_params()
+    grads = _make_grads(6)
+    expected = reference_anlo(params, grads, [group_configs[g] for g in GROUP_OF], LAYER_OF, 2)
+    opt = _build(params, group_configs, normalize_frequency=2)
+    _run(opt, params, grads)
+    _assert_close_to_reference(params, expected, rtol=1e-10, atol=1e-13)
+
+
+def test_matches_reference_float32():
+    configs = [_config(lr=1e-3, weight_decay=0.1), _config(lr=4e-3)]
+    params = _make_params(torch.float32)
+    grads = _make_grads(6, torch.float32)
+    expected = reference_anlo(params, grads, [configs[g] for g in GROUP_OF], LAYER_OF)
+    _run(_build(params, configs), params, grads)
+    _assert_close_to_reference(params, expected, rtol=2e-6, atol=1e-6)
+
+
+def test_adaptive_eps_schedule_against_reference():
+    """Steps 0..1000: eps is 10x at step 0 and decays linearly to 1x (eps large so it matters)."""
+    configs = [_config(eps=0.5), _config(eps=0.5)]
+    for start in (0, 400, 999, 1500):
+        params = _make_params()
+        grads = _make_grads(2)
+        expected = reference_anlo(params, grads, [configs[g] for g in GROUP_OF], LAYER_OF, start_step=start)
+        opt = _build(params, configs)
+        state = opt.state_dict()
+        state["anlo_step"] = start
+        opt.load_state_dict(state)
+        assert opt.get_normalization_stats()["groups"][0]["effective_eps"] == pytest.approx(
+            0.5 * (1 + 9 * max(0.0, 1 - start / 1000))
+        )
+        _run(opt, params, grads)
+        _assert_close_to_reference(params, expected, rtol=1e-12, atol=1e-14)
+
+
+# --------------------------------------------------------------------------------------------------
+# modes, layers and groups
+
+
+def test_lora_module_key():
+    assert lora_module_key("lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight") == (
+        "lora_unet_down_blocks_0_attentions_0_proj_in"
+    )
+    assert lora_module_key("lora_te_text_model_encoder_layers_0_mlp_fc1.lora_mid.weight") == (
+        "lora_te_text_model_encoder_layers_0_mlp_fc1"
+    )
+    assert lora_module_key("unet.up_blocks.1.attn2.to_k.lora_A.default.weight") == "unet.up_blocks.1.attn2.to_k"
+    assert lora_module_key("unet.up_blocks.1.attn2.to_k.lora_B.default.weight") == "unet.up_blocks.1.attn2.to_k"
+    for factor in ("hada_w1_a", "hada_w2_b", "hada_t1", "lokr_w1", "lokr_w2_a", "lokr_t2", "dora_scale", "magnitude"):
+        assert lora_module_key(f"lycoris_unet_x.{factor}") == "lycoris_unet_x"
+    assert lora_module_key("module.lora_unet_x.lora_down.weight") == "module.lora_unet_x"
+    assert lora_module_key("down_blocks.0.resnets.0.conv1.weight") is None
+    assert lora_module_key("lora_unet_x_lora_down_weight") is None  # no component is a factor name
+
+
+def _unit_rms(values):
+    return math.sqrt(sum(float((v**2).sum()) for v in values) / sum(v.numel() for v in values))
+
+
+@pytest.mark.parametrize("frequency", [1, 2, 3])
+def test_alternation_global_then_layer(frequency):
+    """The step's mode follows (step // frequency) % 2, checked by the shape of the update itself."""
+    params = _make_params()
+    lr = 1e-3
+    opt = _build(params, [_config(lr=lr, eps=1e-12), _config(lr=lr, eps=1e-12)], normalize_frequency=frequency)
+    for step, grads in enumerate(_make_grads(3 * frequency + 2)):
+        before = [p.detach().clone() for p in params]
+        _run(opt, params, [grads])
+        deltas = [(b - p.detach()) / lr for b, p in zip(before, params)]
+        expected_mode = "global" if (step // frequency) % 2 == 0 else "layer"
+        stats = opt.get_normalization_stats()
+        assert stats["normalization_mode"] == expected_mode
+        assert stats["next_normalization_mode"] == ("global" if ((step + 1) // frequency) % 2 == 0 else "layer")
+        # delta = s * g with one s for everything (global: the whole update has unit RMS) or one s per
+        # layer (layer: every layer has unit RMS).
+        if expected_mode == "global":
+            members = [list(range(8))]
+        else:
+            members = [[i for i in range(8) if LAYER_OF[i] == L] for L in range(5)]
+        for layer in members:
+            ratios = torch.cat([(deltas[i] / grads[i]).reshape(-1) for i in layer])
+            torch.testing.assert_close(ratios, ratios[:1].expand_as(ratios), rtol=1e-9, atol=0)
+            assert _unit_rms([deltas[i] for i in layer]) == pytest.approx(1.0, rel=1e-9)
+        if expected_mode == "global":  # the per-layer RMS then differ
+            layer_rms = [_unit_rms([d for d, lay in zip(deltas, LAYER_OF) if lay == L]) for L in range(5)]
+            assert max(layer_rms) / min(layer_rms) > 1.1
+
+
+def test_lora_plus_ratio_preserved_in_global_mode():
+    params = _make_params()
+    ratio = 16.0
+    opt = _build(params, [_config(lr=1e-4), _config(lr=1e-4 * ratio)])
+    grads = _make_grads(1)[0]
+    before = [p.detach().clone() for p in params]
+    _run(opt, params, [grads])
+    per_unit = [((b - p.detach()) / g).reshape(-1) for b, p, g in zip(before, params, grads)]
+    down = per_unit[NAMES.index("lora_unet_a.lora_down.weight")]
+    up = per_unit[NAMES.index("lora_unet_a.lora_up.weight")]
+    # Every element moves by lr * s * g with one global s.
+    torch.testing.assert_close(down, down[0].expand_as(down), rtol=1e-9, atol=0)
+    torch.testing.assert_close(up, up[0].expand_as(up), rtol=1e-9, atol=0)
+    assert float(up[0] / down[0]) == pytest.approx(ratio, rel=1e-9)
+
+
+def test_global_norm_spans_groups():
+    """Splitting the same tensors into several groups with the same options changes nothing."""
+    grads = _make_grads(4)
+    params_one = _make_params()
+    opt_one = ANLO([{"params": params_one, "param_names": NAMES}], lr=1e-2)
+    params_split = _make_params()
+    groups = [{"params": [params_split[i]], "param_names": [NAMES[i]]} for i in range(len(NAMES))]
+    opt_split = ANLO(groups, lr=1e-2)
+    _run(opt_one, params_one, grads)
+    _run(opt_split, params_split, grads)
+    for a, b in zip(params_one, params_split):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=0)
+
+
+def test_named_parameters_and_pairs_define_layers():
+    """``model.named_parameters()`` and (name, tensor) pairs give torch's param_names; layers follow."""
+
+    class Lora(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lora_down = torch.nn.Linear(6, 2, bias=False)
+            self.lora_up = torch.nn.Linear(2, 5, bias=False)
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"q": Lora(), "k": Lora()})
+    lr = 1e-3
+    for params_arg in (model.named_parameters(), [(n, p) for n, p in model.named_parameters()]):
+        opt = ANLO(params_arg, lr=lr, normalize_frequency=1)
+        assert opt.param_groups[0]["param_names"] == [n for n, _ in model.named_parameters()]
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * (10 if p.shape[0] == 5 else 1)
+        opt.step()  # global
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.step()  # layer: each module (down + up) has unit RMS
+        assert opt.get_normalization_stats()["num_layers"] == 2
+        for module in ("q", "k"):
+            deltas = [(before[n] - p.detach()) / lr for n, p in model.named_parameters() if n.startswith(module)]
+            assert _unit_rms(deltas) == pytest.approx(1.0, rel=1e-5)
+            assert _unit_rms(deltas[:1]) != pytest.approx(1.0, rel=1e-2)  # the tensors share one norm
+
+
+def test_unnamed_parameters_are_their_own_layers():
+    params = _make_params()
+    opt = ANLO(params, lr=1e-3)
+    _run(opt, params, _make_grads(1))
+    before = [p.detach().clone() for p in params]
+    _run(opt, params, _make_grads(1, seed=5))
+    assert opt.get_normalization_stats()["num_layers"] == len(params)
+    for b, p in zip(before, params):
+        assert _unit_rms([(b - p.detach()) / 1e-3]) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_layout_follows_changing_gradients_and_groups():
+    params = _make_params()
+    opt = _build(params, [_config(), _config()])
+    _run(opt, params, _make_grads(2))
+    grads = _make_grads(2, seed=3, missing={(0, 0), (0, 5), (1, 2)})
+    expected = reference_anlo(params, grads, [_config()] * 8, LAYER_OF, start_step=2)
+    _run(opt, params, grads)
+    _assert_close_to_reference(params, expected, rtol=1e-12, atol=1e-14)
+    extra = torch.ones(4, dtype=torch.float64, requires_grad=True)
+    opt.add_param_group({"params": [extra], "param_names": ["extra.lora_down.weight"], "lr": 0.5})
+    extra.grad = torch.full((4,), 3.0, dtype=torch.float64)
+    for p in params:
+        p.grad = None
+    opt.step()  # step 4: global over the single tensor -> update lr * 1 per element
+    torch.testing.assert_close(extra.detach(), torch.full((4,), 0.5, dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------------------------------
+# no-ops, skipped steps, state dict
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("foreach", [True, False])
+def test_zero_gradients_change_nothing(dtype, foreach):
+    params = _make_params(dtype)
+    opt = _build(params, [_config(), _config(eps=0.0)], foreach=foreach)
+    before = [p.detach().clone() for p in params]
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+    for b, p in zip(before, params):
+        assert torch.equal(b, p.detach())
+
+
+def test_parameters_without_grad_are_skipped_and_not_counted():
+    params = _make_params()
+    grads = _make_grads(1)[0]
+    frozen_before = params[3].detach().clone()
+    grads[3] = None
+    opt = _build(params, [_config(), _config()])
+    _run(opt, params, [grads])
+    assert torch.equal(params[3].detach(), frozen_before)
+    # N and the global norm exclude the frozen tensor: same result as an optimizer without it.
+    others = [i for i in range(len(params)) if i != 3]
+    params_without = [p for i, p in enumerate(_make_params()) if i != 3]
+    opt_without = ANLO([{"params": params_without, "param_names": [NAMES[i] for i in others]}], lr=1e-2)
+    for p, i in zip(params_without, others):
+        p.grad = grads[i].clone()
+    opt_without.step()
+    for p, i in zip(params_without, others):
+        assert torch.equal(p, params[i])
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+@pytest.mark.parametrize("step_index", [0, 1], ids=["global", "layer"])
+@pytest.mark.parametrize("on_host", [True, False], ids=["host-check", "device-masking"])
+def test_non_finite_gradient_skips_step(bad, step_index, on_host):
+    params = _make_params(torch.float32)
+    params.append(torch.ones(3, dtype=torch.bfloat16, requires_grad=True))
+    names = NAMES + ["bf16.lora_down.weight"]
+    opt = ANLO([{"params": params, "param_names": names, "weight_decay": 0.1}], lr=1e-2)
+    _run(opt, params, [[torch.randn_like(p) for p in params]] * step_index)
+    before = [p.detach().clone() for p in params]
+    grads = [torch.randn_like(p) for p in params]
+    grads[2].view(-1)[1] = bad
+    for p, g in zip(params, grads):
+        p.grad = g
+    if not on_host:  # exercise the accelerator path (no host read of the finite flag) on the CPU
+        active_params, _, active_names, counts = opt._collect()
+        opt._get_layout(active_params, active_names, counts).on_host = False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+        stats = opt.get_normalization_stats()  # the device path warns when statistics are read
+    assert [w.category for w in caught] == [RuntimeWarning]
+    assert "skipped 1 step" in str(caught[0].message)
+    for b, p in zip(before, params):
+        assert torch.equal(b, p.detach())
+    assert stats["skipped_steps"] == 1
+    assert stats["step_count"] == step_index + 1
+    assert not math.isfinite(stats["global_norm"])
+    # A second skip is counted, not warned again; a finite step then updates again.
+    grads[0].view(-1)[0] = math.nan
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _run(opt, params, [[g.clone() for g in grads]])
+        assert opt.get_normalization_stats()["skipped_steps"] == 2
+    assert caught == []
+    _run(opt, params, [[torch.randn_like(p) for p in params]])
+    assert all(not torch.equal(b, p.detach()) for b, p in zip(before[:-1], params))
+
+
+def _sample_optimizer(params, **kwargs):
+    """Mixed dtypes and options, so every code path takes part."""
+    return _build(params, [_config(lr=3e-2, weight_decay=0.2, cautious=True, threshold=0.5), _config(lr=1e-1)], **kwargs)
+
+
+def _mixed_params(seed=0):
+    params = _make_params(torch.float32, seed)
+    params[1] = params[1].detach().to(torch.bfloat16).requires_grad_()
+    params[6] = params[6].detach().double().requires_grad_()
+    return params
+
+
+def test_state_dict_round_trip_continues_identically():
+    params_a = _mixed_params()
+    grads = [[g.to(p.dtype) for g, p in zip(step, params_a)] for step in _make_grads(7, torch.float32)]
+    opt_a = _sample_optimizer(params_a, normalize_frequency=2)
+    _run(opt_a, params_a, grads[:3])
+    saved = opt_a.state_dict()
+    assert saved["anlo_step"] == 3 and saved["state"] == {}
+    assert saved["param_groups"][1]["param_names"] == [NAMES[i] for i in range(8) if GROUP_OF[i] == 1]
+    buffer = io.BytesIO()
+    torch.save({"optimizer": saved, "params": [p.detach() for p in params_a]}, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+
+    params_b = [p.clone().requires_grad_() for p in loaded["params"]]
+    opt_b = _sample_optimizer(params_b, normalize_frequency=2)
+    opt_b.load_state_dict(loaded["optimizer"])
+    assert opt_b.get_normalization_stats()["step_count"] == 3
+    _run(opt_a, params_a, grads[3:])
+    _run(opt_b, params_b, grads[3:])
+    for a, b in zip(params_a, params_b):
+        assert torch.equal(a, b)
+
+
+def test_load_state_dict_without_step_key_restarts_at_zero():
+    params = _make_params()
+    opt = _build(params, [_config(), _config()], normalize_frequency=2)
+    _run(opt, params, _make_grads(3))
+    saved = opt.state_dict()
+    del saved["anlo_step"]
+    for group in saved["param_groups"]:  # e.g. written by an older version
+        del group["cautious_scale"]
+    fresh = _build(_make_params(), [_config(), _config()], normalize_frequency=2)
+    fresh.load_state_dict(saved)
+    stats = fresh.get_normalization_stats()
+    assert stats["step_count"] == 0 and stats["next_normalization_mode"] == "global"
+    assert fresh.param_groups[0]["cautious_scale"] == 0.5
+
+
+def test_load_state_dict_drops_foreign_per_parameter_state():
+    params = _make_params()
+    adamw = torch.optim.AdamW(
+        [{"params": [params[i] for i in range(8) if GROUP_OF[i] == g]} for g in range(2)], lr=1e-3
+    )
+    _run(adamw, params, _make_grads(1))
+    opt = ANLO([{"params": [params[i] for i in range(8) if GROUP_OF[i] == g]} for g in range(2)], lr=1e-3)
+    with pytest.warns(UserWarning, match="per-parameter state"):
+        opt.load_state_dict(adamw.state_dict())
+    assert len(opt.state) == 0 and opt.param_groups[0]["layer_norm_weight"] == 1.0
+
+
+def test_no_per_parameter_state_after_100_steps():
+    params = _make_params(torch.float32)
+    opt = _sample_optimizer(params)
+    for _ in range(100):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert len(opt.state) == 0
+    assert not any(isinstance(v, torch.Tensor) for s in opt.state.values() for v in s.values())
+    assert opt.get_memory_usage()["optimizer_state_memory_bytes"] == 0
+    assert opt.state_dict()["state"] == {}
+
+
+def test_pickle_keeps_step_and_options():
+    params = _make_params()
+    opt = _build(params, [_config(), _config()], normalize_frequency=3)
+    _run(opt, params, _make_grads(4))
+    clone = pickle.loads(pickle.dumps(opt))
+    assert clone.get_normalization_stats()["step_count"] == 4 and clone.normalize_frequency == 3
+    copied = copy.deepcopy(opt)
+    assert copied.state_dict()["anlo_step"] == 4
+
+
+# --------------------------------------------------------------------------------------------------
+# precision, cautious gate, paths
+
+
+def test_bfloat16_stochastic_rounding_makes_progress():
+    """Updates of 1e-4 on bf16 weights of 1.0 (spacing 2^-8 below 1) vanish with round-to-nearest."""
+    lr, steps = 1e-4, 40
+    results = {}
+    for stochastic in (True, False):
+        weight = torch.ones(4096, dtype=torch.bfloat16, requires_grad=True)
+        opt = ANLO([weight], lr=lr, stochastic_rounding=stochastic)
+        for _ in range(steps):
+            weight.grad = torch.ones_like(weight)  # unit RMS already: every element moves by lr
+            opt.step()
+        results[stochastic] = weight.detach().double().mean().item()
+    assert results[False] == 1.0
+    expected = 1.0 - lr * steps  # 0.996; the SR standard error of the mean is ~6e-5
+    assert results[True] == pytest.approx(expected, abs=4e-4)
+
+
+def test_stochastic_rounding_is_unbiased_and_exact_on_representable_values():
+    from library.hina_anlo import _copy_stochastically_rounded_
+
+    gen = torch.Generator().manual_seed(0)
+    low, high = 1.0, 1.0 + 2.0**-7  # neighbours in bf16
+    src_values = torch.full((20000,), low + 0.3 * (high - low))
+    dst = torch.empty(20000, dtype=torch.bfloat16)
+    _copy_stochastically_rounded_(dst, src_values.clone(), gen)
+    assert set(dst.double().unique().tolist()) == {low, high}
+    assert (dst.double() == high).double().mean().item() == pytest.approx(0.3, abs=0.015)
+    negative = torch.full((20000,), -(low + 0.3 * (high - low)))
+    _copy_stochastically_rounded_(dst, negative.clone(), gen)
+    assert dst.double().mean().item() == pytest.approx(negative[0].item(), abs=2e-4)
+    exact = torch.tensor([0.0, -0.0, 1.5, -3.0, 2.0**-100])
+    _copy_stochastically_rounded_(dst[:5], exact.clone(), gen)
+    assert torch.equal(dst[:5].float(), exact) and torch.signbit(dst[1])
+
+
+def test_sparse_gradients_are_rejected():
+    embedding = torch.nn.Embedding(10, 3, sparse=True)
+    embedding(torch.tensor([1, 2])).sum().backward()
+    opt = ANLO(embedding.parameters())
+    before = embedding.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+    assert torch.equal(before, embedding.weight.detach())
+
+
+@pytest.mark.parametrize(
+    "p0, fires",
+    [(-100.0, True), (-99.0, False)],
+    ids=["cosine-0.0995-fires", "cosine-0.1005-holds"],
+)
+def test_cautious_gate_fires_exactly_when_coupled_decay_turns_the_update(p0, fires):
+    """g = (0, 1), p = (p0, 0), wd = 0.1: u = g + wd p = (p0 / 10, 1), cos(u, g) = 1 / sqrt(1 + p0^2 / 100).
+
+    p0 = -100 gives cos = 1/sqrt(101) = 0.0995 < 0.1 (scaled by 0.5); p0 = -99 gives 0.1005 (not).
+    """
+    lr, wd = 1e-3, 0.1
+    p = torch.tensor([p0, 0.0], dtype=torch.float64, requires_grad=True)
+    opt = ANLO([p], lr=lr, weight_decay=wd, use_cautious_update=True, adaptive_eps=False, eps=0.0)
+    p.grad = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    opt.step()
+    u = torch.tensor([p0 * wd, 1.0], dtype=torch.float64)
+    s = math.sqrt(2) / u.norm().item()  # global step, N = 2
+    factor = 0.5 if fires else 1.0
+    expected = torch.tensor([p0, 0.0], dtype=torch.float64) - lr * s * factor * u
+    torch.testing.assert_close(p.detach(), expected, rtol=1e-14, atol=0)
+    stats = opt.get_cautious_update_stats()
+    assert stats["fired_total"] == int(fires) and stats["evaluated_total"] == 1
+    assert stats["enabled_groups"] == 1 and stats["cautious_update_config"]["group_0"]["threshold"] == 0.1
+    assert opt.get_normalization_stats()["cautious_update_enabled"] is True
+
+
+def test_cautious_gate_never_fires_without_coupled_decay():
+    params = _make_params()
+    opt = ANLO(params, lr=1e-2, use_cautious_update=True, cautious_threshold=1.0, weight_decay=0.5, decoupled_weight_decay=True)
+    _run(opt, params, _make_grads(5))
+    stats = opt.get_cautious_update_stats()
+    assert stats["fired_total"] == 0 and stats["evaluated_total"] == 5 * len(params)
+
+
+def test_cautious_seam_on_a_tensor_pair():
+    gate = ANLO._apply_cautious_update_optimized
+    grad = torch.tensor([0.0, 1.0])
+    turned = torch.tensor([-10.0, 1.0])  # cosine 1/sqrt(101) = 0.0995
+    torch.testing.assert_close(gate(turned, grad, 0.1, 0.5), turned * 0.5)
+    torch.testing.assert_close(gate(turned, grad, 0.099, 0.5), turned)
+    torch.testing.assert_close(gate(-grad, grad, 0.0, 0.25), -grad * 0.25)
+    assert torch.equal(gate(torch.zeros(2), grad, 0.5, 0.5), torch.zeros(2))
+    assert torch.equal(gate(turned, torch.zeros(2), 0.5, 0.5), turned)
+    assert gate(turned.bfloat16(), grad.bfloat16(), 0.1, 0.5).dtype == torch.bfloat16
+
+
+def test_foreach_and_for_loop_paths_agree():
+    grads = _make_grads(6, torch.float32)
+    results = []
+    for foreach in (True, False):
+        params = _mixed_params()
+        opt = _sample_optimizer(params, foreach=foreach, normalize_frequency=2)
+        _run(opt, params, [[g.to(p.dtype) for g, p in zip(step, params)] for step in grads])
+        results.append(params)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_closure_runs_with_grad_and_returns_loss():
+    weight = torch.tensor([1.0, 2.0], requires_grad=True)
+    opt = ANLO([weight], lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = (weight**2).sum()
+        loss.backward()
+        return loss
+
+    with torch.no_grad():
+        loss = opt.step(closure)
+    assert loss.item() == 5.0
+    torch.testing.assert_close(weight.detach(), torch.tensor([1.0, 2.0]) - 0.1 * torch.tensor([1.0, 2.0]) * math.sqrt(2) / math.sqrt(5), rtol=1e-6, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# arguments
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"lr": -1e-4}, "lr"),
+        ({"lr": math.nan}, "lr"),
+        ({"eps": -1e-8}, "eps"),
+        ({"weight_decay": -0.01}, "weight_decay"),
+        ({"normalize_frequency": 0}, "normalize_frequency"),
+        ({"normalize_frequency": 1.5}, "normalize_frequency"),
+        ({"global_norm_weight": -1.0}, "global_norm_weight"),
+        ({"layer_norm_weight": math.inf}, "layer_norm_weight"),
+        ({"cautious_threshold": 1.5}, "cautious_threshold"),
+        ({"cautious_threshold": -0.1}, "cautious_threshold"),
+        ({"cautious_scale": 2.0}, "cautious_scale"),
+        ({"adaptive_eps": "yes"}, "adaptive_eps"),
+        ({"use_cautious_update": 1}, "use_cautious_update"),
+        ({"stochastic_rounding": None}, "stochastic_rounding"),
+        ({"foreach": "fast"}, "foreach"),
+    ],
+)
+def test_invalid_arguments_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=rf"Invalid {name}: "):
+        ANLO([torch.zeros(1, requires_grad=True)], **kwargs)
+
+
+def test_invalid_group_options_and_names():
+    p = torch.zeros(2, requires_grad=True)
+    with pytest.raises(ValueError, match="Invalid lr: -0.5"):
+        ANLO([{"params": [p], "lr": -0.5}])
+    with pytest.raises(ValueError, match="Invalid param_names"):
+        ANLO([{"params": [p], "param_names": ["a", "b"]}])
+    opt = ANLO([p])
+    with pytest.raises(ValueError, match="Invalid cautious_scale"):
+        opt.add_param_group({"params": [torch.zeros(1, requires_grad=True)], "cautious_scale": -1.0})
+    assert len(opt.param_groups) == 1
+
+
+def test_unknown_keyword_arguments_are_a_type_error():
+    p = [torch.zeros(1, requires_grad=True)]
+    with pytest.raises(TypeError, match=r"'betas'.*Valid arguments: params, lr, eps"):
+        ANLO(p, betas=(0.9, 0.999))
+    with pytest.raises(TypeError, match=r"'normalise_frequency' \(did you mean 'normalize_frequency'\?\)"):
+        ANLO(p, normalise_frequency=2)
+
+
+# --------------------------------------------------------------------------------------------------
+# statistics and helpers
+
+
+def test_statistics():
+    params = _make_params(torch.float32)
+    params[4] = params[4].detach().to(torch.bfloat16).requires_grad_()
+    opt = _build(params, [_config(lr=1e-3), _config(lr=2e-3)])
+    stats = opt.get_normalization_stats()
+    assert stats["step_count"] == 0 and stats["normalization_mode"] is None and stats["global_norm"] is None
+    grads = [g.to(p.dtype) for g, p in zip(_make_grads(1, torch.float32)[0], params)]
+    grads[0] = None
+    _run(opt, params, [grads])
+    stats = opt.get_normalization_stats()
+    assert stats["normalization_mode"] == "global" and stats["next_normalization_mode"] == "layer"
+    assert stats["skipped_steps"] == 0 and stats["cautious_update_enabled"] is False
+    assert stats["global_norm"] == pytest.approx(math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads if g is not None)))
+    g0 = [grads[i].double().norm().item() for i in range(1, 5)]
+    group0 = stats["groups"][0]
+    assert group0["num_params"] == 5 and group0["num_params_with_grad"] == 4 and group0["lr"] == 1e-3
+    assert group0["grad_norm_min"] == pytest.approx(min(g0), rel=1e-6)
+    assert group0["grad_norm_max"] == pytest.approx(max(g0), rel=1e-6)
+    assert group0["grad_norm_mean"] == pytest.approx(sum(g0) / 4, rel=1e-6)
+
+    memory = opt.get_memory_usage()
+    numel = sum(p.numel() for p in params)
+    param_bytes = sum(p.numel() * (2 if p.dtype == torch.bfloat16 else 4) for p in params)
+    assert memory["total_parameters"] == numel
+    assert memory["parameter_memory_bytes"] == param_bytes
+    assert memory["gradient_memory_bytes"] == param_bytes - params[0].numel() * 4
+    assert memory["parameter_memory_mb"] == param_bytes / 2**20
+    assert memory["optimizer_state_memory_mb"] == 0.0 and memory["state_bytes_per_parameter"] == 0.0
+    assert 0 < memory["workspace_memory_bytes"] < 64 * len(params)
+
+
+def test_verbose_logs_a_summary(caplog):
+    params = _make_params()
+    opt = _build(params, [_config(), _config()], verbose=True)
+    opt.log_interval = 2
+    with caplog.at_level(logging.INFO, logger="library.hina_anlo"):
+        _run(opt, params, _make_grads(4))
+    lines = [r.getMessage() for r in caplog.records if r.name == "library.hina_anlo"]
+    assert len(lines) == 2 and lines[0].startswith("ANLO step 2: mode=layer global_norm=")
+
+
+def test_seed_import_path():
+    from library.hina_ano import ANLO as SeedANLO
+
+    assert SeedANLO is ANLO
