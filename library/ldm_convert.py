@@ -69,14 +69,16 @@ def _vae_module_to_ldm(module: str, num_up_blocks: int) -> str:
         return f"encoder.down.{match[1]}.downsample.conv"
     if match := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv", module):
         return f"decoder.up.{num_up_blocks - 1 - int(match[1])}.upsample.conv"
-    if match := re.fullmatch(r"(encoder|decoder)\.(down|up)_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)", module):
+    resnet_parts = "|".join(_VAE_RESNET_PARTS)
+    if match := re.fullmatch(rf"(encoder|decoder)\.(down|up)_blocks\.(\d+)\.resnets\.(\d+)\.({resnet_parts})", module):
         coder, direction, block, resnet, part = match.groups()
         level = int(block) if direction == "down" else num_up_blocks - 1 - int(block)
         return f"{coder}.{direction}.{level}.block.{resnet}.{_VAE_RESNET_PARTS[part]}"
-    if match := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(\w+)", module):
+    if match := re.fullmatch(rf"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.({resnet_parts})", module):
         coder, resnet, part = match.groups()
         return f"{coder}.mid.block_{int(resnet) + 1}.{_VAE_RESNET_PARTS[part]}"
-    if match := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(\w+(?:\.0)?)", module):
+    attention_parts = "|".join(re.escape(part) for part in _VAE_ATTENTION_PARTS)
+    if match := re.fullmatch(rf"(encoder|decoder)\.mid_block\.attentions\.0\.({attention_parts})", module):
         return f"{match[1]}.mid.attn_1.{_VAE_ATTENTION_PARTS[match[2]]}"
     raise KeyError(f"VAE module {module!r} has no LDM name; expected an AutoencoderKL of the SD layout")
 

@@ -270,6 +270,29 @@ def test_sd1_single_file_layout(exported: dict, reference: dict) -> None:
         assert handle.metadata()[models.EMBEDDED_CONFIG_METADATA_KEY] == "tiny-sd1"
 
 
+def test_vae_with_channel_changes_matches_diffusers_reader(tmp_path: Path) -> None:
+    """Widths that change between levels give resnet shortcuts (LDM ``nin_shortcut``), as in the real SD VAE."""
+    torch.manual_seed(3)
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 64),
+        norm_num_groups=16,
+    )
+    state = ldm_convert.vae_to_ldm(vae.state_dict(), vae.config)
+    assert "encoder.down.1.block.0.nin_shortcut.weight" in state
+    assert "decoder.up.0.block.0.nin_shortcut.weight" in state  # diffusers' last up block is LDM level 0
+    vae.save_config(tmp_path)
+    loaded = AutoencoderKL.from_single_file(state, config=str(tmp_path), local_files_only=True)
+    for key, tensor in vae.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], tensor), key
+
+
+def test_vae_conversion_rejects_unknown_modules() -> None:
+    with pytest.raises(KeyError, match="VAE module 'encoder.extra_layer' has no LDM name"):
+        ldm_convert.vae_to_ldm({"encoder.extra_layer.weight": torch.zeros(1)}, {"up_block_types": ["UpDecoderBlock2D"]})
+
+
 def test_sdxl_second_encoder_is_open_clip_layout(exported: dict, reference: dict) -> None:
     state = load_file(exported["tiny-sdxl"][1])
     encoder = reference["tiny-sdxl"]["text_encoder_2"]
