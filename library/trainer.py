@@ -398,6 +398,7 @@ class NetworkTrainer:
         unet.train(args.gradient_checkpointing)
         for encoder in text_encoders:
             encoder.train(args.gradient_checkpointing and train_text_encoder)
+        accelerator.unwrap_model(network).prepare_grad_etc(text_encoder, unet)
 
         num_update_steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
         num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
@@ -447,7 +448,7 @@ class NetworkTrainer:
 
         accelerator.init_trackers(args.log_tracker_name or "network_train", config=_tracker_config(args))
         is_tracking = len(accelerator.trackers) > 0
-        trainable_params = [p for group in param_groups for p in group["params"]]
+        trainable_params = accelerator.unwrap_model(network).get_trainable_params()
         loss_recorder = LossRecorder()
         global_step = 0
         progress_bar = tqdm(
@@ -458,7 +459,7 @@ class NetworkTrainer:
             accelerator.print(f"\nepoch {epoch + 1}/{num_train_epochs}")
             dataset.set_current_epoch(epoch + 1)
             run_metadata["ss_epoch"] = str(epoch + 1)
-            network.train()
+            accelerator.unwrap_model(network).on_epoch_start(text_encoder, unet)  # train mode
 
             for step, batch in enumerate(dataloader):
                 dataset.set_current_step(global_step)
@@ -473,6 +474,14 @@ class NetworkTrainer:
                     optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
+
+                max_norm_logs = {}
+                if args.scale_weight_norms:
+                    keys_scaled, mean_norm, max_norm = accelerator.unwrap_model(network).apply_max_norm_regularization(
+                        args.scale_weight_norms, accelerator.device
+                    )
+                    max_norm_logs = {"max_norm/keys_scaled": keys_scaled, "max_norm/max_key_norm": max_norm,
+                                     "norm/avg_key_norm": mean_norm}
 
                 if accelerator.sync_gradients:
                     progress_bar.update(1)
@@ -491,7 +500,7 @@ class NetworkTrainer:
                 average_loss = loss_recorder.moving_average
                 progress_bar.set_postfix(loss=f"{current_loss:.4f}", avr_loss=f"{average_loss:.4f}")
                 if is_tracking:
-                    logs = step_logs(current_loss, average_loss, lr_scheduler, lr_descriptions)
+                    logs = step_logs(current_loss, average_loss, lr_scheduler, lr_descriptions) | max_norm_logs
                     if global_step % OPTIMIZER_STATS_EVERY_N_STEPS == 0:
                         logs.update(optimizer_stats_logs(optimizer))
                     accelerator.log(logs, step=global_step)
