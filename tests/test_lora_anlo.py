@@ -1,0 +1,123 @@
+"""ANLO trains our LoRA network through ``prepare_optimizer_params`` groups, and a LyCORIS network alike.
+
+The groups carry ``param_names``, so ANLO's layer mode normalizes per LoRA module (``lora_down`` + ``lora_up``,
+even when LoRA+ puts them in different groups). Checked against a direct computation of
+update_p = lr_group · √N · g_p / (‖g‖ + eps), over all parameters (global step) or over each module (layer step).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from library.hina_anlo import ANLO
+from library.tiny_models import build_tiny
+from networks.lora import create_network
+
+EPS = 1e-8
+TOKENS = torch.tensor([[0, 5, 17, 42, 99, 1, 1], [0, 7, 8, 9, 1, 1, 1]])
+
+
+def tiny_sd1():
+    parts = build_tiny("tiny-sd1", seed=0)
+    for model in (parts["text_encoder"], parts["unet"]):
+        model.requires_grad_(False)
+    return parts["text_encoder"], parts["unet"]
+
+
+def loss_of(text_encoder, unet) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(2)
+    context = text_encoder(TOKENS).last_hidden_state
+    sample = torch.randn(2, 4, 8, 8, generator=generator)
+    target = torch.randn(2, 4, 8, 8, generator=generator)
+    return (unet(sample, torch.tensor([100, 600]), context).sample - target).pow(2).mean()
+
+
+def expected_step(groups, grads, mode: str) -> dict[str, torch.Tensor]:
+    """Parameter changes p_before − p_after predicted from the definition."""
+    lr_of = {name: group["lr"] for group in groups for name in group["param_names"]}
+    if mode == "global":
+        total = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads.values()))
+        n = sum(g.numel() for g in grads.values())
+        return {name: lr_of[name] * math.sqrt(n) / (total + EPS) * g for name, g in grads.items()}
+    modules: dict[str, list[str]] = {}
+    for name in grads:
+        modules.setdefault(name.rsplit(".lora_", 1)[0], []).append(name)
+    expected = {}
+    for names in modules.values():
+        assert len(names) == 2  # lora_down and lora_up of one module
+        norm = math.sqrt(sum(float(grads[n].double().pow(2).sum()) for n in names))
+        numel = sum(grads[n].numel() for n in names)
+        for name in names:
+            expected[name] = lr_of[name] * math.sqrt(numel) / (norm + EPS) * grads[name]
+    return expected
+
+
+def test_anlo_steps_on_lora_groups_match_the_definition():
+    text_encoder, unet = tiny_sd1()
+    network = create_network(1.0, 4, 2.0, None, text_encoder, unet, loraplus_lr_ratio="4")
+    network.apply_to(text_encoder, unet)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # non-zero lora_up so that lora_down gets gradients too
+        for name, param in network.named_parameters():
+            if "lora_up" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    groups, descriptions = network.prepare_optimizer_params(2e-4, 1e-3, 1e-3)
+    assert descriptions == ["textencoder", "textencoder plus", "unet", "unet plus"]
+    optimizer = ANLO(groups, lr=1e-3, eps=EPS, adaptive_eps=False, normalize_frequency=1)
+    params = dict(network.named_parameters())
+
+    for mode in ("global", "layer"):  # step 0 is global, step 1 layer (normalize_frequency=1)
+        optimizer.zero_grad(set_to_none=True)
+        loss_of(text_encoder, unet).backward()
+        grads = {name: p.grad.detach().clone() for name, p in params.items()}
+        before = {name: p.detach().clone() for name, p in params.items()}
+        expected = expected_step(groups, grads, mode)
+        optimizer.step()
+        for name, p in params.items():  # atol: the fp32 ulp of the weights
+            torch.testing.assert_close(before[name] - p.detach(), expected[name], rtol=1e-4, atol=5e-8)
+
+
+def test_layer_mode_without_param_names_normalizes_each_tensor():
+    text_encoder, unet = tiny_sd1()
+    network = create_network(1.0, 4, 1.0, None, text_encoder, unet)
+    network.apply_to(text_encoder, unet, apply_text_encoder=False)
+    groups, _ = network.prepare_optimizer_params(None, 1e-3, 1e-3)
+    unnamed = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
+    # global_norm_weight=0 makes step 0 a no-op, so step 1 (layer mode) starts from the same weights
+    optimizer = ANLO(unnamed, lr=1e-3, eps=EPS, adaptive_eps=False, global_norm_weight=0.0)
+    loss_of(text_encoder, unet).backward()
+    optimizer.step()
+    params = [p for g in unnamed for p in g["params"]]
+    grads = [p.grad.detach().clone() for p in params]
+    before = [p.detach().clone() for p in params]
+    optimizer.step()  # same gradients, layer mode
+    for p, g, b in zip(params, grads, before):
+        if g.abs().sum() == 0:  # lora_down: no gradient while lora_up is zero
+            assert torch.equal(p.detach(), b)
+            continue
+        expected = 1e-3 * math.sqrt(g.numel()) / (float(g.norm()) + EPS) * g
+        torch.testing.assert_close(b - p.detach(), expected, rtol=1e-4, atol=5e-8)
+
+
+def test_lycoris_network_trains_with_anlo():
+    lycoris_kohya = pytest.importorskip("lycoris.kohya")
+    text_encoder, unet = tiny_sd1()
+    # "attn-mlp": LyCORIS' default "full" preset also names U-Net layers that collide under diffusers 0.42
+    network = lycoris_kohya.create_network(1.0, 4, 1.0, None, text_encoder, unet, algo="locon", preset="attn-mlp")
+    network.apply_to(text_encoder, unet, True, True)
+    network.prepare_grad_etc(text_encoder, unet)
+    groups = network.prepare_optimizer_params(1e-4, 1e-3, 1e-3)
+    groups = groups[0] if isinstance(groups, tuple) else groups
+    before = {name: p.detach().clone() for name, p in network.named_parameters()}
+    optimizer = ANLO(groups, lr=1e-3)
+    for _ in range(3):
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_of(text_encoder, unet)
+        loss.backward()
+        optimizer.step()
+    assert torch.isfinite(loss)
+    changed = [name for name, p in network.named_parameters() if not torch.equal(p.detach(), before[name])]
+    assert len(changed) == len(before)  # every LoCon factor moved (up first, then down through it)
