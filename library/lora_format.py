@@ -120,7 +120,8 @@ def safetensors_hashes(state_dict: Mapping[str, torch.Tensor], metadata: Mapping
 def _check_metadata(metadata: Mapping[str, Any], path: str) -> dict[str, str]:
     bad = [key for key, value in metadata.items() if not isinstance(key, str) or not isinstance(value, str)]
     if bad:
-        raise TypeError(f"metadata for {path} must map strings to strings; non-string entries: {', '.join(map(str, bad))}")
+        names = ", ".join(map(str, bad))
+        raise TypeError(f"metadata for {path} must map strings to strings; non-string entries: {names}")
     return dict(metadata)
 
 

@@ -1,4 +1,4 @@
-"""LoRA network for Stable Diffusion 1.x / 2.x / SDXL with kohya sd-scripts' interface (``--network_module networks.lora``).
+"""LoRA network for Stable Diffusion 1.x / 2.x / SDXL with sd-scripts' interface (``--network_module networks.lora``).
 
 A trainer builds it with :func:`create_network` (or :func:`create_network_from_weights`), then calls
 ``apply_to``, ``prepare_optimizer_params``, ``prepare_grad_etc``, ``on_epoch_start`` and ``save_weights`` —
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -84,6 +84,7 @@ class LoRAModule(nn.Module):
         super().__init__()
         self.lora_name = lora_name
         self.lora_dim = lora_dim
+        self.block_index = -1  # LDM block of a U-Net module (set by LoRANetwork); -1 for text encoders
         if isinstance(org_module, nn.Conv2d):
             self.lora_down = nn.Conv2d(
                 org_module.in_channels,
@@ -153,7 +154,9 @@ class LoRAModule(nn.Module):
         return scale * torch.einsum("or,rihw->oihw", up_2d, down)
 
     @torch.no_grad()
-    def merge_to(self, sd: dict[str, torch.Tensor], dtype: torch.dtype | None, device: torch.device | str | None) -> None:
+    def merge_to(
+        self, sd: dict[str, torch.Tensor], dtype: torch.dtype | None, device: torch.device | str | None
+    ) -> None:
         """Add ``multiplier · scale · up @ down`` from ``sd`` (this module's own keys) into the base weight."""
         weight = self.org_module.weight
         dtype = dtype or weight.dtype
@@ -268,7 +271,9 @@ class LoRANetwork(nn.Module):
             return self.conv_lora_dim, self.conv_alpha
         return self.lora_dim, self.alpha
 
-    def _create_modules(self, root: nn.Module, target_classes: Iterable[str], name_of) -> list[LoRAModule]:  # noqa: ANN001
+    def _create_modules(
+        self, root: nn.Module, target_classes: Iterable[str], name_of: Callable[[str], tuple[str, int]]
+    ) -> list[LoRAModule]:
         """LoRA modules for every Linear / Conv2d inside ``root``'s modules whose class is a target."""
         loras: list[LoRAModule] = []
         seen: set[str] = set()
@@ -419,7 +424,8 @@ class LoRANetwork(nn.Module):
             else:
                 if isinstance(text_encoder_lr, Sequence):
                     text_encoder_lr = text_encoder_lr[0] if text_encoder_lr else None
-                add(self.text_encoder_loras, default_lr if text_encoder_lr is None else text_encoder_lr, te_ratio, "textencoder")
+                te_lr = default_lr if text_encoder_lr is None else text_encoder_lr
+                add(self.text_encoder_loras, te_lr, te_ratio, "textencoder")
 
         if self.unet_loras:
             lr = default_lr if unet_lr is None else unet_lr
@@ -451,7 +457,9 @@ class LoRANetwork(nn.Module):
 
     # ----------------------------------------------------------------------------- weights
 
-    def save_weights(self, file: str, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None) -> dict[str, str]:
+    def save_weights(
+        self, file: str, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None
+    ) -> dict[str, str]:
         """Save the LoRA state dict (cast to ``dtype`` if given); returns the metadata written."""
         state_dict = self.state_dict()
         if dtype is not None:
@@ -463,9 +471,11 @@ class LoRANetwork(nn.Module):
         weights_sd, _ = lora_format.load_lora_file(file)
         info = self.load_state_dict(weights_sd, strict=False)
         if info.unexpected_keys:
-            logger.warning("%s: %d keys match no LoRA module here, e.g. %s", file, len(info.unexpected_keys), info.unexpected_keys[:3])
+            unexpected = info.unexpected_keys
+            logger.warning("%s: %d keys match no LoRA module here, e.g. %s", file, len(unexpected), unexpected[:3])
         if info.missing_keys:
-            logger.warning("%s: %d LoRA keys are missing from the file, e.g. %s", file, len(info.missing_keys), info.missing_keys[:3])
+            missing = info.missing_keys
+            logger.warning("%s: %d LoRA keys are missing from the file, e.g. %s", file, len(missing), missing[:3])
         return info
 
     def merge_to(
@@ -487,7 +497,9 @@ class LoRANetwork(nn.Module):
         logger.info("merged %d LoRA modules into the base model", merged)
 
     @torch.no_grad()
-    def apply_max_norm_regularization(self, max_norm_value: float, device: torch.device | str) -> tuple[int, float, float]:
+    def apply_max_norm_regularization(
+        self, max_norm_value: float, device: torch.device | str
+    ) -> tuple[int, float, float]:
         """Scale down modules whose ``scale · up @ down`` norm exceeds ``max_norm_value`` (``--scale_weight_norms``).
 
         Returns (number of modules scaled, mean norm, max norm) after scaling.
@@ -520,7 +532,8 @@ def _optional(kwargs: dict[str, Any], key: str, kind: type) -> Any:
     try:
         return kind(value)
     except (TypeError, ValueError):
-        raise ValueError(f"network_args: {key} must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+        expected = "an integer" if kind is int else "a number"
+        raise ValueError(f"network_args: {key} must be {expected}, got {value!r}") from None
 
 
 def _number_list(key: str, value: Any, kind: type, expected_len: int | None = None) -> list | None:
