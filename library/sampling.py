@@ -104,7 +104,9 @@ SAMPLER_CLASSES: dict[str, type[SchedulerMixin]] = {
     "dpmsolver++": DPMSolverMultistepScheduler,
     "dpmsingle": DPMSolverSinglestepScheduler,
 }
-SAMPLER_ALIASES = {"k_lms": "lms", "k_euler": "euler", "k_euler_a": "euler_a", "k_dpm_2": "dpm_2", "k_dpm_2_a": "dpm_2_a"}
+SAMPLER_ALIASES = {
+    "k_lms": "lms", "k_euler": "euler", "k_euler_a": "euler_a", "k_dpm_2": "dpm_2", "k_dpm_2_a": "dpm_2_a",
+}  # fmt: skip
 SAMPLER_NAMES = tuple(SAMPLER_CLASSES) + tuple(SAMPLER_ALIASES)
 
 # Options of a .txt prompt line → (SamplePrompt field, value type).
@@ -348,7 +350,6 @@ def sample_images(
     sample_dir = Path(output_dir) / SAMPLE_DIR_NAME
     sample_dir.mkdir(parents=True, exist_ok=True)
     modules = [bundle.unet, bundle.vae, *bundle.text_encoders] + ([network] if network is not None else [])
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
     paths = []
     with _preserved_rng_state(), _eval_mode(modules), _on_device([bundle.vae, *bundle.text_encoders], device):
@@ -361,6 +362,7 @@ def sample_images(
             width, height = prompt.image_size
             logger.info("sample %d: %r, %dx%d, %d steps, scale %s, %s, seed %d", prompt.index, prompt.prompt,
                         width, height, prompt.sample_steps, prompt.scale, sampler, seed)  # fmt: skip
+            autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
             with torch.no_grad(), autocast:
                 image = pipeline(
                     width=width,

@@ -68,7 +68,8 @@ def test_txt_prompts_with_every_option(tmp_path):
         SamplePrompt("upper case options", width=128, height=96, seed=7, sample_sampler="K_EULER", index=2),
     ]
     default = prompts[1]  # sd-scripts' defaults
-    assert (default.width, default.height, default.sample_steps, default.scale, default.seed) == (512, 512, 30, 7.5, None)
+    assert (default.width, default.height, default.sample_steps) == (512, 512, 30)
+    assert (default.scale, default.seed) == (7.5, None)
 
 
 def test_txt_steps_are_clamped_like_sd_scripts(tmp_path):
@@ -247,7 +248,8 @@ def test_schedule_needs_a_prompt_file():
 
 
 def test_image_names_follow_sd_scripts():
-    assert sample_image_name("mylora", 42, None, 3, 1234, "20240102030405") == "mylora_000042_03_20240102030405_1234.png"
+    name = sample_image_name("mylora", 42, None, 3, 1234, "20240102030405")
+    assert name == "mylora_000042_03_20240102030405_1234.png"
     assert sample_image_name(None, 42, 2, 0, None, "20240102030405") == "e000002_00_20240102030405.png"
 
 
@@ -285,7 +287,8 @@ def test_sd1_images_have_requested_size_and_sd_scripts_names(sd1, tmp_path):
     assert re.fullmatch(r"run_000012_00_\d{14}_5\.png", Path(paths[0]).name)
     assert re.fullmatch(r"run_000012_01_\d{14}_6\.png", Path(paths[1]).name)
     assert [Image.open(p).size for p in paths] == [(64, 64), (96, 72)]
-    assert sorted(p.name for p in (tmp_path / "sample").iterdir()) == sorted(Path(p).name for p in paths)  # no temp files
+    written = sorted(p.name for p in (tmp_path / "sample").iterdir())
+    assert written == sorted(Path(p).name for p in paths)  # no temporary files left
 
 
 def test_same_seed_same_image_and_rng_restored(sd1, tmp_path):
@@ -412,16 +415,18 @@ def training_workspace(tmp_path_factory) -> Path:
     return root
 
 
-def train_losses(root: Path, name: str, *extra: str) -> list[float]:
-    import train_network
+def train_losses(root: Path, name: str, *extra: str, sdxl: bool = False) -> list[float]:
+    from library.config import parse_args
+    from library.sdxl import SdxlNetworkTrainer
     from library.trainer import NetworkTrainer
 
-    argv = ["--pretrained_model_name_or_path", "tiny-sd1", "--train_data_dir", str(root / "data"),
+    model = "tiny-sdxl" if sdxl else "tiny-sd1"
+    argv = ["--pretrained_model_name_or_path", model, "--train_data_dir", str(root / "data"),
             "--resolution", "64", "--max_data_loader_n_workers", "0", "--network_module", "networks.lora",
             "--network_dim", "4", "--network_dropout", "0.1", "--learning_rate", "1e-3", "--max_train_steps", "3",
             "--seed", "3", "--output_dir", str(root / name), "--output_name", name, *extra]  # fmt: skip
-    trainer = NetworkTrainer()
-    trainer.train(train_network.parse_args(argv, sdxl=False))
+    trainer = SdxlNetworkTrainer() if sdxl else NetworkTrainer()
+    trainer.train(parse_args(argv, sdxl=sdxl))
     return trainer.loss_history
 
 
@@ -438,3 +443,14 @@ def test_training_run_samples_without_changing_its_losses(training_workspace):
     assert re.fullmatch(r"sampled_000002_00_\d{14}_5\.png", names[0])  # after step 2
     assert re.fullmatch(r"sampled_e000000_00_\d{14}_5\.png", names[1])  # before training
     assert not (root / "plain" / "sample").exists()
+
+
+@pytest.mark.slow
+def test_sdxl_training_run_samples_at_epoch_ends_with_cached_text_outputs(training_workspace):
+    """The text-encoder output cache parks the encoders on the CPU; sampling still draws with them."""
+    root = training_workspace
+    train_losses(root, "xl", "--sample_prompts", str(root / "prompts.txt"), "--sample_every_n_epochs", "1",
+                 "--cache_text_encoder_outputs", "--network_train_unet_only", sdxl=True)  # fmt: skip
+    names = sorted(path.name for path in (root / "xl" / "sample").iterdir())
+    assert [name[: len("xl_e000001")] for name in names] == ["xl_e000001", "xl_e000002"]  # 3 steps: epochs 1, 2
+    assert all(Image.open(root / "xl" / "sample" / name).size == (64, 64) for name in names)
