@@ -401,6 +401,24 @@ def test_sample_during_training_checks_prompt_file_before_training(sd1, tmp_path
         sample_during_training(SingleProcess, args, sd1, None, None, 0, 0, False, torch.float32)
 
 
+@pytest.mark.parametrize("clip_skip", [None, 2])
+def test_sd_prompt_conditioning_matches_training(sd1, clip_skip):
+    """Samples are conditioned like training captions (same tokenization, same --clip_skip layer)."""
+    from library.trainer import encode_with_clip_skip, tokenize
+
+    sd1.clip_skip = clip_skip
+    try:
+        with torch.no_grad():
+            drawn = sampling._encode_sd_prompt(sd1, "a red circle", torch.device("cpu"))
+            ids = tokenize(sd1.tokenizers[0], ["a red circle"], None)
+            trained = encode_with_clip_skip(sd1.text_encoders[0], ids, clip_skip)
+    finally:
+        sd1.clip_skip = None
+    torch.testing.assert_close(drawn, trained)
+    if clip_skip:
+        assert not torch.allclose(drawn, sd1.text_encoders[0](ids).last_hidden_state)
+
+
 # --------------------------------------------------------------------------------------------- in training
 
 
