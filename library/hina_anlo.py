@@ -518,7 +518,7 @@ class ANLO(torch.optim.Optimizer):
             scales = self._apply_layer_normalization(update_sq, layout, step)
         coefs, decays, decayed = self._coefficients(scales, grad_sq, update_sq, update_dot_grad, finite, layout)
         # Pass 2 (in _apply_updates) reads every gradient and parameter once and writes the parameter.
-        self._skipped = _accumulate(self._skipped, (~finite).long())
+        self._skipped = _accumulate(self._skipped, ~finite)
         self._last = _StepRecord(mode, grad_sq, total_sq, layout.group_slices, layout.num_layers)
         if layout.on_host and not finite:
             # The flag is already in host memory, so reading it costs no synchronization; skip here.
@@ -534,21 +534,24 @@ class ANLO(torch.optim.Optimizer):
         the group has no ``param_names``) and the count per group."""
         params, grads, names, counts = [], [], [], []
         for group in self.param_groups:
-            count = 0
-            for p, name in zip(group["params"], group.get("param_names") or [None] * len(group["params"])):
-                grad = p.grad
-                if grad is None:
-                    continue
-                if grad.layout != torch.strided:
-                    raise RuntimeError(
-                        f"ANLO does not support sparse gradients (got layout {grad.layout}); "
-                        "use dense gradients, e.g. nn.Embedding(..., sparse=False)"
-                    )
-                params.append(p)
-                grads.append(grad)
-                names.append(name)
-                count += 1
-            counts.append(count)
+            group_params = group["params"]
+            group_grads = [p.grad for p in group_params]
+            group_names = group.get("param_names") or [None] * len(group_params)
+            if any(g is None for g in group_grads):
+                kept = [i for i, g in enumerate(group_grads) if g is not None]
+                group_params = [group_params[i] for i in kept]
+                group_grads = [group_grads[i] for i in kept]
+                group_names = [group_names[i] for i in kept]
+            params += group_params
+            grads += group_grads
+            names += group_names
+            counts.append(len(group_grads))
+        for grad in grads:
+            if grad.layout != torch.strided:
+                raise RuntimeError(
+                    f"ANLO does not support sparse gradients (got layout {grad.layout}); "
+                    "use dense gradients, e.g. nn.Embedding(..., sparse=False)"
+                )
         return params, grads, names, counts
 
     def _get_layout(self, params: list[Tensor], names: list[Optional[str]], counts: list[int]) -> _Layout:
@@ -711,37 +714,43 @@ class ANLO(torch.optim.Optimizer):
         """
         n_groups = len(self.param_groups)
         self._cautious_evaluated += [0] * (n_groups - len(self._cautious_evaluated))
-        coef_pieces, decay_pieces, decayed, fired_by_group = [], [], [], {}
+        coef_pieces, fired_by_group = [], {}
         for group_index, start, end in layout.group_slices:
             group = self.param_groups[group_index]
-            wd, coupled = group["weight_decay"], not group["decoupled_weight_decay"]
             coef = scales[start:end] * -group["lr"]
             if group["use_cautious_update"]:
                 self._cautious_evaluated[group_index] += end - start
                 # Without coupled decay the update is a positive multiple of the gradient: cosine 1.
-                if coupled and wd != 0:
+                if group["weight_decay"] != 0 and not group["decoupled_weight_decay"]:
                     factor, fired = _cautious_gate(
                         update_dot_grad[start:end], update_sq[start:end], grad_sq[start:end],
                         group["cautious_threshold"], group["cautious_scale"],
                     )  # fmt: skip
                     coef = coef * factor
                     fired_by_group[group_index] = (fired & finite).sum()
-            coef = torch.where(finite, coef, -0.0)
             coef_pieces.append(coef)
-            if wd == 0:
-                decay = torch.ones_like(coef)
-            elif coupled:
-                decay = 1.0 + coef * wd
-            else:
-                decay = torch.where(finite, torch.full_like(coef, 1.0 - group["lr"] * wd), 1.0)
-            decay_pieces.append(decay)
-            decayed += [wd != 0] * (end - start)
+        coefs = torch.where(finite, torch.cat(coef_pieces), -0.0)
         if fired_by_group:
             zero = torch.zeros((), dtype=torch.long, device=layout.device)
             fired = torch.stack([fired_by_group.get(i, zero) for i in range(n_groups)])
             self._cautious_fired = _accumulate(self._cautious_fired, fired)
-        decays = torch.cat(decay_pieces) if any(decayed) else None
-        return torch.cat(coef_pieces), decays, decayed
+
+        decayed: list[bool] = []
+        for group_index, start, end in layout.group_slices:
+            decayed += [self.param_groups[group_index]["weight_decay"] != 0] * (end - start)
+        if not any(decayed):
+            return coefs, None, decayed
+        decay_pieces = []
+        for group_index, start, end in layout.group_slices:
+            group = self.param_groups[group_index]
+            wd, coef = group["weight_decay"], coefs[start:end]
+            if wd == 0:
+                decay_pieces.append(torch.ones_like(coef))
+            elif group["decoupled_weight_decay"]:
+                decay_pieces.append(torch.where(finite, torch.full_like(coef, 1.0 - group["lr"] * wd), 1.0))
+            else:
+                decay_pieces.append(1.0 + coef * wd)
+        return coefs, torch.cat(decay_pieces), decayed
 
     def _apply_updates(
         self,
@@ -914,14 +923,14 @@ class ANLO(torch.optim.Optimizer):
 
 
 def _accumulate(counter: Optional[Tensor], value: Tensor) -> Tensor:
-    """``counter + value`` on ``value``'s device, growing ``counter`` if ``value`` is longer."""
-    if counter is None:
-        return value.clone()
-    counter = counter.to(value.device)
-    if counter.shape != value.shape:
-        padding = torch.zeros(value.numel() - counter.numel(), dtype=counter.dtype, device=value.device)
-        counter = torch.cat([counter, padding])
-    return counter + value
+    """Add ``value`` (bool or integer) to an int64 ``counter`` on ``value``'s device, in place when
+    possible; a missing counter starts at 0 and a shorter one is padded with zeros."""
+    if counter is None or counter.device != value.device or counter.shape != value.shape:
+        grown = torch.zeros(value.shape, dtype=torch.long, device=value.device)
+        if counter is not None:
+            grown.view(-1)[: counter.numel()] += counter.to(value.device).view(-1)
+        counter = grown
+    return counter.add_(value)
 
 
 def _tensor_bytes(value: Any) -> int:

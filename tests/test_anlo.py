@@ -456,6 +456,28 @@ def test_state_dict_round_trip_continues_identically():
         assert torch.equal(a, b)
 
 
+def test_accelerate_save_state_and_load_state_resume(tmp_path):
+    accelerate = pytest.importorskip("accelerate")
+    params = _make_params(torch.float32)
+    model = torch.nn.ParameterList(params)
+    opt = _build(params, [_config(), _config()], normalize_frequency=2)
+    grads = _make_grads(5, torch.float32)
+    accelerator = accelerate.Accelerator(cpu=True)
+    try:
+        model, prepared = accelerator.prepare(model, opt)
+        _run(prepared, params, grads[:3])
+        accelerator.save_state(str(tmp_path / "state"))
+        _run(prepared, params, grads[3:])
+        expected = [p.detach().clone() for p in params]
+        accelerator.load_state(str(tmp_path / "state"))  # restores weights and the optimizer's step counter
+        assert opt.get_normalization_stats()["step_count"] == 3
+        _run(prepared, params, grads[3:])
+    finally:  # accelerate's state is process-global: leave none behind for other tests
+        accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
+    for p, e in zip(params, expected):
+        assert torch.equal(p.detach(), e)
+
+
 def test_load_state_dict_without_step_key_restarts_at_zero():
     params = _make_params()
     opt = _build(params, [_config(), _config()], normalize_frequency=2)
