@@ -26,7 +26,6 @@ from typing import Any
 import torch
 
 from library.dataset import DatasetGroup, process_caption
-from library.models import ModelBundle
 from library.text_cache import CacheEntry, TextCache, build_text_cache
 from library.trainer import NetworkTrainer, first_text_encoder_lr, merge_chunks, split_into_chunks, tokenize
 
@@ -53,7 +52,9 @@ def size_conditioning(
     return torch.cat([original_sizes_hw, crop_top_lefts, target_sizes_hw], dim=1).to(torch.float32)
 
 
-def _encode_in_windows(text_encoder: torch.nn.Module, tokenizer: Any, input_ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
+def _encode_in_windows(
+    text_encoder: torch.nn.Module, tokenizer: Any, input_ids: torch.Tensor
+) -> tuple[torch.Tensor, Any]:
     """Run one encoder over captions split into 75-token windows: the penultimate hidden states merged back to
     (B, L, D), and the encoder's raw output (one row per window, windows of a caption consecutive)."""
     chunks = split_into_chunks(input_ids, tokenizer).to(text_encoder.device)
@@ -122,10 +123,16 @@ class SdxlNetworkTrainer(NetworkTrainer):
         super().__init__()
         self.text_cache: TextCache | None = None
 
-    def load_models(self, args: argparse.Namespace) -> ModelBundle:
+    def train(self, args: argparse.Namespace) -> str:
+        """Check the SDXL-only argument combinations before anything is loaded, then run the shared loop."""
+        if args.cache_text_encoder_outputs and not args.network_train_unet_only:
+            raise ValueError(
+                "--cache_text_encoder_outputs requires --network_train_unet_only "
+                "(a text encoder whose outputs are cached cannot be trained)"
+            )
         if args.clip_skip is not None:
             logger.warning("--clip_skip has no effect for SDXL (it uses each encoder's penultimate layer)")
-        return super().load_models(args)
+        return super().train(args)
 
     def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """``{"context": (B, L, D1 + D2), "pooled": (B, P)}``, from the cache when captions are cached."""

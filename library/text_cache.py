@@ -78,7 +78,9 @@ def load_outputs_npz(path: Path, keys: Sequence[str]) -> dict[str, torch.Tensor]
         with np.load(path) as data:
             return {key: torch.from_numpy(data[key]) for key in keys}
     except (OSError, ValueError, KeyError) as error:
-        raise ValueError(f"text-encoder output cache file {path} is unreadable or incomplete ({error}); delete it") from error
+        raise ValueError(
+            f"text-encoder output cache file {path} is unreadable or incomplete ({error}); delete it"
+        ) from error
 
 
 def is_disk_cache_valid(path: Path, keys: Sequence[str], fingerprint: str, skip_cache_check: bool) -> bool:

@@ -69,10 +69,9 @@ def test_context_and_pooled_match_the_encoders(trainer):
 
     ids1 = token_ids(models.tokenizers[0], CAPTIONS, 77)
     ids2 = token_ids(models.tokenizers[1], CAPTIONS, 77)
-    expected_context = torch.cat(
-        [penultimate_layer_output(models.text_encoders[0], ids1), penultimate_layer_output(models.text_encoders[1], ids2)],
-        dim=2,
-    )
+    hidden1 = penultimate_layer_output(models.text_encoders[0], ids1)
+    hidden2 = penultimate_layer_output(models.text_encoders[1], ids2)
+    expected_context = torch.cat([hidden1, hidden2], dim=2)
     torch.testing.assert_close(context, expected_context, rtol=1e-5, atol=1e-6)
     expected_pooled = projected_eos(models.text_encoders[1], ids2, models.tokenizers[1].eos_token_id)
     assert pooled.shape == (2, models.text_encoders[1].config.projection_dim)

@@ -167,6 +167,14 @@ def test_cached_text_encoder_outputs_give_the_same_losses(unet_only_runs, worksp
     assert not any(key.startswith("lora_te") for key in load_file(cached.output_file))
 
 
+def test_caching_with_a_trained_text_encoder_is_refused_before_loading(workspace):
+    args = parse_args(["--config_file", str(workspace / "config.toml"), "--cache_text_encoder_outputs",
+                       "--network_train_unet_only"], sdxl=True)
+    args.network_train_unet_only = False  # e.g. a caller that builds its own namespace
+    with pytest.raises(ValueError, match="--cache_text_encoder_outputs requires --network_train_unet_only"):
+        SdxlNetworkTrainer().train(args)
+
+
 def test_network_weights_are_loaded_back(workspace, base_run):
     start = load_file(base_run.output_file)
     trainer = run(
