@@ -132,6 +132,7 @@ class SdxlNetworkTrainer(NetworkTrainer):
             )
         if args.clip_skip is not None:
             logger.warning("--clip_skip has no effect for SDXL (it uses each encoder's penultimate layer)")
+        self.text_cache = None  # set again by prepare_text_encoders when this run caches
         return super().train(args)
 
     def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
