@@ -205,7 +205,7 @@ def measure(
     network.to(device=device, dtype=torch.float32)
     groups, _ = network.prepare_optimizer_params(None, 1e-4, 1e-4)
     params = [p for g in groups for p in g["params"]]
-    before = [p.detach().clone() for p in params]
+    before = [p.detach().to("cpu", copy=True) for p in params]  # host copies: not part of the device peak
     optimizer = build_optimizer(optimizer_name, groups)
     latent = config["sample_size"]
     inputs = step_inputs(config, latent, device, dtype)
@@ -225,7 +225,7 @@ def measure(
         optimizer.zero_grad(set_to_none=True)
         loss_value = loss.item()
     peak_mib = torch.cuda.max_memory_allocated(device) / MIB if device.type == "cuda" else None
-    changed = any(not torch.equal(p.detach(), b) for p, b in zip(params, before))
+    changed = any(not torch.equal(p.detach().cpu(), b) for p, b in zip(params, before))
     result = Measurement(
         model, latent, rank, optimizer_name, dtype_name, sum(p.numel() for p in params),
         optimizer_state_bytes(optimizer), weights_mib, peak_mib, loss_value, changed, time.perf_counter() - started,
@@ -235,6 +235,40 @@ def measure(
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+@dataclass
+class LoRASize:
+    """LoRA size of a full-size model, counted on the meta device (nothing allocated, nothing measured)."""
+
+    model: str
+    rank: int
+    modules: int
+    params: int
+
+
+def full_size_lora(model: str, config: dict[str, Any], ranks: list[int]) -> list[LoRASize]:
+    """Count the ``networks.lora`` modules and parameters for ``config`` at each rank without allocating."""
+    from networks.lora import create_network
+
+    sizes = []
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config)
+        for rank in ranks:
+            network = create_network(1.0, rank, rank, None, None, unet)
+            sizes.append(LoRASize(model, rank, len(network.unet_loras), sum(p.numel() for p in network.parameters())))
+    return sizes
+
+
+def sizes_table(sizes: list[LoRASize]) -> str:
+    """LoRA sizes and the optimizer state they imply: AdamW 8 bytes/param (fp32 m and v), ANLO 0."""
+    lines = [
+        "| model | rank | LoRA modules | LoRA params | AdamW state (8 B/param) | ANLO state |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in sizes:
+        lines.append(f"| {s.model} | {s.rank} | {s.modules} | {s.params / 1e6:.2f} M | {8 * s.params / MIB:,.0f} MiB | 0 |")
+    return "\n".join(lines) + "\n"
 
 
 def check(results: list[Measurement]) -> list[str]:
@@ -348,10 +382,12 @@ def main(argv: list[str] | None = None) -> int:
     mode = "GPU" if gpu else "reduced CPU mode (tiny configs, no peak memory)"
     header = (f"Command: `{command.strip()}`  \nDevice: {env['device']} ({mode}); torch {env['torch']} "
               f"(CUDA {env['cuda']}), diffusers {env['diffusers']}; {env['date']}\n\n")
-    table = markdown_table(results)
+    sizes = [size for m in args.models for size in full_size_lora(m, MODELS[m], args.ranks)]
+    table = markdown_table(results) + "\nFull-size LoRA sizes (counted on the meta device):\n\n" + sizes_table(sizes)
     _write_text(args.out / "vram.md", header + table)
-    _write_text(args.out / "vram.json", json.dumps({"environment": env, "mode": mode,
-                                                     "results": [asdict(r) for r in results]}, indent=1))
+    payload = {"environment": env, "mode": mode, "results": [asdict(r) for r in results],
+               "full_size_lora": [asdict(s) for s in sizes]}
+    _write_text(args.out / "vram.json", json.dumps(payload, indent=1))
     print(header + table)
     problems = check(results)
     for problem in problems:

@@ -40,6 +40,13 @@ def test_smoke_mode_passes_its_checks_and_reports_state_bytes(smoke: tuple[int, 
             assert 2 * r["lora_params"] < r["state_bytes"] < 8 * r["lora_params"]
 
 
+def test_full_size_lora_sizes_match_kohya_module_counts(smoke: tuple[int, dict]) -> None:
+    sizes = {(s["model"], s["rank"]): s for s in smoke[1]["full_size_lora"]}
+    assert sizes[("SD1.5", 32)]["modules"] == 192  # sd-scripts' U-Net target count for SD 1.5
+    for model in ("SD1.5", "SDXL"):
+        assert sizes[(model, 128)]["params"] == 4 * sizes[(model, 32)]["params"]  # linear in rank, no conv targets
+
+
 def test_state_bytes_count_every_moment_tensor() -> None:
     weights = [torch.nn.Parameter(torch.randn(7, 5)), torch.nn.Parameter(torch.randn(3))]
     optimizer = torch.optim.AdamW(weights, lr=1e-3)
