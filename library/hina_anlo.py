@@ -884,7 +884,7 @@ class ANLO(torch.optim.Optimizer):
         """Dtype-aware memory of parameters, gradients and optimizer state (``*_mb`` are MiB).
 
         ``optimizer_state_*`` counts the tensors in ``self.state`` (what ``state_dict()`` saves), which
-        ANLO leaves empty; ``workspace_*`` counts its small per-tensor caches (a few bytes per tensor).
+        ANLO leaves empty; ``workspace_*`` counts its per-tensor caches (a few tens of bytes per tensor).
         """
         params = {id(p): p for g in self.param_groups for p in g["params"]}.values()
         param_bytes = sum(p.numel() * p.element_size() for p in params)
