@@ -495,8 +495,8 @@ class ANLO(torch.optim.Optimizer):
 
         params, grads, names, counts = self._collect()
         step, mode = self._step, self._mode(self._step)
-        self._step += 1
         if not params:
+            self._step += 1
             return loss
         layout = self._get_layout(params, names, counts)
 
@@ -525,6 +525,7 @@ class ANLO(torch.optim.Optimizer):
             self._report_skipped_steps()
         else:
             self._apply_updates(params, grads, coefs, decays, decayed, layout, step)
+        self._step += 1
         if self.verbose and self._step % self.log_interval == 0:
             self._log_summary()
         return loss

@@ -382,6 +382,15 @@ def test_parameters_without_grad_are_skipped_and_not_counted():
         assert torch.equal(p, params[i])
 
 
+def test_step_without_any_gradient_changes_nothing_and_counts():
+    params = _make_params()
+    before = [p.detach().clone() for p in params]
+    opt = _build(params, [_config(weight_decay=0.1, decoupled=True), _config(weight_decay=0.1)])
+    opt.step()
+    assert all(torch.equal(b, p.detach()) for b, p in zip(before, params))
+    assert opt.get_normalization_stats()["step_count"] == 1
+
+
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
 @pytest.mark.parametrize("step_index", [0, 1], ids=["global", "layer"])
 @pytest.mark.parametrize("on_host", [True, False], ids=["host-check", "device-masking"])
