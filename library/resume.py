@@ -1,0 +1,240 @@
+"""``--save_state`` / ``--resume``: the training state of a run, saved so that it can go on where it stopped.
+
+A state folder holds what ``accelerator.save_state`` writes (the network's weights, the optimizer's and the LR
+scheduler's state dicts, the RNG states of every process) plus two small files of ours:
+
+* ``train_state.json``: ``{"current_epoch": e, "current_step": s}`` as sd-scripts writes it, the epoch counted from
+  1 when the state was saved at an epoch's end and the optimizer steps done so far;
+* ``fingerprint.json``: what the state fits (network module, dim, alpha, a hash of the network's key names and
+  shapes, optimizer class and parameter-group sizes); ``--resume`` compares it with the current run before loading
+  anything, so a state of another network or optimizer is refused with a message saying what differs.
+
+Folder names follow sd-scripts: ``{name}-{epoch:06d}-state``, ``{name}-step{step:08d}-state`` and, at the end of
+the run, ``{name}-state``. A state is written into ``<folder>.tmp`` and renamed into place, so a crash or a full
+disk while saving never leaves a half-written folder where a good one was.
+
+Ctrl-C: :class:`InterruptRequest` turns the first SIGINT into a request that the loop checks between steps (it
+then saves the state and stops); a second Ctrl-C interrupts at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+logger = logging.getLogger(__name__)
+
+TRAIN_STATE_FILE = "train_state.json"
+FINGERPRINT_FILE = "fingerprint.json"
+# sd-scripts' default names when --output_name is not given (the same as for the LoRA files).
+DEFAULT_EPOCH_NAME = "epoch"
+DEFAULT_STEP_NAME = "at"
+DEFAULT_LAST_NAME = "last"
+
+
+class ResumeError(ValueError):
+    """A state folder cannot be saved or used: the message names the folder and what is wrong."""
+
+
+class TrainingInterrupted(Exception):
+    """The run was stopped by Ctrl-C; the message says where its state was saved (if it was)."""
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """Where a saved run stood: ``epoch`` (1-based epochs finished or in progress, as sd-scripts) and ``step``
+    (optimizer steps done)."""
+
+    epoch: int
+    step: int
+
+
+def state_dir_name(args: argparse.Namespace, epoch: int | None = None, step: int | None = None) -> str:
+    """sd-scripts' state folder names: ``{name}-{epoch:06d}-state``, ``{name}-step{step:08d}-state``, ``{name}-state``."""
+    if epoch is not None:
+        return f"{args.output_name or DEFAULT_EPOCH_NAME}-{epoch:06d}-state"
+    if step is not None:
+        return f"{args.output_name or DEFAULT_STEP_NAME}-step{step:08d}-state"
+    return f"{args.output_name or DEFAULT_LAST_NAME}-state"
+
+
+def epoch_state_to_remove(args: argparse.Namespace, epoch: int) -> int | None:
+    """Under ``--save_last_n_epochs_state N`` (else ``--save_last_n_epochs``): the epoch state that falls out of
+    the kept window when the state of ``epoch`` is saved."""
+    keep = args.save_last_n_epochs_state or args.save_last_n_epochs
+    if keep is None or not args.save_every_n_epochs:
+        return None
+    old = epoch - args.save_every_n_epochs * keep
+    return old if old > 0 else None
+
+
+def step_state_to_remove(args: argparse.Namespace, step: int) -> int | None:
+    """Under ``--save_last_n_steps_state N`` (else ``--save_last_n_steps``): the step state now more than N steps old."""
+    keep = args.save_last_n_steps_state or args.save_last_n_steps
+    if keep is None or not args.save_every_n_steps:
+        return None
+    old = step - keep - 1
+    old -= old % args.save_every_n_steps
+    return old if old > 0 else None
+
+
+def fingerprint(args: argparse.Namespace, network: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
+    """What a state must match to be loaded into this run (see the module docstring)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
+    shapes = sorted((key, list(value.shape)) for key, value in network.state_dict().items())
+    return {
+        "network_module": args.network_module,
+        "network_dim": args.network_dim,
+        "network_alpha": args.network_alpha,
+        "network_keys": len(shapes),
+        "network_keys_sha256": hashlib.sha256(json.dumps(shapes).encode()).hexdigest(),
+        "optimizer": type(inner).__name__,
+        "param_group_sizes": [len(group["params"]) for group in inner.param_groups],
+    }
+
+
+def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``"key: state has A, this run has B"`` for every fingerprint entry that differs."""
+    differences = []
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            differences.append(f"{key}: the state has {saved.get(key)!r}, this run has {current.get(key)!r}")
+    return differences
+
+
+def save_state(accelerator: Accelerator, path: str, state: TrainState, run_fingerprint: dict[str, Any]) -> None:
+    """Save the training state into the folder ``path`` (every process takes part; the main one writes the json
+    files and renames). The state goes to ``<path>.tmp`` first; an existing ``path`` is replaced only when the new
+    state is complete, and stays as it was if saving fails."""
+    temporary = path + ".tmp"
+    if accelerator.is_main_process and os.path.exists(temporary):
+        shutil.rmtree(temporary)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(temporary)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _write_json(os.path.join(temporary, TRAIN_STATE_FILE), {"current_epoch": state.epoch, "current_step": state.step})
+            _write_json(os.path.join(temporary, FINGERPRINT_FILE), run_fingerprint)
+            _replace_dir(temporary, path)
+    except OSError as error:
+        raise ResumeError(f"could not save the training state to {path}: {error}; earlier states are unchanged") from error
+    accelerator.wait_for_everyone()
+    logger.info("saved the training state to %s (epoch %d, step %d)", path, state.epoch, state.step)
+
+
+def remove_state(accelerator: Accelerator, path: str) -> None:
+    """Remove an old state folder (main process only)."""
+    if accelerator.is_main_process and os.path.isdir(path):
+        logger.info("removing old state: %s", path)
+        shutil.rmtree(path)
+
+
+def load_state(accelerator: Accelerator, path: str, run_fingerprint: dict[str, Any]) -> TrainState:
+    """Check that the state folder ``path`` fits this run, load it into the prepared objects and RNGs, and return
+    where the saved run stood. A folder without ``train_state.json`` (an sd-scripts state of an old version)
+    resumes at step 0 with a warning."""
+    if not os.path.isdir(path):
+        raise ResumeError(f"--resume {path}: no such state folder")
+    fingerprint_path = os.path.join(path, FINGERPRINT_FILE)
+    if os.path.exists(fingerprint_path):
+        differences = fingerprint_differences(_read_json(fingerprint_path, path), run_fingerprint)
+        if differences:
+            raise ResumeError(f"--resume {path}: the state does not fit this run ({'; '.join(differences)})")
+    else:
+        logger.warning("--resume %s: no %s, cannot check that the state fits this run", path, FINGERPRINT_FILE)
+    try:
+        accelerator.load_state(path)
+    except (OSError, RuntimeError, KeyError, ValueError) as error:
+        raise ResumeError(f"--resume {path}: cannot load the state: {error}") from error
+
+    train_state_path = os.path.join(path, TRAIN_STATE_FILE)
+    if not os.path.exists(train_state_path):
+        logger.warning("--resume %s: no %s; training restarts its step count at 0", path, TRAIN_STATE_FILE)
+        return TrainState(epoch=0, step=0)
+    values = _read_json(train_state_path, path)
+    try:
+        return TrainState(epoch=int(values["current_epoch"]), step=int(values["current_step"]))
+    except (KeyError, TypeError, ValueError):
+        raise ResumeError(f"--resume {path}: {TRAIN_STATE_FILE} must hold integer current_epoch and current_step, "
+                          f"got {values!r}") from None
+
+
+def resume_position(step: int, steps_per_epoch: int, gradient_accumulation_steps: int) -> tuple[int, int]:
+    """Where a run resumed after ``step`` optimizer steps goes on: the 0-based epoch and the number of batches of
+    that epoch already consumed (to skip)."""
+    epoch = step // steps_per_epoch
+    return epoch, (step - epoch * steps_per_epoch) * gradient_accumulation_steps
+
+
+class InterruptRequest:
+    """While active (``with``), the first Ctrl-C (SIGINT) only sets :attr:`requested`, so the loop can finish the
+    step, save the state and stop; a second Ctrl-C raises ``KeyboardInterrupt`` at once. Outside the main thread
+    (where signal handlers cannot be installed) it does nothing."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("interrupt: the state is saved after this step (press Ctrl-C again to stop at once)")
+
+    def __enter__(self) -> "InterruptRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def requested_anywhere(self, accelerator: Accelerator) -> bool:
+        """Whether any process was interrupted (all processes must stop at the same step)."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def _write_json(path: str, values: dict[str, Any]) -> None:
+    """Write a json file atomically (temporary file in the same folder, then rename)."""
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as file:
+        json.dump(values, file, indent=2)
+    os.replace(temporary, path)
+
+
+def _read_json(path: str, state_dir: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ResumeError(f"--resume {state_dir}: cannot read {os.path.basename(path)}: {error}") from None
+
+
+def _replace_dir(source: str, destination: str) -> None:
+    """Move the folder ``source`` to ``destination``, replacing an existing one only once the move is certain: the
+    old folder is first renamed aside, then removed."""
+    aside = destination + ".old"
+    if os.path.exists(aside):
+        shutil.rmtree(aside)
+    if os.path.exists(destination):
+        os.replace(destination, aside)
+    os.replace(source, destination)
+    if os.path.exists(aside):
+        shutil.rmtree(aside)
