@@ -26,12 +26,21 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from library import diffusion, metadata as ss_metadata
+from library import diffusion, metadata as ss_metadata, resume
 from library.dataset import build_dataset
 from library.latents import LATENT_DOWNSCALE, encode_latents
 from library.lora_format import modelspec_metadata
 from library.models import ModelBundle, load_models
 from library.optimizers import get_optimizer, get_scheduler, is_schedulefree, optimizer_metadata_string
+from library.sampling import sample_during_training
+from library.validation import (
+    ValidationRecorder,
+    is_validation_epoch,
+    is_validation_step,
+    split_dataset,
+    validation_loss,
+    validation_seed,
+)
 
 DEFAULT_NETWORK_MODULE = "networks.lora"
 # sd-scripts' file names when --output_name is not given.
@@ -228,6 +237,16 @@ class NetworkTrainer:
             tags=args.metadata_tags,
         )
 
+    def text_encoder_lr(self, args: argparse.Namespace, network: Any) -> float | list[float] | None:
+        """The text-encoder lr handed to ``network.prepare_optimizer_params`` (SD 1.x/2.x: the first value)."""
+        return first_text_encoder_lr(args.text_encoder_lr)
+
+    def prepare_text_encoders(self, dataset: Any, weight_dtype: torch.dtype) -> None:
+        """Put the text encoders where the loop runs them (the device, in ``weight_dtype``). The SDXL trainer may
+        instead encode every caption of ``dataset`` once here and keep the encoders off the device."""
+        for encoder in self.models.text_encoders:
+            encoder.to(self.accelerator.device, dtype=weight_dtype)
+
     def metadata_extras(self, args: argparse.Namespace) -> dict[str, str]:
         """Model-family ``ss_*`` keys added to the run's metadata (none for SD 1.x/2.x)."""
         return {}
@@ -319,9 +338,14 @@ class NetworkTrainer:
         # data
         dataset = build_dataset(args)
         dataset.verify_bucket_reso_steps(latent_size_multiple(unet) * LATENT_DOWNSCALE)
+        validation_dataset = None
+        if args.validation_split:
+            dataset, validation_dataset = split_dataset(dataset, args.validation_split, validation_seed(args))
         vae.eval()
         if args.cache_latents:
-            dataset.cache_latents(vae, args.cache_latents_to_disk, accelerator.device, vae_dtype, args.vae_batch_size)
+            for part in (dataset, validation_dataset):
+                if part is not None:
+                    part.cache_latents(vae, args.cache_latents_to_disk, accelerator.device, vae_dtype, args.vae_batch_size)
             vae.to("cpu")  # not needed any more
             accelerator.wait_for_everyone()
         else:
@@ -364,7 +388,7 @@ class NetworkTrainer:
                 network.enable_gradient_checkpointing()
 
         # optimizer, data loader, schedule
-        text_encoder_lr = first_text_encoder_lr(args.text_encoder_lr)
+        text_encoder_lr = self.text_encoder_lr(args, network)
         param_groups, lr_descriptions = network.prepare_optimizer_params(text_encoder_lr, args.unet_lr, args.learning_rate)
         optimizer_name, optimizer_args, optimizer = get_optimizer(args, param_groups)
 
@@ -376,6 +400,9 @@ class NetworkTrainer:
             collate_fn=_single_batch,
             num_workers=n_workers,
             persistent_workers=args.persistent_data_loader_workers and n_workers > 0,
+            # its own generator: starting an epoch's iterator then draws no number from the global RNG, so a run
+            # resumed mid-epoch draws the same noise as the run it continues
+            generator=torch.Generator().manual_seed(args.seed),
         )
         if args.max_train_epochs is not None:
             args.max_train_steps = args.max_train_epochs * math.ceil(
@@ -388,8 +415,7 @@ class NetworkTrainer:
         if args.full_fp16 or args.full_bf16:
             network.to(weight_dtype)
         unet.to(accelerator.device, dtype=weight_dtype)
-        for encoder in text_encoders:
-            encoder.to(accelerator.device, dtype=weight_dtype)
+        self.prepare_text_encoders(dataset, weight_dtype)
         network, optimizer, dataloader, lr_scheduler = accelerator.prepare(network, optimizer, dataloader, lr_scheduler)
         if args.full_fp16:
             _allow_fp16_gradient_unscaling(accelerator)
@@ -446,84 +472,185 @@ class NetworkTrainer:
                 accelerator.print(f"removing old checkpoint: {path}")
                 os.remove(path)
 
+        run_fingerprint = resume.fingerprint(args, accelerator.unwrap_model(network), optimizer)
+
+        def save_state(state_name: str, epoch: int, steps: int) -> str:
+            path = os.path.join(args.output_dir, state_name)
+            resume.save_state(accelerator, path, resume.TrainState(epoch=epoch, step=steps), run_fingerprint)
+            return path
+
+        def validate(batches_seed: int) -> float:
+            loader = torch.utils.data.DataLoader(validation_dataset, batch_size=1, collate_fn=_single_batch)
+            return validation_loss(
+                accelerator,
+                accelerator.unwrap_model(network),
+                loader,
+                lambda batch: self.compute_loss(batch, False, weight_dtype),
+                batches_seed,
+                args.max_validation_steps,
+            )
+
+        global_step, first_epoch, batches_to_skip = 0, 0, 0
+        if args.resume:
+            state = resume.load_state(accelerator, args.resume, run_fingerprint)
+            global_step = state.step
+            first_epoch, batches_to_skip = resume.resume_position(
+                state.step, num_update_steps_per_epoch, args.gradient_accumulation_steps
+            )
+            accelerator.print(f"resumed from {args.resume} at step {global_step} (epoch {first_epoch + 1})")
+
         accelerator.init_trackers(args.log_tracker_name or "network_train", config=_tracker_config(args))
         is_tracking = len(accelerator.trackers) > 0
         trainable_params = accelerator.unwrap_model(network).get_trainable_params()
         loss_recorder = LossRecorder()
-        global_step = 0
+        validation_recorder = ValidationRecorder()
+        non_finite_losses = 0
         progress_bar = tqdm(
-            range(args.max_train_steps), smoothing=0, disable=not accelerator.is_local_main_process, desc="steps"
+            range(args.max_train_steps),
+            initial=global_step,
+            smoothing=0,
+            disable=not accelerator.is_local_main_process,
+            desc="steps",
         )
+        sample_during_training(accelerator, args, models, network, optimizer, global_step, 0, False, weight_dtype)
 
-        for epoch in range(num_train_epochs):
-            accelerator.print(f"\nepoch {epoch + 1}/{num_train_epochs}")
-            dataset.set_current_epoch(epoch + 1)
-            run_metadata["ss_epoch"] = str(epoch + 1)
-            accelerator.unwrap_model(network).on_epoch_start(text_encoder, unet)  # train mode
+        interrupt = resume.InterruptRequest().install()  # first Ctrl-C: save the state after this step, then stop
+        try:
+            for epoch in range(first_epoch, num_train_epochs):
+                accelerator.print(f"\nepoch {epoch + 1}/{num_train_epochs}")
+                dataset.set_current_epoch(epoch + 1)
+                run_metadata["ss_epoch"] = str(epoch + 1)
+                accelerator.unwrap_model(network).on_epoch_start(text_encoder, unet)  # train mode
+                schedulefree_train(optimizer)
 
-            for step, batch in enumerate(dataloader):
-                dataset.set_current_step(global_step)
-                with accelerator.accumulate(network):
-                    loss = self.compute_loss(batch, train_text_encoder, weight_dtype)
-                    accelerator.backward(loss)
+                epoch_batches = dataloader
+                if epoch == first_epoch and batches_to_skip:
+                    epoch_batches = accelerator.skip_first_batches(dataloader, batches_to_skip)
+                for step, batch in enumerate(epoch_batches, start=batches_to_skip if epoch == first_epoch else 0):
+                    dataset.set_current_step(global_step)
+                    with accelerator.accumulate(network):
+                        loss = self.compute_loss(batch, train_text_encoder, weight_dtype)
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients:
+                            if accelerator.num_processes > 1:
+                                _all_reduce_gradients(accelerator, trainable_params)
+                            if args.max_grad_norm != 0.0:
+                                accelerator.clip_grad_norm_(trainable_params, args.max_grad_norm)
+                        optimizer.step()
+                        lr_scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+
+                    max_norm_logs = {}
+                    if args.scale_weight_norms:
+                        keys_scaled, mean_norm, max_norm = accelerator.unwrap_model(
+                            network
+                        ).apply_max_norm_regularization(args.scale_weight_norms, accelerator.device)
+                        max_norm_logs = {"max_norm/keys_scaled": keys_scaled, "max_norm/max_key_norm": max_norm,
+                                         "norm/avg_key_norm": mean_norm}
+
+                    current_loss = loss.detach().item()
+                    self.loss_history.append(current_loss)
+                    non_finite_losses = 0 if math.isfinite(current_loss) else non_finite_losses + 1
+                    if args.nan_abort_steps and non_finite_losses >= args.nan_abort_steps:
+                        raise FloatingPointError(
+                            f"the loss was not finite for {non_finite_losses} batches in a row (step {global_step}); "
+                            "stopping (--nan_abort_steps). Try a lower --learning_rate, --max_grad_norm 1.0, or "
+                            "--mixed_precision bf16 / --no_half_vae instead of fp16"
+                        )
+                    loss_recorder.add(epoch=epoch, step=step, loss=current_loss)
+                    average_loss = loss_recorder.moving_average
+                    progress_bar.set_postfix(loss=f"{current_loss:.4f}", avr_loss=f"{average_loss:.4f}")
+
                     if accelerator.sync_gradients:
-                        if accelerator.num_processes > 1:
-                            _all_reduce_gradients(accelerator, trainable_params)
-                        if args.max_grad_norm != 0.0:
-                            accelerator.clip_grad_norm_(trainable_params, args.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                        progress_bar.update(1)
+                        global_step += 1
+                        sample_during_training(
+                            accelerator, args, models, network, optimizer, global_step, epoch + 1, False, weight_dtype
+                        )
+                        if args.save_every_n_steps and global_step % args.save_every_n_steps == 0:
+                            accelerator.wait_for_everyone()
+                            schedulefree_eval(optimizer)
+                            if accelerator.is_main_process:
+                                save(checkpoint_name(args, step=global_step), global_step, epoch + 1)
+                                old_step = step_to_remove(args, global_step)
+                                if old_step is not None:
+                                    remove(checkpoint_name(args, step=old_step))
+                            if args.save_state:
+                                save_state(resume.state_dir_name(args, step=global_step), epoch + 1, global_step)
+                                old_step = resume.step_state_to_remove(args, global_step)
+                                if old_step is not None:
+                                    resume.remove_state(
+                                        accelerator, os.path.join(args.output_dir, resume.state_dir_name(args, step=old_step))
+                                    )
+                            schedulefree_train(optimizer)
+                        if validation_dataset is not None and is_validation_step(args, global_step):
+                            validation_logs = validation_recorder.step_logs(validate(validation_seed(args)))
+                            if is_tracking:
+                                accelerator.log(validation_logs, step=global_step)
 
-                max_norm_logs = {}
-                if args.scale_weight_norms:
-                    keys_scaled, mean_norm, max_norm = accelerator.unwrap_model(network).apply_max_norm_regularization(
-                        args.scale_weight_norms, accelerator.device
-                    )
-                    max_norm_logs = {"max_norm/keys_scaled": keys_scaled, "max_norm/max_key_norm": max_norm,
-                                     "norm/avg_key_norm": mean_norm}
+                    if is_tracking:
+                        logs = step_logs(current_loss, average_loss, lr_scheduler, lr_descriptions) | max_norm_logs
+                        if global_step % OPTIMIZER_STATS_EVERY_N_STEPS == 0:
+                            logs.update(optimizer_stats_logs(optimizer))
+                        accelerator.log(logs, step=global_step)
 
-                if accelerator.sync_gradients:
-                    progress_bar.update(1)
-                    global_step += 1
-                    if args.save_every_n_steps and global_step % args.save_every_n_steps == 0:
-                        accelerator.wait_for_everyone()
-                        if accelerator.is_main_process:
-                            save(checkpoint_name(args, step=global_step), global_step, epoch + 1)
-                            old_step = step_to_remove(args, global_step)
-                            if old_step is not None:
-                                remove(checkpoint_name(args, step=old_step))
+                    if accelerator.sync_gradients and interrupt.requested_anywhere(accelerator):
+                        path = save_state(resume.state_dir_name(args, step=global_step), epoch + 1, global_step)
+                        raise resume.TrainingInterrupted(
+                            f"interrupted at step {global_step}; state saved to {path} (continue with --resume {path})"
+                        )
+                    if global_step >= args.max_train_steps:
+                        break
 
-                current_loss = loss.detach().item()
-                self.loss_history.append(current_loss)
-                loss_recorder.add(epoch=epoch, step=step, loss=current_loss)
-                average_loss = loss_recorder.moving_average
-                progress_bar.set_postfix(loss=f"{current_loss:.4f}", avr_loss=f"{average_loss:.4f}")
                 if is_tracking:
-                    logs = step_logs(current_loss, average_loss, lr_scheduler, lr_descriptions) | max_norm_logs
-                    if global_step % OPTIMIZER_STATS_EVERY_N_STEPS == 0:
-                        logs.update(optimizer_stats_logs(optimizer))
-                    accelerator.log(logs, step=global_step)
+                    accelerator.log({"loss/epoch_average": loss_recorder.moving_average}, step=epoch + 1)
+                if validation_dataset is not None and is_validation_epoch(args, epoch + 1):
+                    validation_logs = validation_recorder.epoch_logs(validate(validation_seed(args)))
+                    if is_tracking:
+                        accelerator.log(validation_logs, step=global_step)
+                accelerator.wait_for_everyone()
+                saving_epoch = args.save_every_n_epochs and (epoch + 1) % args.save_every_n_epochs == 0
+                if saving_epoch and epoch + 1 < num_train_epochs:
+                    schedulefree_eval(optimizer)
+                    if accelerator.is_main_process:
+                        save(checkpoint_name(args, epoch=epoch + 1), global_step, epoch + 1)
+                        old_epoch = epoch_to_remove(args, epoch + 1)
+                        if old_epoch is not None:
+                            remove(checkpoint_name(args, epoch=old_epoch))
+                    if args.save_state:
+                        save_state(resume.state_dir_name(args, epoch=epoch + 1), epoch + 1, global_step)
+                        old_epoch = resume.epoch_state_to_remove(args, epoch + 1)
+                        if old_epoch is not None:
+                            resume.remove_state(
+                                accelerator, os.path.join(args.output_dir, resume.state_dir_name(args, epoch=old_epoch))
+                            )
+                sample_during_training(
+                    accelerator, args, models, network, optimizer, global_step, epoch + 1, True, weight_dtype
+                )
+        finally:
+            interrupt.restore()
+            progress_bar.close()
 
-                if global_step >= args.max_train_steps:
-                    break
-
-            if is_tracking:
-                accelerator.log({"loss/epoch_average": loss_recorder.moving_average}, step=epoch + 1)
-            accelerator.wait_for_everyone()
-            saving_epoch = args.save_every_n_epochs and (epoch + 1) % args.save_every_n_epochs == 0
-            if saving_epoch and epoch + 1 < num_train_epochs and accelerator.is_main_process:
-                save(checkpoint_name(args, epoch=epoch + 1), global_step, epoch + 1)
-                old_epoch = epoch_to_remove(args, epoch + 1)
-                if old_epoch is not None:
-                    remove(checkpoint_name(args, epoch=old_epoch))
-
-        progress_bar.close()
         accelerator.end_training()
+        schedulefree_eval(optimizer)
+        if args.save_state or args.save_state_on_train_end:
+            save_state(resume.state_dir_name(args), num_train_epochs, global_step)
         if accelerator.is_main_process:
             self.output_file = save(checkpoint_name(args), global_step, num_train_epochs)
             accelerator.print(f"LoRA saved to {os.path.abspath(self.output_file)}")
         return self.output_file
+
+
+def schedulefree_train(optimizer: Any) -> None:
+    """Schedule-free optimizers (``AdamWScheduleFree`` ...) train at one point and save at another: train mode."""
+    if is_schedulefree(optimizer):
+        optimizer.train()
+
+
+def schedulefree_eval(optimizer: Any) -> None:
+    """Switch a schedule-free optimizer's weights to the averaged ones, which are the ones to save."""
+    if is_schedulefree(optimizer):
+        optimizer.eval()
 
 
 def latent_size_multiple(unet: torch.nn.Module) -> int:
