@@ -175,16 +175,7 @@ def test_save_every_n_steps_keeps_last_n_steps(base_run, workspace):
 
 
 def test_tensorboard_events_have_step_losses(base_run, workspace):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    event_files = list((workspace / "logs").rglob("events.out.tfevents.*"))
-    assert event_files
-    scalars = {}
-    for event_file in event_files:
-        accumulator = EventAccumulator(str(event_file))
-        accumulator.Reload()
-        for tag in accumulator.Tags()["scalars"]:
-            scalars[tag] = [event.value for event in accumulator.Scalars(tag)]
+    scalars = read_scalars(workspace / "logs")
     assert scalars["loss/current"] == pytest.approx(base_run.loss_history, rel=1e-5)
     assert len(scalars["loss/average"]) == STEPS
     assert scalars["lr/textencoder"][0] == pytest.approx(1e-2)
@@ -225,12 +216,59 @@ def test_network_weights_continue_from_a_file(workspace, base_run):
     assert trainer.loss_history[0] != pytest.approx(base_run.loss_history[0], rel=1e-3)
 
 
-@pytest.mark.parametrize("optimizer_type", ["AdamW8bit", "ANLO"])
-def test_other_optimizers_run(workspace, optimizer_type):
-    trainer = run(workspace, "--optimizer_type", optimizer_type, "--max_train_steps", "3", "--output_name", optimizer_type)
+def read_scalars(log_dir: Path) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, list[float]] = {}
+    for event_file in log_dir.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend(event.value for event in accumulator.Scalars(tag))
+    return scalars
+
+
+def test_adamw8bit_runs(workspace):
+    trainer = run(workspace, "--optimizer_type", "AdamW8bit", "--max_train_steps", "3", "--output_name", "adamw8bit")
     assert len(trainer.loss_history) == 3 and all(math.isfinite(x) for x in trainer.loss_history)
     with safe_open(trainer.output_file, framework="pt") as handle:
-        assert optimizer_type in handle.metadata()["ss_optimizer"]
+        assert handle.metadata()["ss_optimizer"] == "bitsandbytes.optim.adamw.AdamW8bit"
+
+
+def test_anlo_runs_and_logs_its_normalization(workspace):
+    steps = trainer_module.OPTIMIZER_STATS_EVERY_N_STEPS
+    log_dir = workspace / "anlo_logs"
+    trainer = run(
+        workspace, "--optimizer_type", "ANLO", "--max_train_steps", str(steps), "--output_name", "anlo",
+        "--logging_dir", str(log_dir),
+    )
+    assert len(trainer.loss_history) == steps and all(math.isfinite(x) for x in trainer.loss_history)
+    with safe_open(trainer.output_file, framework="pt") as handle:
+        assert handle.metadata()["ss_optimizer"] == "library.hina_anlo.ANLO"
+    scalars = read_scalars(log_dir)
+    # read once, at the step the stats are due: after `steps` optimizer steps ANLO has counted them all
+    assert scalars["optimizer/step_count"] == [float(steps)]
+    assert scalars["optimizer/global_norm"][0] > 0
+    assert scalars["optimizer/normalization_mode_is_global"][0] in (0.0, 1.0)
+
+
+def test_no_metadata_keeps_only_what_loaders_need(workspace):
+    trainer = run(workspace, "--no_metadata", "--max_train_steps", "1", "--output_name", "bare")
+    with safe_open(trainer.output_file, framework="pt") as handle:
+        metadata = handle.metadata()
+    ss_keys = {key for key in metadata if key.startswith("ss_")}
+    assert ss_keys == {"ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
+                       "ss_network_args"}
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
+
+
+def test_non_finite_losses_abort_the_run(workspace, monkeypatch):
+    def nan_loss(self, batch, train_text_encoder, weight_dtype):
+        return torch.tensor(float("nan"), requires_grad=True)
+
+    monkeypatch.setattr(NetworkTrainer, "compute_loss", nan_loss)
+    with pytest.raises(FloatingPointError, match=r"not finite for 2 batches in a row .*--nan_abort_steps"):
+        run(workspace, "--nan_abort_steps", "2", "--output_name", "nan")
 
 
 def test_max_train_epochs_with_gradient_accumulation(workspace):
