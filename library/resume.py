@@ -179,9 +179,9 @@ def resume_position(step: int, steps_per_epoch: int, gradient_accumulation_steps
 
 
 class InterruptRequest:
-    """While active (``with``), the first Ctrl-C (SIGINT) only sets :attr:`requested`, so the loop can finish the
-    step, save the state and stop; a second Ctrl-C raises ``KeyboardInterrupt`` at once. Outside the main thread
-    (where signal handlers cannot be installed) it does nothing."""
+    """Once installed, the first Ctrl-C (SIGINT) only sets :attr:`requested`, so the loop can finish the step, save
+    the state and stop; a second Ctrl-C raises ``KeyboardInterrupt`` at once. ``restore`` puts back the previous
+    handler. Outside the main thread (where signal handlers cannot be installed) it does nothing."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -193,12 +193,12 @@ class InterruptRequest:
         self.requested = True
         logger.warning("interrupt: the state is saved after this step (press Ctrl-C again to stop at once)")
 
-    def __enter__(self) -> "InterruptRequest":
+    def install(self) -> "InterruptRequest":
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def restore(self) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
