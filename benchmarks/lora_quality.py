@@ -46,6 +46,7 @@ from benchmarks.digits_unet import (
     noise_scheduler,
     pretrained_unet,
 )
+from library.hina_anlo import ANLO
 from networks.lora import LoRANetwork, create_network
 
 LR_GRID = (1e-3, 3e-3, 1e-2)  # half-decades around the optimum at this horizon (3e-4 lost for every optimizer in a pilot)
@@ -79,31 +80,26 @@ def sinkhorn_normalize_(grad: torch.Tensor, iterations: int, eps: float = 1e-12)
         matrix.mul_(math.sqrt(rows) / (matrix.norm(dim=0, keepdim=True) + eps))
 
 
-def sinkhorn_anlo_class() -> type[torch.optim.Optimizer]:
-    """ANLO whose gradients are Sinkhorn-normalized (per LoRA factor) before ANLO's own normalization."""
-    from library.hina_anlo import ANLO
+class SinkhornANLO(ANLO):
+    """Experimental: SinkGD row/column normalization of every ≥2-D gradient (each LoRA factor on its own), then
+    a plain ANLO step. Stateless like ANLO; ``sinkhorn_iterations`` row+column passes per step."""
 
-    class SinkhornANLO(ANLO):
-        """Experimental: SinkGD row/column normalization of every ≥2-D gradient, then a plain ANLO step."""
+    def __init__(self, params: Any, sinkhorn_iterations: int = 5, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        self.sinkhorn_iterations = sinkhorn_iterations
 
-        def __init__(self, params: Any, sinkhorn_iterations: int = 5, **kwargs: Any) -> None:
-            super().__init__(params, **kwargs)
-            self.sinkhorn_iterations = sinkhorn_iterations
-
-        @torch.no_grad()
-        def step(self, closure: Callable[[], float] | None = None) -> Any:
-            loss = None
-            if closure is not None:
-                with torch.enable_grad():
-                    loss = closure()
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        sinkhorn_normalize_(p.grad, self.sinkhorn_iterations)
-            super().step()
-            return loss
-
-    return SinkhornANLO
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    sinkhorn_normalize_(p.grad, self.sinkhorn_iterations)
+        super().step()
+        return loss
 
 
 @dataclass(frozen=True)
@@ -118,15 +114,9 @@ class OptimizerSpec:
 
 def _anlo(**kwargs: Any) -> Callable[[list[dict[str, Any]], float], torch.optim.Optimizer]:
     def build(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
-        from library.hina_anlo import ANLO
-
         return ANLO(groups, lr=lr, **kwargs)
 
     return build
-
-
-def _sinkhorn_anlo(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
-    return sinkhorn_anlo_class()(groups, lr=lr)
 
 
 def optimizer_specs() -> dict[str, OptimizerSpec]:
@@ -141,7 +131,7 @@ def optimizer_specs() -> dict[str, OptimizerSpec]:
         OptimizerSpec("ANLO wd decoupled", _anlo(weight_decay=WEIGHT_DECAY, decoupled_weight_decay=True)),
         # ANLO's cautious gate can only fire when coupled weight decay turns the update away from the gradient.
         OptimizerSpec("ANLO wd coupled+cautious", _anlo(weight_decay=WEIGHT_DECAY, use_cautious_update=True)),
-        OptimizerSpec("ANLO+SinkGD", _sinkhorn_anlo),
+        OptimizerSpec("ANLO+SinkGD", lambda groups, lr: SinkhornANLO(groups, lr=lr)),
     ]
     return {spec.label: spec for spec in specs}
 

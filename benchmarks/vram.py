@@ -35,6 +35,9 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
 
+from library.hina_anlo import ANLO
+from networks.lora import create_network
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 # Stable Diffusion 1.5's U-Net (runwayml/stable-diffusion-v1-5, unet/config.json): 859.5 M parameters.
@@ -114,8 +117,6 @@ MIB = 2**20
 def build_optimizer(name: str, groups: list[dict[str, Any]], lr: float = 1e-4) -> torch.optim.Optimizer:
     """ANLO, torch AdamW or bitsandbytes AdamW8bit over ``groups``."""
     if name == "ANLO":
-        from library.hina_anlo import ANLO
-
         return ANLO(groups, lr=lr)
     plain = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
     if name == "AdamW":
@@ -190,8 +191,6 @@ def measure(
 ) -> Measurement:
     """Build the U-Net (random init, frozen, ``dtype``, gradient checkpointing) with a LoRA at ``rank`` and run
     ``steps`` training steps under autocast; the peak covers the steps after the optimizer state exists."""
-    from networks.lora import create_network
-
     started = time.perf_counter()
     dtype = {**DTYPES, **CPU_DTYPES}[dtype_name]
     torch.manual_seed(0)
@@ -249,8 +248,6 @@ class LoRASize:
 
 def full_size_lora(model: str, config: dict[str, Any], ranks: list[int]) -> list[LoRASize]:
     """Count the ``networks.lora`` modules and parameters for ``config`` at each rank without allocating."""
-    from networks.lora import create_network
-
     sizes = []
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)
