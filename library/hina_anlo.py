@@ -246,6 +246,10 @@ class _Bucket:
         self.coef_views = self.coefs.unbind(0)
         self.decay_views = self.decays.unbind(0)
 
+    def select(self, tensors: list[Tensor]) -> list[Tensor]:
+        """This bucket's entries of a per-tensor list (the list itself when the bucket is all of it)."""
+        return tensors if self.index is None else [tensors[i] for i in self.positions]
+
     def load(self, buffer: Tensor, vector: Tensor) -> None:
         """Copy this bucket's entries of a per-tensor ``vector`` into ``buffer``."""
         buffer.copy_(vector if self.index is None else vector[self.index])
@@ -493,18 +497,18 @@ class ANLO(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        params, grads, names, counts = self._collect()
+        params, grads, counts = self._collect()
         step, mode = self._step, self._mode(self._step)
         if not params:
             self._step += 1
             return loss
-        layout = self._get_layout(params, names, counts)
+        layout = self._get_layout(params, counts)
 
         # Pass 1 reads every gradient once: squared norms per tensor, then everything else works on
         # vectors with one entry per tensor.
         grad_sq = self._gather(
             [
-                _squared_norms([grads[i] for i in bucket.positions], layout.stat_dtype, self.foreach)
+                _squared_norms(bucket.select(grads), layout.stat_dtype, self.foreach)
                 for bucket in layout.buckets
             ],
             layout,
@@ -530,22 +534,17 @@ class ANLO(torch.optim.Optimizer):
             self._log_summary()
         return loss
 
-    def _collect(self) -> tuple[list[Tensor], list[Tensor], list[Optional[str]], list[int]]:
-        """Parameters with gradients, group by group: the tensors, gradients, names (``None`` where
-        the group has no ``param_names``) and the count per group."""
-        params, grads, names, counts = [], [], [], []
+    def _collect(self) -> tuple[list[Tensor], list[Tensor], list[int]]:
+        """Parameters with gradients, group by group: the tensors, their gradients and the count per group."""
+        params, grads, counts = [], [], []
         for group in self.param_groups:
             group_params = group["params"]
             group_grads = [p.grad for p in group_params]
-            group_names = group.get("param_names") or [None] * len(group_params)
             if any(g is None for g in group_grads):
-                kept = [i for i, g in enumerate(group_grads) if g is not None]
-                group_params = [group_params[i] for i in kept]
-                group_grads = [group_grads[i] for i in kept]
-                group_names = [group_names[i] for i in kept]
+                group_params = [p for p in group_params if p.grad is not None]
+                group_grads = [p.grad for p in group_params]
             params += group_params
             grads += group_grads
-            names += group_names
             counts.append(len(group_grads))
         for grad in grads:
             if grad.layout != torch.strided:
@@ -553,12 +552,26 @@ class ANLO(torch.optim.Optimizer):
                     f"ANLO does not support sparse gradients (got layout {grad.layout}); "
                     "use dense gradients, e.g. nn.Embedding(..., sparse=False)"
                 )
-        return params, grads, names, counts
+        return params, grads, counts
 
-    def _get_layout(self, params: list[Tensor], names: list[Optional[str]], counts: list[int]) -> _Layout:
-        key = (tuple(counts), tuple((id(p), p.dtype, p.device) for p in params))
+    def _active_names(self) -> list[Optional[str]]:
+        """Names of the parameters :meth:`_collect` returns (``None`` where a group has no ``param_names``)."""
+        names: list[Optional[str]] = []
+        for group in self.param_groups:
+            group_names = group.get("param_names") or [None] * len(group["params"])
+            names += [n for n, p in zip(group_names, group["params"]) if p.grad is not None]
+        return names
+
+    def _get_layout(self, params: list[Tensor], counts: list[int]) -> _Layout:
+        # Separate flat tuples: cheaper to build each step than one small tuple per tensor.
+        key = (
+            tuple(counts),
+            tuple(map(id, params)),
+            tuple(p.dtype for p in params),
+            tuple(p.device for p in params),
+        )
         if self._layout is None or self._layout.key != key:
-            self._layout = self._build_layout(key, params, names, counts)
+            self._layout = self._build_layout(key, params, self._active_names(), counts)
         return self._layout
 
     def _build_layout(
@@ -765,8 +778,7 @@ class ANLO(torch.optim.Optimizer):
     ) -> None:
         """Write ``p <- p * d + c * g``, one (device, dtype) bucket at a time."""
         for bucket in layout.buckets:
-            b_params = [params[i] for i in bucket.positions]
-            b_grads = [grads[i] for i in bucket.positions]
+            b_params, b_grads = bucket.select(params), bucket.select(grads)
             if not layout.on_host:
                 # The skip decision stays on the device, so non-finite gradients must not reach the
                 # update as NaN * 0: zero them in place (a no-op for finite gradients).

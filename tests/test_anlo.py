@@ -406,8 +406,8 @@ def test_non_finite_gradient_skips_step(bad, step_index, on_host):
     for p, g in zip(params, grads):
         p.grad = g
     if not on_host:  # exercise the accelerator path (no host read of the finite flag) on the CPU
-        active_params, _, active_names, counts = opt._collect()
-        opt._get_layout(active_params, active_names, counts).on_host = False
+        active_params, _, counts = opt._collect()
+        opt._get_layout(active_params, counts).on_host = False
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         opt.step()
