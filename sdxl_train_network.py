@@ -2,26 +2,30 @@
 
     python sdxl_train_network.py --config_file configs/sdxl_quickstart.toml
     accelerate launch sdxl_train_network.py --config_file my.toml --optimizer_type ANLO
+
+Bad input (a flag, a config value, a data folder, a model or LoRA file) ends the program with one line on
+stderr, ``error: <message>``, and exit status 2.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
-from library.config import parse_args
-from library.sdxl import SdxlNetworkTrainer
+from library import cli
+
+cli.quiet_import_warnings()  # before the imports below load bitsandbytes and transformers
+
+from library.config import parse_args  # noqa: E402
+from library.sdxl import SdxlNetworkTrainer  # noqa: E402
+from library.trainer import USER_ERRORS  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> str:
     """Parse (and check) the arguments, train, and return the path of the saved LoRA."""
-    args = parse_args(argv, sdxl=True)  # merges --config_file and runs verify_args
-    logging.basicConfig(
-        level=args.console_log_level or logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        filename=args.console_log_file,
-    )
-    return SdxlNetworkTrainer().train(args)
+    with cli.exit_on_user_error(USER_ERRORS):
+        args = parse_args(argv, sdxl=True)  # merges --config_file and runs verify_args
+        cli.configure_logging(args)
+        return SdxlNetworkTrainer().train(args)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import importlib
 import math
 import os
 import random
+import tempfile
 import time
 from typing import Any
 
@@ -27,14 +28,17 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from library import diffusion, metadata as ss_metadata, resume
+from library.config import ConfigError
 from library.dataset import build_dataset
+from library.errors import UserInputError, reported_as_user_input
 from library.latents import LATENT_DOWNSCALE, encode_latents
 from library.lora_format import modelspec_metadata
 from library.models import ModelBundle, load_models
 from library.optimizers import get_optimizer, get_scheduler, is_schedulefree, optimizer_metadata_string
-from library.sampling import sample_during_training
+from library.sampling import PromptFileError, sample_during_training
 from library.validation import (
     ValidationRecorder,
+    ValidationSplitError,
     is_validation_epoch,
     is_validation_step,
     split_dataset,
@@ -51,6 +55,8 @@ SAVE_PRECISIONS = {None: None, "float": torch.float32, "fp16": torch.float16, "b
 MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # get_normalization_stats() of a stateful optimizer (ANLO) may synchronise with the device: read it this rarely.
 OPTIMIZER_STATS_EVERY_N_STEPS = 10
+# Errors of a run that bad input causes: the entry points print their message as one line and exit with status 2.
+USER_ERRORS = (UserInputError, ConfigError, resume.ResumeError, ValidationSplitError, PromptFileError)
 
 
 class LossRecorder:
@@ -79,7 +85,7 @@ def parse_network_args(network_args: list[str] | None) -> dict[str, str]:
     kwargs: dict[str, str] = {}
     for item in network_args or []:
         if "=" not in item:
-            raise ValueError(f"--network_args: {item!r} is not key=value")
+            raise UserInputError(f"--network_args: {item!r} is not key=value")
         key, value = item.split("=", 1)
         kwargs[key.strip()] = value.strip()
     return kwargs
@@ -323,12 +329,14 @@ class NetworkTrainer:
         self.args = args
 
         accelerator = self.accelerator = make_accelerator(args)
+        check_output_dir(args.output_dir)
         weight_dtype = MIXED_PRECISION_DTYPES[args.mixed_precision]
         save_dtype = SAVE_PRECISIONS[args.save_precision]
         vae_dtype = torch.float32 if args.no_half_vae else weight_dtype
 
         # models, frozen; the network's own parameters are the only ones trained
-        models = self.models = self.load_models(args)
+        with reported_as_user_input():
+            models = self.models = self.load_models(args)
         unet, vae, text_encoders = models.unet, models.vae, models.text_encoders
         for model in (unet, vae, *text_encoders):
             model.requires_grad_(False)
@@ -336,8 +344,9 @@ class NetworkTrainer:
             diffusion.fix_betas_for_zero_terminal_snr(models.noise_scheduler)
 
         # data
-        dataset = build_dataset(args)
-        dataset.verify_bucket_reso_steps(latent_size_multiple(unet) * LATENT_DOWNSCALE)
+        with reported_as_user_input():
+            dataset = build_dataset(args)
+            dataset.verify_bucket_reso_steps(latent_size_multiple(unet) * LATENT_DOWNSCALE)
         validation_dataset = None
         if args.validation_split:
             dataset, validation_dataset = split_dataset(dataset, args.validation_split, validation_seed(args))
@@ -353,31 +362,32 @@ class NetworkTrainer:
 
         # network
         args.network_module = args.network_module or DEFAULT_NETWORK_MODULE
-        network_module = importlib.import_module(args.network_module)
         network_kwargs = parse_network_args(args.network_args)
         text_encoder = text_encoders[0] if len(text_encoders) == 1 else text_encoders
-        if args.dim_from_weights:
-            network, _ = network_module.create_network_from_weights(
-                1.0, args.network_weights, vae, text_encoder, unet, **network_kwargs
-            )
-        else:
-            network_kwargs.setdefault("dropout", args.network_dropout)  # LyCORIS reads its dropout from here
-            network = network_module.create_network(
-                1.0,
-                args.network_dim,
-                args.network_alpha,
-                vae,
-                text_encoder,
-                unet,
-                neuron_dropout=args.network_dropout,
-                **network_kwargs,
-            )
         train_unet = not args.network_train_text_encoder_only
         train_text_encoder = not args.network_train_unet_only
-        network.apply_to(text_encoder, unet, train_text_encoder, train_unet)
-        if args.network_weights is not None and not args.dim_from_weights:
-            info = network.load_weights(args.network_weights)
-            accelerator.print(f"loaded network weights from {args.network_weights}: {info}")
+        with reported_as_user_input():  # --network_module, --network_args, --network_weights
+            network_module = importlib.import_module(args.network_module)
+            if args.dim_from_weights:
+                network, _ = network_module.create_network_from_weights(
+                    1.0, args.network_weights, vae, text_encoder, unet, **network_kwargs
+                )
+            else:
+                network_kwargs.setdefault("dropout", args.network_dropout)  # LyCORIS reads its dropout from here
+                network = network_module.create_network(
+                    1.0,
+                    args.network_dim,
+                    args.network_alpha,
+                    vae,
+                    text_encoder,
+                    unet,
+                    neuron_dropout=args.network_dropout,
+                    **network_kwargs,
+                )
+            network.apply_to(text_encoder, unet, train_text_encoder, train_unet)
+            if args.network_weights is not None and not args.dim_from_weights:
+                info = network.load_weights(args.network_weights)
+                accelerator.print(f"loaded network weights from {args.network_weights}: {info}")
 
         if args.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
@@ -388,9 +398,12 @@ class NetworkTrainer:
                 network.enable_gradient_checkpointing()
 
         # optimizer, data loader, schedule
-        text_encoder_lr = self.text_encoder_lr(args, network)
-        param_groups, lr_descriptions = network.prepare_optimizer_params(text_encoder_lr, args.unet_lr, args.learning_rate)
-        optimizer_name, optimizer_args, optimizer = get_optimizer(args, param_groups)
+        with reported_as_user_input():  # learning rates, --optimizer_type, --optimizer_args
+            text_encoder_lr = self.text_encoder_lr(args, network)
+            param_groups, lr_descriptions = network.prepare_optimizer_params(
+                text_encoder_lr, args.unet_lr, args.learning_rate
+            )
+            optimizer_name, optimizer_args, optimizer = get_optimizer(args, param_groups)
 
         n_workers = min(args.max_data_loader_n_workers, os.cpu_count() or 1)
         dataloader = torch.utils.data.DataLoader(
@@ -410,7 +423,8 @@ class NetworkTrainer:
             )
             accelerator.print(f"--max_train_epochs {args.max_train_epochs}: {args.max_train_steps} steps")
         dataset.set_max_train_steps(args.max_train_steps)
-        lr_scheduler = get_scheduler(args, optimizer, accelerator.num_processes)
+        with reported_as_user_input():  # --lr_scheduler, --lr_scheduler_args, warm-up and decay steps
+            lr_scheduler = get_scheduler(args, optimizer, accelerator.num_processes)
 
         if args.full_fp16 or args.full_bf16:
             network.to(weight_dtype)
@@ -653,6 +667,20 @@ def schedulefree_eval(optimizer: Any) -> None:
         optimizer.eval()
 
 
+def check_output_dir(output_dir: str | None) -> None:
+    """Fail before any heavy work when ``--output_dir`` is not given, cannot be created or cannot be written to
+    (a file in the folder is created and removed; permission bits alone do not tell, e.g. for root)."""
+    if not output_dir:
+        raise UserInputError("--output_dir is required: the folder the trained LoRA is written to")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise UserInputError(f"--output_dir {output_dir}: cannot create or write to this folder ({reason})") from None
+
+
 def latent_size_multiple(unet: torch.nn.Module) -> int:
     """Latent sides must be divisible by this for the U-Net's down/up path (2 per downsampling level): 8 for
     SD 1.x/2.x, 4 for SDXL, so buckets must step by 64 / 32 pixels."""
@@ -668,7 +696,7 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
         logging_dir = os.path.join(args.logging_dir, (args.log_prefix or "") + time.strftime("%Y%m%d%H%M%S"))
         log_with = log_with or "tensorboard"
     if log_with in ("tensorboard", "all") and logging_dir is None:
-        raise ValueError(f"--log_with {log_with} needs --logging_dir (the folder the event files go to)")
+        raise UserInputError(f"--log_with {log_with} needs --logging_dir (the folder the event files go to)")
     return Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,

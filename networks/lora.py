@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from library import lora_format, sai_names
+from library.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 
@@ -469,6 +470,7 @@ class LoRANetwork(nn.Module):
     def load_weights(self, file: str) -> Any:
         """Load a LoRA file into this network (non-strict; mismatching keys are reported by name)."""
         weights_sd, _ = lora_format.load_lora_file(file)
+        check_weights_fit(file, weights_sd, self)
         info = self.load_state_dict(weights_sd, strict=False)
         if info.unexpected_keys:
             unexpected = info.unexpected_keys
@@ -725,5 +727,52 @@ def create_network_from_weights(
             len(unmatched),
             unmatched[:3],
         )
+    check_weights_fit(source, weights_sd, network)
     network.load_state_dict({k: v for k, v in weights_sd.items() if k.split(".")[0] in created}, strict=False)
     return network, weights_sd
+
+
+def _model_family(num_text_encoders: int) -> str:
+    return "SDXL" if num_text_encoders == 2 else "SD 1.x/2.x"
+
+
+def _file_text_encoder_count(weights_sd: dict[str, torch.Tensor]) -> int:
+    """How many text encoders a LoRA state dict was made for, from its key prefixes: 2 (``lora_te1_`` /
+    ``lora_te2_``, SDXL), 1 (``lora_te_``, SD 1.x/2.x), or 0 when it has no text-encoder keys."""
+    for count in (2, 1):
+        prefixes = tuple(prefix + "_" for prefix in lora_format.text_encoder_prefixes(count))
+        if any(key.startswith(prefixes) for key in weights_sd):
+            return count
+    return 0
+
+
+def check_weights_fit(source: str, weights_sd: dict[str, torch.Tensor], network: LoRANetwork) -> None:
+    """Refuse LoRA weights made for another model family or another rank, with a message naming ``source`` and
+    what differs: an SDXL LoRA for an SD 1.x/2.x network (or the reverse), a file none of whose modules exist in
+    the network, or a tensor whose shape differs from the network's (another ``network_dim``, another model)."""
+    file_encoders = _file_text_encoder_count(weights_sd)
+    if file_encoders and network.num_text_encoders and file_encoders != network.num_text_encoders:
+        prefixes = "/".join(prefix + "_" for prefix in lora_format.text_encoder_prefixes(file_encoders))
+        raise UserInputError(
+            f"network_weights {source} is an {_model_family(file_encoders)} LoRA (text encoder keys {prefixes}) "
+            f"but the model is {_model_family(network.num_text_encoders)}"
+        )
+    expected = network.state_dict()
+    network_modules = {key.split(".")[0] for key in expected}
+    file_modules = {key.split(".")[0] for key in weights_sd if "." in key}
+    if network_modules and not file_modules & network_modules:
+        raise UserInputError(
+            f"network_weights {source}: none of its {len(file_modules)} LoRA modules (e.g. "
+            f"{min(file_modules, default='none')}) exist in this network; is it a LoRA for another base model?"
+        )
+    for key in sorted(weights_sd.keys() & expected.keys()):
+        have, want = tuple(weights_sd[key].shape), tuple(expected[key].shape)
+        if have == want:
+            continue
+        hint = "a LoRA for another base model?"
+        rank_axis = 0 if key.endswith("lora_down.weight") else 1 if key.endswith("lora_up.weight") else None
+        if rank_axis is not None and have[rank_axis] != want[rank_axis] and have[1 - rank_axis] == want[1 - rank_axis]:
+            hint = f"trained with network_dim {have[rank_axis]}? (set --network_dim {have[rank_axis]} or --dim_from_weights)"
+        raise UserInputError(
+            f"network_weights {source}: key {key} has shape {have} but the network expects {want} — {hint}"
+        )

@@ -1,0 +1,33 @@
+"""Errors the user can fix: a flag, a config value, a data folder, a model or LoRA file.
+
+The entry points print such an error as one line, ``error: <message>``, and exit with status 2; any other
+exception is a bug and keeps its traceback. The message names the flag, key or file and what was expected.
+
+Modules that read the user's input raise :class:`UserInputError` (or a subclass). Where a library function
+raises plain ``ValueError`` / ``OSError`` / ... with such a message, the caller marks the call with
+:func:`reported_as_user_input`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+# What the stages that read the user's input (models, data, network, optimizer) raise for bad input.
+INPUT_ERROR_TYPES: tuple[type[Exception], ...] = (ValueError, OSError, ImportError, TypeError)
+
+
+class UserInputError(ValueError):
+    """The run's input is wrong in a way the user can fix; the message says which input and what was expected."""
+
+
+@contextmanager
+def reported_as_user_input(error_types: tuple[type[Exception], ...] = INPUT_ERROR_TYPES) -> Iterator[None]:
+    """Re-raise an error of ``error_types`` from the block as a :class:`UserInputError` with the same message
+    (chained, so a debugger still reaches the original). ``UserInputError`` itself passes through unchanged."""
+    try:
+        yield
+    except UserInputError:
+        raise
+    except error_types as error:
+        raise UserInputError(str(error)) from error
