@@ -1,23 +1,34 @@
-"""Time one ``optimizer.step()`` on a realistic LoRA parameter set: ANLO against torch AdamW.
+"""Time one ``optimizer.step()`` on a realistic LoRA parameter set: ANLO against other optimizers.
 
-The parameter set is an SD 1.5 LoRA (kohya's targets: every Linear / 1x1 conv inside the U-Net's
-Transformer2DModel blocks and inside the text encoder's attention and MLP blocks), built from the real
-module shapes: the U-Net (diffusers ``UNet2DConditionModel``) and text encoder (transformers
-``CLIPTextModel``) are instantiated on the ``meta`` device and only the LoRA tensors (down ``r x in``,
-up ``out x r``) are materialized, with fixed random gradients.
+The parameter set is a kohya LoRA of SD 1.5 (``--model sd15``: U-Net + CLIP-L text encoder) or SDXL base
+(``--model sdxl``: U-Net + CLIP-L + OpenCLIP bigG text encoders). The models are built from their real
+configurations on the ``meta`` device (nothing allocated), ``networks.lora.create_network`` picks the
+targets exactly as in training, and its ``prepare_optimizer_params`` makes the groups (text encoder at
+5e-5, U-Net at 1e-4, with ``param_names``). Only the LoRA tensors are then materialized, with fixed
+random gradients; every optimizer gets its own copy.
 
 Every round times one step of every optimizer in turn (interleaved, so load from other processes hits
-all of them alike) and reports, per optimizer, the median and minimum time and the median over rounds
-of its ratio to AdamW (fused) and to a bandwidth floor, ``torch._foreach_add_(params, grads)`` over the
-same tensors (reads params and grads, writes params: the least any first-order step can touch).
+all of them alike). Per optimizer it reports the median and minimum time, the median over rounds of
+its ratio to AdamW (fused) and to two references over the same tensors:
 
-    python benchmarks/optimizer_step.py                      # SD 1.5 U-Net + TE LoRA, rank 32
-    python benchmarks/optimizer_step.py --rank 128 --threads 1 --json results.json
-    python benchmarks/optimizer_step.py --smoke              # a few seconds, checks itself
+* ``floor``: ``torch._foreach_add_(params, grads)``, reads params and grads and writes params, the
+  least any first-order step can touch;
+* ``two_pass_floor``: ``torch._foreach_norm(grads)`` and then the same add, the least any step that
+  normalizes by a norm of the whole gradient can touch (the norm must be known before any write).
+
+It also reports optimizer-state bytes per parameter (tensors in ``optimizer.state``) and the extra
+memory allocated inside ``step()``: the peak of live bytes allocated during one untimed step (after
+warm-up, so persistent state already exists) minus nothing kept. On CUDA that is
+``torch.cuda.max_memory_allocated`` minus the allocation before the step; on the CPU it is the peak of
+the running sum of the allocation/free records of ``torch.profiler.profile(profile_memory=True)``.
+
+    python benchmarks/optimizer_step.py --threads 1                  # SD 1.5, rank 32
+    python benchmarks/optimizer_step.py --model sdxl --rank 128 --threads 1 --json sdxl128.json
+    python benchmarks/optimizer_step.py --smoke                      # a few seconds, checks itself
 
 Optional optimizers (bitsandbytes AdamW8bit, transformers Adafactor, prodigyopt Prodigy,
 pytorch_optimizer Lion/CAME/SignSGD) are included when they import and run on the device, and
-reported as skipped otherwise (``--smoke`` leaves them out).
+reported as skipped otherwise; ``--optimizers`` picks a subset (``anlo`` and ``adamw_fused`` always run).
 """
 
 from __future__ import annotations
@@ -25,9 +36,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -36,110 +49,136 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.vram import SD15_UNET, SDXL_UNET  # noqa: E402  (one place for the U-Net configurations)
 from library.hina_anlo import ANLO  # noqa: E402
+from networks.lora import create_network  # noqa: E402
 
-Shapes = list[tuple[str, int, int]]  # (module name, in features, out features)
+#: One optimizer parameter group before materialization: (lr, [(parameter name, shape)]).
+GroupSpec = tuple[float, list[tuple[str, tuple[int, ...]]]]
+#: The same group materialized: (lr, [(parameter name, tensor with .grad)]).
+Group = tuple[float, list[tuple[str, torch.nn.Parameter]]]
 
 GOAL_RATIO_TO_ADAMW_FUSED = 0.6
 GOAL_RATIO_TO_FLOOR = 1.6
+TEXT_ENCODER_LR = 5e-5
+UNET_LR = 1e-4
+MIB = float(1 << 20)
+
+# Text encoders (transformers CLIPTextConfig values of the released checkpoints).
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12)
+OPENCLIP_BIGG = dict(
+    hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32, projection_dim=1280
+)
+MODELS = {"sd15": "SD 1.5", "sdxl": "SDXL base"}
 
 
 # --------------------------------------------------------------------------------------------------
 # parameter sets
 
 
-def sd15_lora_shapes() -> Shapes:
-    """Module names and (in, out) features of kohya's SD 1.5 LoRA targets: 192 U-Net + 72 TE modules."""
+def model_lora_spec(model: str, rank: int) -> list[GroupSpec]:
+    """kohya's LoRA of ``model`` ("sd15" or "sdxl") at ``rank``: groups, names and shapes, via the meta device."""
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)  # the rest: SD 1.x defaults
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12)
-        )
-    shapes: Shapes = []
-    for prefix, model, containers in (
-        ("lora_unet", unet, ("Transformer2DModel",)),
-        ("lora_te", text_encoder, ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")),
-    ):
-        for container_name, container in model.named_modules():
-            if type(container).__name__ not in containers:
-                continue
-            for name, module in container.named_modules():
-                full_name = f"{prefix}_{container_name}.{name}".replace(".", "_")
-                if isinstance(module, torch.nn.Linear):
-                    shapes.append((full_name, module.in_features, module.out_features))
-                elif isinstance(module, torch.nn.Conv2d) and module.kernel_size == (1, 1):
-                    shapes.append((full_name, module.in_channels, module.out_channels))
-    return shapes
+        if model == "sd15":
+            unet = UNet2DConditionModel(**SD15_UNET)
+            text_encoders = [CLIPTextModel(CLIPTextConfig(**CLIP_L))]
+        elif model == "sdxl":
+            unet = UNet2DConditionModel(**SDXL_UNET)
+            text_encoders = [
+                CLIPTextModel(CLIPTextConfig(**CLIP_L)),
+                CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_BIGG)),
+            ]
+        else:
+            raise ValueError(f"--model: expected one of {sorted(MODELS)}, got {model!r}")
+        network = create_network(1.0, rank, rank, None, text_encoders, unet)
+    groups, _ = network.prepare_optimizer_params(TEXT_ENCODER_LR, UNET_LR, UNET_LR)
+    return [
+        (group["lr"], [(name, tuple(p.shape)) for name, p in zip(group["param_names"], group["params"])])
+        for group in groups
+    ]
 
 
-def smoke_shapes() -> Shapes:
-    return [(f"lora_unet_block_{i}", 64 * (1 + i % 3), 64 * (1 + (i + 1) % 3)) for i in range(12)]
+def smoke_spec(rank: int) -> list[GroupSpec]:
+    """Twelve small LoRA modules in two groups (the text-encoder group first, like the real ones)."""
+    def modules(prefix: str, count: int) -> list[tuple[str, tuple[int, ...]]]:
+        tensors = []
+        for i in range(count):
+            fan_in, fan_out = 64 * (1 + i % 3), 64 * (1 + (i + 1) % 3)
+            tensors += [(f"{prefix}_block_{i}.lora_down.weight", (rank, fan_in)),
+                        (f"{prefix}_block_{i}.lora_up.weight", (fan_out, rank))]  # fmt: skip
+        return tensors
+
+    return [(TEXT_ENCODER_LR, modules("lora_te", 4)), (UNET_LR, modules("lora_unet", 8))]
 
 
-def make_lora(shapes: Shapes, rank: int, device: torch.device, seed: int = 0) -> list[tuple[str, torch.Tensor]]:
-    """Named LoRA tensors (down ``rank x in``, up ``out x rank``) with fixed gradients of RMS 1e-3."""
+def materialize(spec: list[GroupSpec], device: torch.device, seed: int = 0) -> list[Group]:
+    """Tensors for ``spec`` (values RMS 1e-2) with fixed gradients (RMS 1e-3); the same seed gives the same values."""
     gen = torch.Generator().manual_seed(seed)
-    named = []
-    for module, fan_in, fan_out in shapes:
-        for factor, shape in (("lora_down", (rank, fan_in)), ("lora_up", (fan_out, rank))):
+    groups = []
+    for lr, tensors in spec:
+        named = []
+        for name, shape in tensors:
             p = torch.nn.Parameter((torch.randn(shape, generator=gen) * 0.01).to(device))
             p.grad = (torch.randn(shape, generator=gen) * 1e-3).to(device)
-            named.append((f"{module}.{factor}.weight", p))
-    return named
-
-
-def param_groups(named: list[tuple[str, torch.Tensor]], with_names: bool) -> list[dict[str, Any]]:
-    """kohya-like groups: text encoder at 5e-5, U-Net at 1e-4."""
-    groups = []
-    for prefix, lr in (("lora_te", 5e-5), ("lora_unet", 1e-4)):
-        members = [(n, p) for n, p in named if n.startswith(prefix)]
-        if members:
-            group: dict[str, Any] = {"params": [p for _, p in members], "lr": lr}
-            if with_names:
-                group["param_names"] = [n for n, _ in members]
-            groups.append(group)
+            named.append((name, p))
+        groups.append((lr, named))
     return groups
+
+
+def param_groups(groups: list[Group], with_names: bool) -> list[dict[str, Any]]:
+    """torch parameter groups for ``groups``, with ``param_names`` if asked (ANLO finds its layers by name)."""
+    result = []
+    for lr, named in groups:
+        group: dict[str, Any] = {"params": [p for _, p in named], "lr": lr}
+        if with_names:
+            group["param_names"] = [n for n, _ in named]
+        result.append(group)
+    return result
+
+
+def tensors_of(groups: list[Group]) -> list[torch.nn.Parameter]:
+    return [p for _, named in groups for _, p in named]
 
 
 # --------------------------------------------------------------------------------------------------
 # optimizers
 
 
-def optimizer_factories() -> dict[str, Callable[[list[tuple[str, torch.Tensor]]], Any]]:
-    """Name -> factory taking the named tensors. Optional packages are imported inside the factory."""
+def optimizer_factories() -> dict[str, Callable[[list[Group]], Any]]:
+    """Name -> factory taking the materialized groups. Optional packages are imported inside the factory."""
 
-    def anlo(**kwargs):
-        return lambda named: ANLO(param_groups(named, with_names=True), **kwargs)
+    def anlo(**kwargs: Any) -> Callable[[list[Group]], Any]:
+        return lambda groups: ANLO(param_groups(groups, with_names=True), **kwargs)
 
-    def adamw(**kwargs):
-        return lambda named: torch.optim.AdamW(param_groups(named, False), weight_decay=0.0, **kwargs)
+    def adamw(**kwargs: Any) -> Callable[[list[Group]], Any]:
+        return lambda groups: torch.optim.AdamW(param_groups(groups, False), weight_decay=0.0, **kwargs)
 
-    def bnb_adamw8bit(named):
+    def bnb_adamw8bit(groups: list[Group]) -> Any:
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(param_groups(named, False), weight_decay=0.0)
+        return bnb.optim.AdamW8bit(param_groups(groups, False), weight_decay=0.0)
 
-    def adafactor(named):
+    def adafactor(groups: list[Group]) -> Any:
         from transformers.optimization import Adafactor
 
-        return Adafactor(param_groups(named, False), lr=1e-4, relative_step=False, scale_parameter=False)
+        return Adafactor(param_groups(groups, False), lr=1e-4, relative_step=False, scale_parameter=False)
 
-    def prodigy(named):
+    def prodigy(groups: list[Group]) -> Any:
         from prodigyopt import Prodigy
 
-        groups = param_groups(named, False)
-        for group in groups:  # Prodigy estimates the step size itself and wants lr 1.0 in every group
+        torch_groups = param_groups(groups, False)
+        for group in torch_groups:  # Prodigy estimates the step size itself and wants lr 1.0 in every group
             group["lr"] = 1.0
-        return Prodigy(groups, lr=1.0)
+        return Prodigy(torch_groups, lr=1.0)
 
-    def pytorch_optimizer(class_name):
-        def build(named):
+    def pytorch_optimizer(class_name: str) -> Callable[[list[Group]], Any]:
+        def build(groups: list[Group]) -> Any:
             import pytorch_optimizer
 
-            return getattr(pytorch_optimizer, class_name)(param_groups(named, False), lr=1e-4)
+            return getattr(pytorch_optimizer, class_name)(param_groups(groups, False), lr=1e-4)
 
         return build
 
@@ -148,16 +187,42 @@ def optimizer_factories() -> dict[str, Callable[[list[tuple[str, torch.Tensor]]]
         "anlo_for_loop": anlo(foreach=False),
         "adamw_fused": adamw(fused=True),
         "adamw_foreach": adamw(foreach=True),
-        "adamw8bit (bitsandbytes)": bnb_adamw8bit,
-        "adafactor (transformers)": adafactor,
-        "prodigy (prodigyopt)": prodigy,
-        "lion (pytorch_optimizer)": pytorch_optimizer("Lion"),
-        "came (pytorch_optimizer)": pytorch_optimizer("CAME"),
-        "signsgd (pytorch_optimizer)": pytorch_optimizer("SignSGD"),
+        "adamw8bit": bnb_adamw8bit,
+        "adafactor": adafactor,
+        "prodigy": prodigy,
+        "lion": pytorch_optimizer("Lion"),
+        "came": pytorch_optimizer("CAME"),
+        "signsgd": pytorch_optimizer("SignSGD"),
     }
 
 
-REQUIRED = ("floor", "anlo", "anlo_for_loop", "adamw_fused", "adamw_foreach")
+#: Where an optimizer comes from, for the table (torch and this repository otherwise).
+PACKAGES = {
+    "adamw8bit": "bitsandbytes", "adafactor": "transformers", "prodigy": "prodigyopt",
+    "lion": "pytorch_optimizer", "came": "pytorch_optimizer", "signsgd": "pytorch_optimizer",
+}  # fmt: skip
+REFERENCES = ("floor", "two_pass_floor")
+#: Always run: the ratios are taken to these.
+ALWAYS = ("anlo", "adamw_fused")
+#: What --smoke runs and checks (besides the references).
+SMOKE = ALWAYS + ("anlo_for_loop", "adamw_foreach")
+
+
+def reference_steps(groups: list[Group]) -> dict[str, Callable[[], None]]:
+    """The two references over ``groups``' tensors (see the module docstring)."""
+    params = tensors_of(groups)
+    grads = [p.grad for p in params]
+
+    @torch.no_grad()
+    def floor() -> None:
+        torch._foreach_add_(params, grads, alpha=-1e-12)
+
+    @torch.no_grad()
+    def two_pass_floor() -> None:
+        torch._foreach_norm(grads, 2)
+        torch._foreach_add_(params, grads, alpha=-1e-12)
+
+    return {"floor": floor, "two_pass_floor": two_pass_floor}
 
 
 def state_bytes_per_parameter(optimizer: Any, numel: int) -> float:
@@ -173,6 +238,30 @@ def state_bytes_per_parameter(optimizer: Any, numel: int) -> float:
     return sum(tensor_bytes(s) for s in optimizer.state.values()) / numel
 
 
+def extra_step_memory(step: Callable[[], Any], device: torch.device) -> int:
+    """Peak bytes allocated during one call of ``step`` above what was allocated before it.
+
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: the allocation (+) and free (-) records of
+    ``torch.profiler.profile(profile_memory=True)`` in time order; the peak of their running sum.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    # The raw event stream: the FunctionEvent view folds allocations into the op that made them.
+    records = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for record in sorted(records, key=lambda e: e.start_ns()):
+        live += record.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
 # --------------------------------------------------------------------------------------------------
 # timing
 
@@ -181,24 +270,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    shapes = smoke_shapes() if args.smoke else sd15_lora_shapes()
-    rank = args.rank
+    spec = smoke_spec(args.rank) if args.smoke else model_lora_spec(args.model, args.rank)
 
     def synchronize() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    wanted = set(args.optimizers or ())
     steps: dict[str, Callable[[], Any]] = {}
     notes: dict[str, str] = {}
     state_bytes: dict[str, float] = {}
-    numel = 0
+    extra_bytes: dict[str, int] = {}
+    numel = sum(math.prod(shape) for _, tensors in spec for _, shape in tensors)
     for name, factory in optimizer_factories().items():
-        if args.smoke and name not in REQUIRED:
+        if name not in ALWAYS and name not in (wanted or (SMOKE if args.smoke else (name,))):
             continue
-        named = make_lora(shapes, rank, device)  # every optimizer gets its own copy of the same tensors
-        numel = sum(p.numel() for _, p in named)
+        groups = materialize(spec, device)  # every optimizer gets its own copy of the same tensors
         try:
-            optimizer = factory(named)
+            optimizer = factory(groups)
             for _ in range(args.warmup):
                 optimizer.step()
             synchronize()
@@ -207,18 +296,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             continue
         steps[name] = optimizer.step
         state_bytes[name] = state_bytes_per_parameter(optimizer, numel)
+        extra_bytes[name] = extra_step_memory(optimizer.step, device)
         if name == "anlo":
             anlo_optimizer = optimizer
-    floor_named = make_lora(shapes, rank, device)
-    floor_params = [p for _, p in floor_named]
-    floor_grads = [p.grad for p in floor_params]
-
-    @torch.no_grad()
-    def floor() -> None:
-        torch._foreach_add_(floor_params, floor_grads, alpha=-1e-12)
-
-    steps = {"floor": floor, **steps}
-    state_bytes["floor"] = 0.0
+    references = reference_steps(materialize(spec, device))
+    for name, step in references.items():
+        step()
+        state_bytes[name] = 0.0
+        extra_bytes[name] = extra_step_memory(step, device)
+    steps = {**references, **steps}
 
     times: dict[str, list[float]] = {name: [] for name in steps}
     anlo_modes: list[str] = []
@@ -244,53 +330,79 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "min_ms": 1e3 * min(samples),
             "ratio_to_adamw_fused": ratio(name, "adamw_fused"),
             "ratio_to_floor": ratio(name, "floor"),
+            "ratio_to_two_pass_floor": ratio(name, "two_pass_floor"),
             "state_bytes_per_param": state_bytes[name],
+            "extra_step_bytes": extra_bytes[name],
         }
     for mode in ("global", "layer"):
         samples = [t for t, m in zip(times["anlo"], anlo_modes) if m == mode]
         if samples:
             results["anlo"][f"median_ms_{mode}"] = 1e3 * statistics.median(samples)
+    largest = max(math.prod(shape) for _, tensors in spec for _, shape in tensors)
     return {
         "config": {
-            "parameter_set": "smoke" if args.smoke else "SD 1.5 U-Net + text encoder LoRA (kohya targets)",
-            "rank": rank,
-            "modules": len(shapes),
-            "tensors": 2 * len(shapes),
+            "parameter_set": "smoke" if args.smoke else f"{MODELS[args.model]} LoRA (networks.lora targets)",
+            "rank": args.rank,
+            "groups": len(spec),
+            "tensors": sum(len(tensors) for _, tensors in spec),
             "parameters": numel,
+            "largest_tensor_bytes": 4 * largest,
             "device": str(device),
             "threads": torch.get_num_threads(),
             "repeats": args.repeats,
             "torch": torch.__version__,
             "python": platform.python_version(),
-            "machine": platform.processor() or platform.machine(),
+            "cpu": cpu_model(),
+            "command": "python benchmarks/optimizer_step.py " + " ".join(args.argv),
         },
         "results": results,
         "skipped": notes,
     }
 
 
+def cpu_model() -> str:
+    """``lscpu``'s model name (from /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _ratio_text(value: Optional[float]) -> str:
+    return "–" if value is None else f"{value:.2f}×"
+
+
 def report(data: dict[str, Any]) -> str:
+    """A markdown summary: one line of configuration, the table, ANLO by mode, the goals, skips."""
     config = data["config"]
     lines = [
-        f"{config['parameter_set']}: rank {config['rank']}, {config['modules']} modules, {config['tensors']} tensors, "
-        f"{config['parameters'] / 1e6:.2f} M params; {config['device']}, {config['threads']} threads, "
-        f"{config['repeats']} interleaved rounds, torch {config['torch']}",
-        f"{'optimizer':<28}{'median ms':>10}{'min ms':>9}{'/AdamW-fused':>13}{'/floor':>8}{'state B/param':>15}",
+        f"{config['parameter_set']}, rank {config['rank']}: {config['tensors']} tensors in {config['groups']} groups, "
+        f"{config['parameters'] / 1e6:.2f} M parameters, largest tensor {config['largest_tensor_bytes'] / MIB:.2f} MiB; "
+        f"{config['device']} ({config['cpu']}), {config['threads']} thread(s), {config['repeats']} interleaved rounds, "
+        f"torch {config['torch']}",
+        "",
+        "| optimizer | median ms | min ms | ÷ AdamW fused | ÷ floor | ÷ two-pass floor | state B/param "
+        "| extra KiB in step() |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in data["results"].items():
-        to_adamw = "-" if r["ratio_to_adamw_fused"] is None else f"{r['ratio_to_adamw_fused']:.2f}"
         lines.append(
-            f"{name:<28}{r['median_ms']:>10.2f}{r['min_ms']:>9.2f}{to_adamw:>13}{r['ratio_to_floor']:>8.2f}"
-            f"{r['state_bytes_per_param']:>15.2f}"
+            f"| {name}{f' ({PACKAGES[name]})' if name in PACKAGES else ''} | {r['median_ms']:.2f} | {r['min_ms']:.2f} | {_ratio_text(r['ratio_to_adamw_fused'])} "
+            f"| {_ratio_text(r['ratio_to_floor'])} | {_ratio_text(r['ratio_to_two_pass_floor'])} "
+            f"| {r['state_bytes_per_param']:.2f} | {r['extra_step_bytes'] / 1024:,.1f} |"
         )
     anlo = data["results"]["anlo"]
+    lines.append("")
     if "median_ms_global" in anlo and "median_ms_layer" in anlo:
-        lines.append(f"anlo by mode: global {anlo['median_ms_global']:.2f} ms, layer {anlo['median_ms_layer']:.2f} ms")
+        lines.append(f"ANLO by mode: global {anlo['median_ms_global']:.2f} ms, layer {anlo['median_ms_layer']:.2f} ms.")
+    to_adamw, to_floor = anlo["ratio_to_adamw_fused"], anlo["ratio_to_floor"]
     lines.append(
-        f"goals: ANLO <= {GOAL_RATIO_TO_ADAMW_FUSED}x AdamW-fused: {anlo['ratio_to_adamw_fused']:.2f}x "
-        f"({'met' if anlo['ratio_to_adamw_fused'] <= GOAL_RATIO_TO_ADAMW_FUSED else 'NOT met'}); "
-        f"<= {GOAL_RATIO_TO_FLOOR}x floor: {anlo['ratio_to_floor']:.2f}x "
-        f"({'met' if anlo['ratio_to_floor'] <= GOAL_RATIO_TO_FLOOR else 'NOT met'})"
+        f"Goals: ANLO ≤ {GOAL_RATIO_TO_ADAMW_FUSED}× AdamW-fused: {to_adamw:.2f}× "
+        f"({'met' if to_adamw <= GOAL_RATIO_TO_ADAMW_FUSED else 'NOT met'}); "
+        f"≤ {GOAL_RATIO_TO_FLOOR}× floor: {to_floor:.2f}× ({'met' if to_floor <= GOAL_RATIO_TO_FLOOR else 'NOT met'})."
     )
     for name, note in data["skipped"].items():
         lines.append(f"{name}: {note}")
@@ -298,36 +410,67 @@ def report(data: dict[str, Any]) -> str:
 
 
 def check(data: dict[str, Any]) -> list[str]:
-    """Sanity checks for --smoke: every required row present, positive finite times, expected state."""
+    """Sanity checks for --smoke: every required row present, positive finite times, expected state, and
+    no temporary inside ANLO's step larger than its largest tensor (plus small per-tensor vectors)."""
     problems = []
     results = data["results"]
-    for name in REQUIRED:
+    for name in REFERENCES + SMOKE:
         if name not in results:
             problems.append(f"{name}: missing ({data['skipped'].get(name, 'no result')})")
     for name, r in results.items():
         values = [r["median_ms"], r["min_ms"], r["ratio_to_floor"]]
         if not all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in values):
             problems.append(f"{name}: nonsense timing {values}")
-    if "anlo" in results and results["anlo"]["state_bytes_per_param"] != 0:
-        problems.append(f"anlo keeps {results['anlo']['state_bytes_per_param']} bytes of state per parameter")
+    if "anlo" in results:
+        if results["anlo"]["state_bytes_per_param"] != 0:
+            problems.append(f"anlo keeps {results['anlo']['state_bytes_per_param']} bytes of state per parameter")
+        allowed = data["config"]["largest_tensor_bytes"] + 64 * data["config"]["tensors"]
+        if results["anlo"]["extra_step_bytes"] > allowed:
+            problems.append(f"anlo allocates {results['anlo']['extra_step_bytes']} bytes inside step(), over {allowed}")
     if "adamw_fused" in results and not 8 <= results["adamw_fused"]["state_bytes_per_param"] < 8.1:
         problems.append(f"adamw_fused keeps {results['adamw_fused']['state_bytes_per_param']} bytes per parameter")
     return problems
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="sd15", help="LoRA of which model (default sd15)")
     parser.add_argument("--rank", type=int, default=32, help="LoRA rank (default 32)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 30; smoke 5)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per optimizer first (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument(
+        "--optimizers", type=lambda text: [t.strip() for t in text.split(",") if t.strip()], default=None,
+        metavar="NAMES", help="comma-separated optimizers to run besides anlo and adamw_fused (default: all; smoke: "
+        + ",".join(SMOKE[len(ALWAYS):]) + ")",
+    )  # fmt: skip
+    parser.add_argument(
         "--smoke", action="store_true",
         help="tiny shapes, few rounds, required optimizers only, 1 thread; exit 1 on nonsense",
     )  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results as JSON")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    args.argv = argv
+    if args.rank < 1:
+        parser.error(f"--rank: expected a positive integer, got {args.rank}")
+    unknown = sorted(set(args.optimizers or ()) - set(optimizer_factories()))
+    if unknown:
+        parser.error(f"--optimizers: unknown {', '.join(unknown)}; known: {', '.join(optimizer_factories())}")
     if args.smoke:  # one thread: on a busy shared machine, OpenMP threads can stall tiny steps for 100s of ms
         args.rank = min(args.rank, 4)
         args.threads = args.threads or 1
@@ -337,8 +480,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     data = run(args)
     print(report(data))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(data, indent=2))
+        write_atomically(args.json, json.dumps(data, indent=2))
     if args.smoke:
         problems = check(data)
         for problem in problems:
