@@ -91,6 +91,17 @@ def parse_network_args(network_args: list[str] | None) -> dict[str, str]:
     return kwargs
 
 
+def import_network_module(name: str) -> Any:
+    """The ``--network_module`` (``networks.lora``, ``lycoris.kohya``, ...); a name that does not exist is the
+    user's error, while a module that exists but fails to import keeps its traceback."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as error:
+        if error.name is None or not (name == error.name or name.startswith(error.name + ".")):
+            raise
+        raise UserInputError(f"--network_module {name}: no such module (e.g. {DEFAULT_NETWORK_MODULE})") from None
+
+
 def first_text_encoder_lr(text_encoder_lr: float | list[float] | None) -> float | None:
     """``--text_encoder_lr`` takes several values on the command line (one per encoder) and one in a TOML file;
     the LoRA network takes one: the first."""
@@ -362,12 +373,10 @@ class NetworkTrainer:
 
         # network
         args.network_module = args.network_module or DEFAULT_NETWORK_MODULE
+        network_module = import_network_module(args.network_module)
         network_kwargs = parse_network_args(args.network_args)
         text_encoder = text_encoders[0] if len(text_encoders) == 1 else text_encoders
-        train_unet = not args.network_train_text_encoder_only
-        train_text_encoder = not args.network_train_unet_only
-        with reported_as_user_input():  # --network_module, --network_args, --network_weights
-            network_module = importlib.import_module(args.network_module)
+        with reported_as_user_input():  # --network_args, --network_dim / --dim_from_weights
             if args.dim_from_weights:
                 network, _ = network_module.create_network_from_weights(
                     1.0, args.network_weights, vae, text_encoder, unet, **network_kwargs
@@ -384,10 +393,13 @@ class NetworkTrainer:
                     neuron_dropout=args.network_dropout,
                     **network_kwargs,
                 )
-            network.apply_to(text_encoder, unet, train_text_encoder, train_unet)
-            if args.network_weights is not None and not args.dim_from_weights:
+        train_unet = not args.network_train_text_encoder_only
+        train_text_encoder = not args.network_train_unet_only
+        network.apply_to(text_encoder, unet, train_text_encoder, train_unet)
+        if args.network_weights is not None and not args.dim_from_weights:
+            with reported_as_user_input():  # a missing or unreadable file
                 info = network.load_weights(args.network_weights)
-                accelerator.print(f"loaded network weights from {args.network_weights}: {info}")
+            accelerator.print(f"loaded network weights from {args.network_weights}: {info}")
 
         if args.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
@@ -519,6 +531,8 @@ class NetworkTrainer:
         loss_recorder = LossRecorder()
         validation_recorder = ValidationRecorder()
         non_finite_losses = 0
+        # before the progress bar: this call also reads --sample_prompts, so a bad file fails on a line of its own
+        sample_during_training(accelerator, args, models, network, optimizer, global_step, 0, False, weight_dtype)
         progress_bar = tqdm(
             range(args.max_train_steps),
             initial=global_step,
@@ -526,7 +540,6 @@ class NetworkTrainer:
             disable=not accelerator.is_local_main_process,
             desc="steps",
         )
-        sample_during_training(accelerator, args, models, network, optimizer, global_step, 0, False, weight_dtype)
 
         interrupt = resume.InterruptRequest().install()  # first Ctrl-C: save the state after this step, then stop
         try:

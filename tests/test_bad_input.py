@@ -9,12 +9,15 @@ the model is loaded.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 import sdxl_train_network
 import train_network
@@ -83,8 +86,6 @@ def assert_one_error_line(lines: list[str], pattern: str) -> None:
 
 
 def assert_matches(line: str, pattern: str) -> None:
-    import re
-
     assert re.fullmatch(pattern, line), f"{line!r} does not match {pattern!r}"
 
 
@@ -113,6 +114,26 @@ def assert_matches(line: str, pattern: str) -> None:
             lambda data, tmp: ["--network_args", "conv_dim"],
             r"--network_args: 'conv_dim' is not key=value",
             id="network-arg-without-value",
+        ),
+        pytest.param(
+            lambda data, tmp: ["--network_module", "networks.nope"],
+            r"--network_module networks\.nope: no such module \(e\.g\. networks\.lora\)",
+            id="unknown-network-module",
+        ),
+        pytest.param(
+            lambda data, tmp: ["--resume", str(tmp / "nowhere")],
+            r"--resume .*nowhere: no such state folder",
+            id="resume-from-nothing",
+        ),
+        pytest.param(
+            lambda data, tmp: ["--sample_prompts", str(tmp / "missing.txt"), "--sample_every_n_steps", "1"],
+            r".*missing\.txt: cannot read sample prompt file: .*",
+            id="missing-sample-prompts",
+        ),
+        pytest.param(
+            lambda data, tmp: ["--validation_split", "0.5"],
+            r"--validation_split 0\.5: .*",
+            id="validation-split-of-one-image",
         ),
         pytest.param(
             lambda data, tmp: ["--log_with", "tensorboard"],
@@ -145,8 +166,9 @@ def test_output_dir_that_cannot_be_created(main, data_dir, tmp_path, capsys):
     assert not output_dir.exists()
 
 
-def test_sdxl_lora_into_sd1_names_the_file_and_both_families(data_dir, lora_files, tmp_path, capsys):
-    argv = base_argv(data_dir, tmp_path / "out") + ["--network_weights", str(lora_files["sdxl"])]
+@pytest.mark.parametrize("rank_from", [[], ["--dim_from_weights"]], ids=["network_dim", "dim_from_weights"])
+def test_sdxl_lora_into_sd1_names_the_file_and_both_families(rank_from, data_dir, lora_files, tmp_path, capsys):
+    argv = base_argv(data_dir, tmp_path / "out") + ["--network_weights", str(lora_files["sdxl"]), *rank_from]
     lines = run_main(train_network.main, argv, capsys)
     assert_one_error_line(
         lines,
@@ -162,6 +184,18 @@ def test_lora_of_another_rank_names_the_key_shapes_and_rank(data_dir, lora_files
         lines,
         rf"network_weights {lora_files['sd1_rank8']}: key lora_\w+\.lora_(down|up)\.weight has shape \(\d+, \d+\) "
         r"but the network expects \(\d+, \d+\) — trained with network_dim 8\? .*--dim_from_weights\)",
+    )
+
+
+def test_lora_with_no_module_of_this_model_is_refused(data_dir, tmp_path, capsys):
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"lora_unet_mid_block_x.lora_down.weight": torch.zeros(4, 8),
+               "lora_unet_mid_block_x.lora_up.weight": torch.zeros(8, 4)}, str(foreign))  # fmt: skip
+    argv = base_argv(data_dir, tmp_path / "out") + ["--network_weights", str(foreign)]
+    assert_one_error_line(
+        run_main(train_network.main, argv, capsys),
+        rf"network_weights {foreign}: none of its 1 LoRA modules \(e\.g\. lora_unet_mid_block_x\) exist in this "
+        r"network; is it a LoRA for another base model\?",
     )
 
 
