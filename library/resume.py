@@ -27,6 +27,7 @@ import os
 import shutil
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,24 +115,63 @@ def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> l
 
 
 def save_state(accelerator: Accelerator, path: str, state: TrainState, run_fingerprint: dict[str, Any]) -> None:
-    """Save the training state into the folder ``path`` (every process takes part; the main one writes the json
-    files and renames). The state goes to ``<path>.tmp`` first; an existing ``path`` is replaced only when the new
-    state is complete, and stays as it was if saving fails."""
+    """Save the training state into the folder ``path``. Every process must call this: each one writes its part
+    (accelerate writes the weights, optimizer and scheduler from the main process and one RNG file per process)
+    into ``<path>.tmp``, which the main process then completes with the json files and renames to ``path``. An
+    existing ``path`` is replaced only when the new state is complete, and stays as it was if saving fails.
+
+    Between the phases the processes agree on whether every one of them succeeded, so a failure on any process
+    raises ``ResumeError`` on all of them, instead of leaving the others waiting for it forever."""
+    if accelerator.num_processes > 1 and not torch.distributed.is_initialized():
+        raise ResumeError(
+            f"cannot save the training state to {path}: the {accelerator.num_processes} processes no longer form a "
+            "process group (accelerator.end_training() was called before this save; it must come after it)"
+        )
     temporary = path + ".tmp"
-    if accelerator.is_main_process and os.path.exists(temporary):
-        shutil.rmtree(temporary)
-    accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(temporary)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            _write_json(os.path.join(temporary, TRAIN_STATE_FILE), {"current_epoch": state.epoch, "current_step": state.step})
-            _write_json(os.path.join(temporary, FINGERPRINT_FILE), run_fingerprint)
-            _replace_dir(temporary, path)
-    except OSError as error:
-        raise ResumeError(f"could not save the training state to {path}: {error}; earlier states are unchanged") from error
-    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _agree(accelerator, path, _attempt(lambda: _remove_dir(temporary)))
+    else:
+        _agree(accelerator, path, None)
+    _agree(accelerator, path, _attempt(lambda: accelerator.save_state(temporary)))
+    if accelerator.is_main_process:
+        _agree(accelerator, path, _attempt(lambda: _complete_and_rename(temporary, path, state, run_fingerprint)))
+    else:
+        _agree(accelerator, path, None)
     logger.info("saved the training state to %s (epoch %d, step %d)", path, state.epoch, state.step)
+
+
+def _attempt(action: Callable[[], object]) -> OSError | None:
+    """Run ``action``; return the ``OSError`` it raised (a full disk, a missing permission), or None."""
+    try:
+        action()
+    except OSError as error:
+        return error
+    return None
+
+
+def _agree(accelerator: Accelerator, path: str, failure: OSError | None) -> None:
+    """Wait for every process (a collective, so also a barrier) and raise ``ResumeError`` on all of them if saving
+    failed on any."""
+    failed = failure is not None
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([1.0 if failed else 0.0], device=accelerator.device)
+        failed = accelerator.reduce(flag, reduction="sum").item() > 0
+    if failed:
+        reason = failure if failure is not None else "it failed on another process"
+        raise ResumeError(f"could not save the training state to {path}: {reason}; earlier states are unchanged") \
+            from failure
+
+
+def _remove_dir(path: str) -> None:
+    if os.path.exists(path):
+        shutil.rmtree(path)
+
+
+def _complete_and_rename(temporary: str, path: str, state: TrainState, run_fingerprint: dict[str, Any]) -> None:
+    """Add ``train_state.json`` and ``fingerprint.json`` to the saved folder ``temporary`` and move it to ``path``."""
+    _write_json(os.path.join(temporary, TRAIN_STATE_FILE), {"current_epoch": state.epoch, "current_step": state.step})
+    _write_json(os.path.join(temporary, FINGERPRINT_FILE), run_fingerprint)
+    _replace_dir(temporary, path)
 
 
 def remove_state(accelerator: Accelerator, path: str) -> None:
