@@ -123,7 +123,7 @@ def save_state(accelerator: Accelerator, path: str, state: TrainState, run_finge
     Between the phases the processes agree on whether every one of them succeeded, so a failure on any process
     raises ``ResumeError`` on all of them, instead of leaving the others waiting for it forever."""
     if accelerator.num_processes > 1 and not torch.distributed.is_initialized():
-        raise ResumeError(
+        raise RuntimeError(  # a bug in the caller, not an input the user can fix
             f"cannot save the training state to {path}: the {accelerator.num_processes} processes no longer form a "
             "process group (accelerator.end_training() was called before this save; it must come after it)"
         )

@@ -7,13 +7,14 @@ process (accelerate's simple launcher), as checked by hand with accelerate 1.15.
 
 Each process runs this file as its script (see ``main`` at the bottom): it records, into its own file under
 ``$PROBE_DIR``, the sha256 of every trained parameter after each optimizer step (a global optimizer step
-hook), the images of each batch it trained on, and every file it created, wrote or renamed under
-``$PROBE_ROOT`` (an audit hook); then it runs ``train_network.py`` unchanged. The tests check that
+hook), the images of each batch it trained on, and every file it opened for writing from Python or renamed
+under ``$PROBE_ROOT`` (an audit hook: the LoRA files, TensorBoard events and json files; torch.save and
+safetensors' own writers work below Python and are not seen); then it runs ``train_network.py`` unchanged. The tests check that
 
 * both ranks hold bit-identical LoRA weights after every step,
 * the images of an epoch are split between the ranks (each sees half the batches),
-* only rank 0 writes the LoRA files, the TensorBoard log and the state folders (each rank writes only its own
-  RNG state into the state folder, as accelerate does),
+* only rank 0 writes the LoRA files, the TensorBoard log and the state folders' json files and renames them
+  into place (each rank adds its own RNG state to the state folder, as accelerate does),
 * a state saved by two processes resumes in two processes and goes on exactly as the uninterrupted run.
 
 ``resume.save_state`` itself is also run on a bare two-process gloo group, with a full disk on one rank.
@@ -40,6 +41,10 @@ from library import resume
 
 pytestmark = pytest.mark.slow
 
+# The trainer calls accelerator.end_training(), which destroys the process group, before its final save_state;
+# the 2-process state runs fail until it is moved after the final saves (library/trainer.py, end of train()).
+NEEDS_END_TRAINING_AFTER_SAVES = pytest.mark.xfail(
+    strict=True, reason="library/trainer.py calls accelerator.end_training() before the final save_state")
 REPO = Path(__file__).resolve().parent.parent
 COLORS = ("red", "green", "blue", "yellow")  # 4 images, 1 repeat: 4 batches per epoch, 2 per rank
 STEPS = 4
@@ -157,19 +162,22 @@ def test_only_rank_0_writes_the_lora_files_and_the_log(two_process_run, workspac
     assert len(list((workspace / "logs").iterdir())) == 1  # one run folder
 
 
-def test_two_process_state_is_complete_and_rank_1_writes_only_its_rng(state_run, workspace):
+@NEEDS_END_TRAINING_AFTER_SAVES
+def test_two_process_state_is_complete_and_only_rank_0_completes_it(state_run, workspace):
     out = workspace / "out" / "state"
     for name in ("state-step00000002-state", "state-step00000004-state", "state-state"):
         files = sorted(p.name for p in (out / name).iterdir())
         assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "random_states_1.pkl",
                 "train_state.json", "fingerprint.json"} <= set(files), name
     assert not list(out.glob("*.tmp")) and not list(out.glob("*.old"))
-    rank1_files = {Path(entry["path"]).name for entry in of_kind(state_run[1], "write")}
-    assert rank1_files == {"random_states_1.pkl"}
+    renamed = {rank: [Path(e["path"]).name for e in of_kind(entries, "write")] for rank, entries in state_run.items()}
+    assert renamed[1] == []  # rank 1's only file, its RNG state, is written by torch's C++ writer (not audited)
+    assert {"train_state.json", "state-step00000002-state", "state-state"} <= set(renamed[0])
     train_state = json.loads((out / "state-step00000002-state" / "train_state.json").read_text())
     assert train_state == {"current_epoch": 1, "current_step": 2}
 
 
+@NEEDS_END_TRAINING_AFTER_SAVES
 def test_two_process_resume_continues_exactly(state_run, resumed_run, workspace):
     """Steps 3 and 4 after resuming give the weights and batches of the uninterrupted run's steps 3 and 4."""
     for rank in (0, 1):

@@ -1,15 +1,25 @@
 """``--validation_split`` (library/validation.py): the held-out images, the loss at fixed noise, and a training run
-that is unchanged by validating."""
+that is unchanged by validating.
+
+The end-to-end check trains the same two images twice: once from a folder that also holds a third image, held out
+by ``--validation_split`` and validated every 2 steps, once from a folder with only the two training images and no
+validation. Network dropout, caption shuffling, flips and random timesteps are on, so any draw that validation
+took from the training RNG would change the losses and the weights.
+"""
 
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from accelerate import Accelerator
 from PIL import Image
+from safetensors.torch import load_file
+from test_resume import base_args, make_workspace, train
+from test_train_network import read_scalars
 
 import train_network
 from library import validation
@@ -94,3 +104,44 @@ def test_recorder_names_match_sd_scripts():
     assert recorder.step_logs(2.0) == {"loss/validation/step_current": 2.0, "loss/validation/step_average": 2.0}
     assert recorder.step_logs(4.0)["loss/validation/step_average"] == 3.0
     assert recorder.epoch_logs(1.0) == {"loss/validation/epoch_current": 1.0, "loss/validation/epoch_average": 1.0}
+
+
+@pytest.fixture(scope="module")
+def validated_and_plain_runs(tmp_path_factory):
+    """(run with validation, run without, log folder of the first): the same two training images, 8 steps."""
+    root = make_workspace(tmp_path_factory.mktemp("validation_e2e"))
+    validated = train(base_args(root, "validated", "--validation_split", "0.25", "--validate_every_n_steps", "2",
+                                "--logging_dir", str(root / "logs")))
+
+    # the images the split kept for training, in a folder of their own
+    args = train_network.parse_args(base_args(root, "split", "--validation_split", "0.25"), sdxl=False)
+    kept, _ = validation.split_dataset(build_dataset(args), args.validation_split, validation.validation_seed(args))
+    plain_images = root / "plain" / "2_sks shape"
+    plain_images.mkdir(parents=True)
+    for item in kept.datasets[0].items:
+        shutil.copy(item.path, plain_images)
+        shutil.copy(Path(item.path).with_suffix(".txt"), plain_images)
+    argv = base_args(root, "plain")
+    argv[argv.index("--train_data_dir") + 1] = str(root / "plain")
+    plain = train(argv)
+    return validated, plain, root / "logs"
+
+
+def test_validation_leaves_training_losses_and_weights_unchanged(validated_and_plain_runs):
+    validated, plain, _ = validated_and_plain_runs
+    assert len(validated.loss_history) == 8
+    assert validated.loss_history == plain.loss_history
+    with_validation, without = load_file(validated.output_file), load_file(plain.output_file)
+    assert with_validation.keys() == without.keys()
+    for key in without:
+        assert torch.equal(with_validation[key], without[key]), key
+
+
+def test_validation_loss_is_logged_under_sd_scripts_names(validated_and_plain_runs):
+    _, _, logs = validated_and_plain_runs
+    scalars = read_scalars(logs)
+    current, average = scalars["loss/validation/step_current"], scalars["loss/validation/step_average"]
+    assert len(current) == 4  # after steps 2, 4, 6 and 8
+    assert average == pytest.approx([sum(current[: i + 1]) / (i + 1) for i in range(4)], rel=1e-6)
+    assert len(set(current)) == 4  # same noise, changing weights: each pass measures the weights of its step
+    assert "loss/validation/epoch_current" not in scalars  # --validate_every_n_steps alone: no epoch passes
