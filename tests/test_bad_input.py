@@ -1,9 +1,9 @@
-"""Bad input through the entry points: one line on stderr, ``error: <message>`` (argparse's ``<prog>: error:`` for
-command-line errors), exit status 2, no traceback.
+"""Bad input through the entry points: exit status 2, no traceback, and the last line on stderr is the message:
+``error: <message>`` for what the run finds wrong, argparse's ``<prog>: error: <message>`` for the command line.
 
-The unit tests of each check (test_config.py, test_dataset.py, test_optimizers.py) cover the messages in detail;
-here each kind of mistake is run once end to end. Every case fails before the first training step, most before
-the model is loaded.
+The unit tests of each check (test_config.py, test_dataset.py, test_optimizers.py, ...) cover the messages in
+detail; here each kind of mistake is run once end to end, on a command line that otherwise trains. No case reaches
+the first training step.
 """
 
 from __future__ import annotations
@@ -87,6 +87,12 @@ def assert_one_error_line(lines: list[str], pattern: str) -> None:
 
 def assert_matches(line: str, pattern: str) -> None:
     assert re.fullmatch(pattern, line), f"{line!r} does not match {pattern!r}"
+
+
+def test_the_base_command_line_trains(data_dir, tmp_path):
+    """The control for every case below: without the mistake, the same command line trains and saves."""
+    output_file = train_network.main(base_argv(data_dir, tmp_path / "out"))
+    assert Path(output_file).is_file()
 
 
 # ----------------------------------------------------------------------------------- errors found while training
