@@ -280,6 +280,8 @@ def main() -> None:
 
     def audit(event: str, args: tuple) -> None:
         if event == "open" and isinstance(args[0], str) and args[0].startswith(root) and not args[0].startswith(probes):
+            if os.path.isdir(args[0]):  # an unnamed temporary file in it (the trainer's --output_dir write check)
+                return
             if any(c in (args[1] or "") for c in "wax+") or (args[2] or 0) & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
                 record(kind="write", path=args[0])
         elif event == "os.rename" and str(args[1]).startswith(root):
