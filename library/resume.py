@@ -128,15 +128,11 @@ def save_state(accelerator: Accelerator, path: str, state: TrainState, run_finge
             "process group (accelerator.end_training() was called before this save; it must come after it)"
         )
     temporary = path + ".tmp"
-    if accelerator.is_main_process:
-        _agree(accelerator, path, _attempt(lambda: _remove_dir(temporary)))
-    else:
-        _agree(accelerator, path, None)
+    main = accelerator.is_main_process
+    _agree(accelerator, path, _attempt(lambda: _remove_dir(temporary)) if main else None)
     _agree(accelerator, path, _attempt(lambda: accelerator.save_state(temporary)))
-    if accelerator.is_main_process:
-        _agree(accelerator, path, _attempt(lambda: _complete_and_rename(temporary, path, state, run_fingerprint)))
-    else:
-        _agree(accelerator, path, None)
+    complete = lambda: _complete_and_rename(temporary, path, state, run_fingerprint)  # noqa: E731
+    _agree(accelerator, path, _attempt(complete) if main else None)
     logger.info("saved the training state to %s (epoch %d, step %d)", path, state.epoch, state.step)
 
 
