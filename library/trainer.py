@@ -658,13 +658,13 @@ class NetworkTrainer:
             interrupt.restore()
             progress_bar.close()
 
-        accelerator.end_training()
         schedulefree_eval(optimizer)
         if args.save_state or args.save_state_on_train_end:
             save_state(resume.state_dir_name(args), num_train_epochs, global_step)
         if accelerator.is_main_process:
             self.output_file = save(checkpoint_name(args), global_step, num_train_epochs)
             accelerator.print(f"LoRA saved to {os.path.abspath(self.output_file)}")
+        accelerator.end_training()  # closes the trackers and the process group, so it comes after the last save
         return self.output_file
 
 

@@ -43,8 +43,6 @@ pytestmark = pytest.mark.slow
 
 # The trainer calls accelerator.end_training(), which destroys the process group, before its final save_state;
 # the 2-process state runs fail until it is moved after the final saves (library/trainer.py, end of train()).
-NEEDS_END_TRAINING_AFTER_SAVES = pytest.mark.xfail(
-    strict=True, reason="library/trainer.py calls accelerator.end_training() before the final save_state")
 REPO = Path(__file__).resolve().parent.parent
 COLORS = ("red", "green", "blue", "yellow")  # 4 images, 1 repeat: 4 batches per epoch, 2 per rank
 STEPS = 4
@@ -162,7 +160,6 @@ def test_only_rank_0_writes_the_lora_files_and_the_log(two_process_run, workspac
     assert len(list((workspace / "logs").iterdir())) == 1  # one run folder
 
 
-@NEEDS_END_TRAINING_AFTER_SAVES
 def test_two_process_state_is_complete_and_only_rank_0_completes_it(state_run, workspace):
     out = workspace / "out" / "state"
     for name in ("state-step00000002-state", "state-step00000004-state", "state-state"):
@@ -177,7 +174,6 @@ def test_two_process_state_is_complete_and_only_rank_0_completes_it(state_run, w
     assert train_state == {"current_epoch": 1, "current_step": 2}
 
 
-@NEEDS_END_TRAINING_AFTER_SAVES
 def test_two_process_resume_continues_exactly(state_run, resumed_run, workspace):
     """Steps 3 and 4 after resuming give the weights and batches of the uninterrupted run's steps 3 and 4."""
     for rank in (0, 1):
