@@ -3,8 +3,9 @@
 Setup (see ``benchmarks/digits_unet.py``): an SD-architecture U-Net pretrained on scikit-learn's digits 0–8
 learns digit 9 through a LoRA (``networks.lora``, kohya's U-Net targets) under a caption embedding it has never
 seen. The score is the diffusion (ε-MSE) loss on held-out 9s at FIXED noise and timesteps (stratified over
-0..999), measured along training. Every optimizer is run on the same learning-rate grid and seeds and is
-reported at its best lr (lowest mean final loss):
+0..999), measured along training. Every optimizer is run on the same learning-rate grid and seeds (``--seeds``
+for AdamW and ANLO; ``--variant_seeds``, by default the same, for the other variants) and is reported at its
+best lr (lowest mean final loss):
 
 * final validation loss (mean ± std over seeds),
 * steps to reach AdamW's best validation loss, and that count relative to AdamW's own.
@@ -27,6 +28,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -49,7 +51,8 @@ from benchmarks.digits_unet import (
 from library.hina_anlo import ANLO
 from networks.lora import LoRANetwork, create_network
 
-LR_GRID = (1e-3, 3e-3, 1e-2)  # half-decades around the optimum at this horizon (3e-4 lost for every optimizer in a pilot)
+# Half-decades around the optimum at this horizon (3e-4 lost for every optimizer in a pilot).
+LR_GRID = (1e-3, 3e-3, 1e-2)
 SMOKE_LRS = (1e-4, 1e-3)
 NETWORK_DIM = 8
 NETWORK_ALPHA = 4.0
@@ -137,6 +140,7 @@ def optimizer_specs() -> dict[str, OptimizerSpec]:
 
 
 SMOKE_OPTIMIZERS = ("AdamW", "ANLO", "ANLO+SinkGD")
+REFERENCE_PAIR = ("AdamW", "ANLO")  # always run with --seeds; the other variants with --variant_seeds
 
 
 # --------------------------------------------------------------------------------------------------- LoRA
@@ -421,7 +425,9 @@ def validation_noise(
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny self-checking run (< 30 s) in a temp dir")
-    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1) per optimizer and lr")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds (0..N-1) per lr for AdamW and ANLO")
+    parser.add_argument("--variant_seeds", type=int, default=None,
+                        help="seeds (0..N-1) per lr for the other optimizers (default: --seeds)")
     parser.add_argument("--steps", type=int, default=150, help="LoRA training steps per run")
     parser.add_argument("--eval_every", type=int, default=25, help="steps between validation evaluations")
     parser.add_argument("--draws", type=int, default=4, help="validation draws (noise, timestep) per held-out image")
@@ -438,17 +444,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--optimizers: must include AdamW (the reference)")
     if any(lr <= 0 for lr in args.lrs):
         parser.error(f"--lrs: expected positive learning rates, got {args.lrs}")
-    for name in ("seeds", "steps", "eval_every", "draws"):
+    if args.variant_seeds is None:
+        args.variant_seeds = args.seeds
+    for name in ("seeds", "variant_seeds", "steps", "eval_every", "draws"):
         if getattr(args, name) < 1:
             parser.error(f"--{name}: expected a positive integer, got {getattr(args, name)}")
     return args
 
 
 def run_benchmark(
-    setup: Setup, labels: list[str], lrs: tuple[float, ...], seeds: int, steps: int, eval_every: int
+    setup: Setup, labels: list[str], lrs: tuple[float, ...], seeds: dict[str, int], steps: int, eval_every: int
 ) -> tuple[list[RunResult], dict[str, UNet2DConditionModel]]:
-    """Every (optimizer, lr, seed) run. Also returns, for the noise check, the seed-0 models of the first two
-    optimizers at the largest lr ≤ 1e-3."""
+    """Every (optimizer, lr, seed) run, ``seeds[label]`` seeds per optimizer. Also returns, for the noise check,
+    the seed-0 models of the first two optimizers at the largest lr ≤ 1e-3."""
     specs = optimizer_specs()
     initial = validation_loss(setup.base, setup)
     noise_lr = max(lr for lr in lrs if lr <= 1e-3)
@@ -456,7 +464,7 @@ def run_benchmark(
     kept: dict[str, UNet2DConditionModel] = {}
     for label in labels:
         for lr in lrs:
-            for seed in range(seeds):
+            for seed in range(seeds[label]):
                 result, unet = train_run(setup, specs[label], lr, seed, steps, eval_every, initial)
                 results.append(result)
                 print(f"{label:24s} lr {lr:.0e} seed {seed}: final {result.losses[-1]:.5f} ({result.seconds:.1f} s)",
@@ -507,31 +515,35 @@ def main(argv: list[str] | None = None) -> int:
         temp = tempfile.TemporaryDirectory()
         cache_dir = Path(temp.name) / "cache"
         args.out = args.out if args.out != DEFAULT_OUT else Path(temp.name) / "results"
-        seeds, steps, eval_every, draws, lrs = 1, 10, 5, 1, SMOKE_LRS
+        seeds, variant_seeds, steps, eval_every, draws, lrs = 1, 1, 10, 5, 1, SMOKE_LRS
         labels = list(args.optimizers or SMOKE_OPTIMIZERS)
     else:
         config, cache_dir = DigitsConfig(), args.cache_dir
-        seeds, steps, eval_every, draws, lrs = args.seeds, args.steps, args.eval_every, args.draws, tuple(args.lrs)
+        seeds, variant_seeds, lrs = args.seeds, args.variant_seeds, tuple(args.lrs)
+        steps, eval_every, draws = args.steps, args.eval_every, args.draws
         labels = list(args.optimizers or optimizer_specs())
     labels = ["AdamW"] + [label for label in labels if label != "AdamW"]
 
     started = time.perf_counter()
     setup = make_setup(config, cache_dir, draws)
-    results, kept = run_benchmark(setup, labels, lrs, seeds, steps, eval_every)
+    seeds_per_label = {label: seeds if label in REFERENCE_PAIR else variant_seeds for label in labels}
+    results, kept = run_benchmark(setup, labels, lrs, seeds_per_label, steps, eval_every)
     noise = validation_noise(setup, kept, draws, sets=2 if args.smoke else 5)
     rows = summarize(results, lrs)
     table = markdown_table(rows)
     wall = time.perf_counter() - started
     env = environment()
 
-    command = "python -m benchmarks.lora_quality " + " ".join(argv if argv is not None else sys.argv[1:])
+    given = argv if argv is not None else sys.argv[1:]
+    command = shlex.join(["python", "-m", "benchmarks.lora_quality", *given])
     header = (
         f"Command: `{command.strip()}`  \n"
         f"Machine: {env['cpu']}, {env['torch_threads']} torch thread(s); torch {env['torch']}, "
         f"diffusers {env['diffusers']}; {env['date']}; wall time {wall / 60:.1f} min  \n"
         f"Setup: {len(setup.train_images)} training / {len(setup.val_images) // draws} held-out 9s, "
         f"{setup.config.image_size}² px, LoRA rank {NETWORK_DIM} alpha {NETWORK_ALPHA:g}, batch {BATCH_SIZE}, "
-        f"{steps} steps, {seeds} seed(s), lr grid {', '.join(f'{lr:.0e}' for lr in lrs)}; "
+        f"{steps} steps, {seeds} seed(s) for {' and '.join(REFERENCE_PAIR)}, {variant_seeds} for the others, "
+        f"lr grid {', '.join(f'{lr:.0e}' for lr in lrs)}; "
         f"validation: {len(setup.val_images)} fixed draws, evaluated every {eval_every} steps.  \n"
         f"{noise_line(noise)}\n\n"
     )

@@ -86,3 +86,11 @@ def test_unknown_optimizer_label_is_rejected(capsys: pytest.CaptureFixture[str])
     with pytest.raises(SystemExit):
         lq.parse_args(["--optimizers", "AdamW", "Adam"])
     assert "--optimizers: unknown label(s) ['Adam']" in capsys.readouterr().err
+
+
+def test_variant_seeds_default_to_seeds_and_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
+    assert lq.parse_args(["--seeds", "4"]).variant_seeds == 4
+    assert lq.parse_args(["--seeds", "4", "--variant_seeds", "2"]).variant_seeds == 2
+    with pytest.raises(SystemExit):
+        lq.parse_args(["--variant_seeds", "0"])
+    assert "--variant_seeds: expected a positive integer, got 0" in capsys.readouterr().err
