@@ -11,8 +11,9 @@ file, the file beats the defaults. Unlike sd-scripts, file values are checked ag
 
 ``--output_config --config_file X`` writes the arguments that differ from the defaults to ``X`` and exits.
 
-Flags whose help is ``COMPAT_ONLY`` are accepted so that sd-scripts command lines keep working, do nothing here,
-and are warned about when set.
+Flags whose help starts with ``COMPAT_ONLY`` are accepted so that sd-scripts command lines keep working, do nothing
+here, and are warned about when set. Flags whose help starts with ``NOT_SUPPORTED`` are sd-scripts features this
+trainer does not have; setting one is an error, so that a run never silently differs from what its config asks for.
 
 Public API::
 
@@ -42,6 +43,8 @@ from typing import Any
 
 import toml
 
+from library.errors import UserInputError
+
 logger = logging.getLogger(__name__)
 
 # Argument groups: help title -> the table name used when --output_config writes a sectioned file.
@@ -66,13 +69,23 @@ SAMPLERS = [
 ]  # fmt: skip
 
 COMPAT_ONLY = "Accepted for compatibility with sd-scripts, not used."
+NOT_SUPPORTED = "Not supported by this trainer (an error when set):"
+
+
+def _compat_only(why: str) -> str:
+    return f"{COMPAT_ONLY} {why}"
+
+
+def _not_supported(what: str) -> str:
+    return f"{NOT_SUPPORTED} {what}"
+
 
 # Never read from a config file, never written by --output_config.
 _CONFIG_CONTROL_KEYS = ("config_file", "output_config")
 _NOT_SAVED = (*_CONFIG_CONTROL_KEYS, "wandb_api_key")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserInputError):
     """A command-line argument or config-file value is invalid; the message names the flag/key and what was expected."""
 
 
@@ -119,20 +132,23 @@ def _add_model_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--v_parameterization", action="store_true", help="train with v-prediction targets")
     group.add_argument("--vae", type=str, default=None, help="replace the model's VAE with this checkpoint or folder")
     group.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32 under mixed precision")
-    group.add_argument("--tokenizer_cache_dir", type=str, default=None, help="folder to cache tokenizers in")
+    group.add_argument("--tokenizer_cache_dir", type=str, default=None,
+                       help=_compat_only("The tokenizers come with the model."))
     group.add_argument("--clip_skip", type=int, default=None,
                        help="use the output of the n-th last text-encoder layer (n >= 1)")
     group.add_argument("--max_token_length", type=int, default=None, choices=[None, 75, 150, 225],
                        help="text-encoder token length: 75 (default, also written as None), 150 or 225")
     group.add_argument("--xformers", action="store_true", help="use xformers attention")
     group.add_argument("--sdpa", action="store_true", help="use PyTorch scaled-dot-product attention")
-    group.add_argument("--mem_eff_attn", action="store_true", help="use memory-efficient attention")
+    group.add_argument("--mem_eff_attn", action="store_true",
+                       help=_compat_only("PyTorch SDPA attention, memory-efficient, is the default."))
     group.add_argument("--lowram", action="store_true", help="load models straight to the accelerator (low host RAM)")
-    group.add_argument("--highvram", action="store_true", help="skip cache clearing that saves accelerator memory")
-    group.add_argument("--fp8_base", action="store_true", help="keep the frozen base model in fp8")
-    group.add_argument("--torch_compile", action="store_true", help=COMPAT_ONLY)
+    group.add_argument("--highvram", action="store_true",
+                       help=_compat_only("Caches are cleared only where it matters."))
+    group.add_argument("--fp8_base", action="store_true", help=_not_supported("keep the frozen base model in fp8"))
+    group.add_argument("--torch_compile", action="store_true", help=_compat_only("Training runs eagerly."))
     group.add_argument("--dynamo_backend", type=str, default="inductor",
-                       help="backend of --torch_compile; accepted for compatibility, not used")
+                       help=_compat_only("The backend of --torch_compile."))
 
 
 def _add_dataset_arguments(group: argparse._ArgumentGroup) -> None:
@@ -173,7 +189,8 @@ def _add_dataset_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--token_warmup_min", type=int, default=1, help="caption parts used at the first step")
     group.add_argument("--token_warmup_step", type=float, default=0,
                        help="step at which all caption parts are used (N < 1: fraction of max_train_steps)")
-    group.add_argument("--weighted_captions", action="store_true", help="'(word:1.2)' style caption weighting")
+    group.add_argument("--weighted_captions", action="store_true",
+                       help=_not_supported("'(word:1.2)' style caption weighting"))
     group.add_argument("--color_aug", action="store_true", help="weak colour augmentation")
     group.add_argument("--flip_aug", action="store_true", help="horizontal flip augmentation")
     group.add_argument("--face_crop_aug_range", type=str, default=None,
@@ -181,7 +198,8 @@ def _add_dataset_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--random_crop", action="store_true", help="random instead of centre crop")
     group.add_argument("--alpha_mask", action="store_true", help="use the image alpha channel as loss mask")
     group.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularization images")
-    group.add_argument("--debug_dataset", action="store_true", help="show the dataset instead of training")
+    group.add_argument("--debug_dataset", action="store_true",
+                       help=_not_supported("show the dataset instead of training"))
     group.add_argument("--cache_latents", action="store_true", help="encode every image once and keep the latents")
     group.add_argument("--cache_latents_to_disk", action="store_true",
                        help="cache latents in .npz files next to the images (implies --cache_latents)")
@@ -190,8 +208,8 @@ def _add_dataset_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--max_data_loader_n_workers", type=int, default=8, help="most DataLoader worker processes")
     group.add_argument("--persistent_data_loader_workers", action="store_true",
                        help="keep DataLoader workers alive between epochs")
-    group.add_argument("--cache_info", action="store_true", help=COMPAT_ONLY)
-    group.add_argument("--dataset_class", type=str, default=None, help=COMPAT_ONLY)
+    group.add_argument("--cache_info", action="store_true", help=_compat_only("It only speeds up sd-scripts' start."))
+    group.add_argument("--dataset_class", type=str, default=None, help=_not_supported("a user-defined dataset class"))
 
 
 def _add_network_arguments(group: argparse._ArgumentGroup) -> None:
@@ -211,9 +229,9 @@ def _add_network_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--scale_weight_norms", type=float, default=None,
                        help="rescale each module whose weight norm exceeds this (max-norm regularization)")
     group.add_argument("--base_weights", type=str, default=None, nargs="*",
-                       help="network files merged into the model before training")
+                       help=_not_supported("network files merged into the model before training"))
     group.add_argument("--base_weights_multiplier", type=float, default=None, nargs="*",
-                       help="multipliers of --base_weights")
+                       help=_compat_only("Used only with --base_weights."))
 
 
 def _add_optimizer_arguments(group: argparse._ArgumentGroup) -> None:
@@ -246,7 +264,8 @@ def _add_optimizer_arguments(group: argparse._ArgumentGroup) -> None:
                        help="timescale of the inverse-sqrt scheduler (default: warm-up steps)")
     group.add_argument("--lr_scheduler_min_lr_ratio", type=float, default=None,
                        help="final learning rate as a fraction of the initial one")
-    group.add_argument("--fused_backward_pass", action="store_true", help=COMPAT_ONLY)
+    group.add_argument("--fused_backward_pass", action="store_true",
+                       help=_compat_only("sd-scripts uses it for full fine-tuning only."))
 
 
 def _add_training_loop_arguments(group: argparse._ArgumentGroup) -> None:
@@ -289,8 +308,9 @@ def _add_training_loop_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--nan_abort_steps", type=int, default=10,
                        help="(ours) stop with an error after this many consecutive non-finite losses; 0 never stops")
     group.add_argument("--ddp_timeout", type=int, default=None, help="DDP timeout in minutes")
-    group.add_argument("--ddp_gradient_as_bucket_view", action="store_true", help="DDP gradient_as_bucket_view")
-    group.add_argument("--ddp_static_graph", action="store_true", help="DDP static_graph")
+    not_ddp = _compat_only("The LoRA never runs through DDP: its gradients are averaged directly.")
+    group.add_argument("--ddp_gradient_as_bucket_view", action="store_true", help=not_ddp)
+    group.add_argument("--ddp_static_graph", action="store_true", help=not_ddp)
 
 
 def _add_saving_arguments(group: argparse._ArgumentGroup) -> None:
@@ -330,14 +350,16 @@ def _add_logging_arguments(group: argparse._ArgumentGroup) -> None:
                        help="logging back end")
     group.add_argument("--log_prefix", type=str, default=None, help="prefix of the log folder name")
     group.add_argument("--log_tracker_name", type=str, default=None, help="tracker (project) name")
-    group.add_argument("--log_tracker_config", type=str, default=None, help="tracker config file")
+    group.add_argument("--log_tracker_config", type=str, default=None,
+                       help=_compat_only("Tracker settings come from the logging flags."))
     group.add_argument("--log_config", action="store_true", help="log the training arguments")
     group.add_argument("--wandb_run_name", type=str, default=None, help="wandb run name")
     group.add_argument("--wandb_api_key", type=str, default=None, help="wandb API key (never written to configs)")
     group.add_argument("--console_log_level", type=str, default=None,
                        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], help="console log level")
     group.add_argument("--console_log_file", type=str, default=None, help="also write the console log to this file")
-    group.add_argument("--console_log_simple", action="store_true", help="plain console log format")
+    group.add_argument("--console_log_simple", action="store_true",
+                       help=_compat_only("The console log is plain already."))
 
 
 def _add_sampling_arguments(group: argparse._ArgumentGroup) -> None:
@@ -363,7 +385,7 @@ def _add_sdxl_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true",
                        help="cache text-encoder outputs in .npz files (implies --cache_text_encoder_outputs)")
     group.add_argument("--disable_mmap_load_safetensors", action="store_true",
-                       help="read .safetensors without memory mapping")
+                       help=_compat_only("Loading memory-maps as safetensors decides."))
 
 
 def _add_config_file_arguments(group: argparse._ArgumentGroup) -> None:
@@ -378,6 +400,7 @@ def build_parser(sdxl: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sdxl_train_network.py" if sdxl else "train_network.py",
         description="Train a LoRA network for Stable Diffusion " + ("XL" if sdxl else "1.x/2.x"),
+        usage="%(prog)s [--config_file FILE] [options]   (every option: --help)",
     )
     builders = {
         "model": _add_model_arguments,
@@ -686,10 +709,18 @@ def verify_args(args: argparse.Namespace, sdxl: bool) -> None:
                 )
 
 
-def _warn_compat_only(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def _check_unused_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Warn about set ``COMPAT_ONLY`` flags; refuse set ``NOT_SUPPORTED`` ones."""
     for action in parser._actions:
-        if action.help == COMPAT_ONLY and getattr(args, action.dest) != action.default:
+        if action.help is None or getattr(args, action.dest, action.default) in (action.default, None, []):
+            continue
+        if action.help.startswith(COMPAT_ONLY):
             logger.warning("--%s is accepted for compatibility with sd-scripts but has no effect here", action.dest)
+        elif action.help.startswith(NOT_SUPPORTED):
+            raise ConfigError(
+                f"--{action.dest} ({action.help[len(NOT_SUPPORTED):].strip()}) is an sd-scripts option this "
+                "trainer does not support; remove it"
+            )
 
 
 def _normalize(args: argparse.Namespace) -> None:
@@ -732,7 +763,7 @@ def parse_args(argv: Sequence[str] | None = None, sdxl: bool = False) -> argpars
         if args.config_file:
             args = apply_config_file(parser, argv, args.config_file)
         _normalize(args)
-        _warn_compat_only(parser, args)
+        _check_unused_flags(parser, args)
         verify_args(args, sdxl)
     except ConfigError as error:
         parser.error(str(error))
