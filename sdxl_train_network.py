@@ -17,12 +17,11 @@ cli.quiet_import_warnings()  # before the imports below load bitsandbytes and tr
 
 from library.config import parse_args  # noqa: E402
 from library.sdxl import SdxlNetworkTrainer  # noqa: E402
-from library.trainer import USER_ERRORS  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> str:
     """Parse (and check) the arguments, train, and return the path of the saved LoRA."""
-    with cli.exit_on_user_error(USER_ERRORS):
+    with cli.one_line_errors():
         args = parse_args(argv, sdxl=True)  # merges --config_file and runs verify_args
         cli.configure_logging(args)
         return SdxlNetworkTrainer().train(args)

@@ -13,6 +13,8 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from library.errors import RunStopped, UserInputError
+
 # Loggers that warn while optional backends the trainer never uses are imported: bitsandbytes' CPU 4-bit kernels
 # ("Failed to load CPU gemm_4bit_forward from kernels-community") and transformers' torchvision image
 # processors. The warnings read like failures; only errors from them are shown.
@@ -34,10 +36,17 @@ def configure_logging(args: argparse.Namespace) -> None:
 
 
 @contextmanager
-def exit_on_user_error(error_types: tuple[type[Exception], ...]) -> Iterator[None]:
-    """Turn an error of ``error_types`` raised in the block into ``error: <message>`` on stderr and exit status 2."""
+def one_line_errors() -> Iterator[None]:
+    """Turn a :class:`UserInputError` raised in the block into ``error: <message>`` on stderr and exit status 2,
+    and a :class:`RunStopped` into ``stopped: <message>`` and its own status (with ``--console_log_level DEBUG``
+    the traceback is logged first). Any other exception is a bug and keeps its traceback."""
     try:
         yield
-    except error_types as error:
+    except UserInputError as error:
+        logging.getLogger(__name__).debug("the error's traceback", exc_info=True)
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(USER_ERROR_STATUS) from None
+    except RunStopped as stop:
+        logging.getLogger(__name__).debug("where the run stopped", exc_info=True)
+        print(f"stopped: {stop}", file=sys.stderr)
+        raise SystemExit(stop.exit_status) from None

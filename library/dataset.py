@@ -55,6 +55,7 @@ from PIL import Image, ImageOps
 from library import latents as latent_cache
 from library.buckets import BucketChoice, BucketManager, adjust_min_max_bucket_reso, crop_box
 from library.config import parse_resolution
+from library.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 
@@ -775,7 +776,7 @@ class DatasetGroup(torch.utils.data.Dataset):
         files are reused, see ``library.latents``). The VAE is moved to ``device``/``dtype``."""
         if not self.is_latent_cacheable():
             offending = [s.image_dir for d in self.datasets for s in d.subsets if s.color_aug or s.random_crop]
-            raise ValueError("cache_latents / cache_latents_to_disk cannot be used with color_aug or random_crop "
+            raise UserInputError("cache_latents / cache_latents_to_disk cannot be used with color_aug or random_crop "
                              f"(set for: {', '.join(offending)})")
         requests: dict[str, latent_cache.CacheRequest] = {}
         for dataset in self.datasets:

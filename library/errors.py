@@ -21,6 +21,17 @@ class UserInputError(ValueError):
     """The run's input is wrong in a way the user can fix; the message says which input and what was expected."""
 
 
+class RunStopped(Exception):
+    """The run stopped before its end for a reason its message explains (and what was saved); the entry points
+    print the message as one line and exit with :attr:`exit_status`."""
+
+    exit_status = 1
+
+
+class LossNotFinite(RunStopped, FloatingPointError):
+    """The loss stayed non-finite for ``--nan_abort_steps`` batches in a row."""
+
+
 @contextmanager
 def reported_as_user_input(error_types: tuple[type[Exception], ...] = INPUT_ERROR_TYPES) -> Iterator[None]:
     """Re-raise an error of ``error_types`` from the block as a :class:`UserInputError` with the same message

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from library.errors import RunStopped, UserInputError
+
 logger = logging.getLogger(__name__)
 
 TRAIN_STATE_FILE = "train_state.json"
@@ -44,12 +46,14 @@ DEFAULT_STEP_NAME = "at"
 DEFAULT_LAST_NAME = "last"
 
 
-class ResumeError(ValueError):
+class ResumeError(UserInputError):
     """A state folder cannot be saved or used: the message names the folder and what is wrong."""
 
 
-class TrainingInterrupted(Exception):
+class TrainingInterrupted(RunStopped):
     """The run was stopped by Ctrl-C; the message says where its state was saved (if it was)."""
+
+    exit_status = 130  # the shell's status for a program ended by SIGINT
 
 
 @dataclass(frozen=True)

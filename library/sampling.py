@@ -74,6 +74,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 from tqdm import tqdm
 
+from library.errors import UserInputError
 from library.models import ModelBundle
 from library.optimizers import is_schedulefree
 
@@ -126,7 +127,7 @@ FIELD_TYPES: dict[str, type] = {field: kind for field, kind in LINE_OPTIONS.valu
 IGNORED_FIELDS = frozenset(IGNORED_LINE_OPTIONS.values())
 
 
-class PromptFileError(ValueError):
+class PromptFileError(UserInputError):
     """A sample prompt file that cannot be read or holds a bad value; the message names the file and line."""
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from library.dataset import DatasetGroup, process_caption
+from library.errors import UserInputError
 from library.text_cache import CacheEntry, TextCache, build_text_cache
 from library.trainer import NetworkTrainer, first_text_encoder_lr, merge_chunks, split_into_chunks, tokenize
 
@@ -97,7 +98,7 @@ def fixed_captions(dataset: DatasetGroup) -> list[CacheEntry]:
         for subset in bucketed.subsets:
             varying = [name for name in VARYING_CAPTION_OPTIONS if getattr(subset, name)]
             if varying:
-                raise ValueError(
+                raise UserInputError(
                     f"--cache_text_encoder_outputs cannot be used with {', '.join(varying)} (set for the subset "
                     f"{subset.image_dir}): they change the caption every step, so its encoding cannot be cached"
                 )
@@ -126,7 +127,7 @@ class SdxlNetworkTrainer(NetworkTrainer):
     def train(self, args: argparse.Namespace) -> str:
         """Check the SDXL-only argument combinations before anything is loaded, then run the shared loop."""
         if args.cache_text_encoder_outputs and not args.network_train_unet_only:
-            raise ValueError(
+            raise UserInputError(
                 "--cache_text_encoder_outputs requires --network_train_unet_only "
                 "(a text encoder whose outputs are cached cannot be trained)"
             )

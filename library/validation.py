@@ -24,9 +24,10 @@ import torch
 from accelerate import Accelerator
 
 from library.dataset import BucketedDataset, DatasetGroup, ImageItem
+from library.errors import UserInputError
 
 
-class ValidationSplitError(ValueError):
+class ValidationSplitError(UserInputError):
     """``--validation_split`` leaves no image for training or none for validation."""
 
 

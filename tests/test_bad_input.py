@@ -8,6 +8,7 @@ the first training step.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -146,6 +147,17 @@ def test_the_base_command_line_trains(data_dir, tmp_path):
             r"--log_with tensorboard needs --logging_dir .*",
             id="tensorboard-without-logging-dir",
         ),
+        pytest.param(
+            lambda data, tmp: ["--log_with", "wandb"],
+            r"--log_with wandb needs the wandb package: pip install wandb",
+            id="wandb-not-installed",
+            marks=pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed"),
+        ),
+        pytest.param(
+            lambda data, tmp: ["--cache_latents", "--color_aug"],
+            r".*color_aug.*",
+            id="cache-latents-with-color-aug",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_status_2(change, pattern, data_dir, tmp_path, capsys):
@@ -224,7 +236,30 @@ def test_missing_lora_file_is_one_line(data_dir, tmp_path, capsys):
 )
 def test_bad_arguments_end_with_status_2_and_the_message(extra, message, data_dir, tmp_path, capsys):
     lines = run_main(train_network.main, base_argv(data_dir, tmp_path / "out") + extra, capsys)
-    assert lines[-1].endswith("error: " + message)
+    assert lines[-2:] == [
+        "usage: train_network.py [--config_file FILE] [options]   (every option: --help)",
+        "train_network.py: error: " + message,
+    ]
+
+
+# ----------------------------------------------------------------------------------- runs that stop early
+
+
+def test_loss_that_stays_non_finite_stops_with_one_line_and_status_1(data_dir, tmp_path, capsys, monkeypatch):
+    from library.trainer import NetworkTrainer
+
+    def nan_loss(self, batch, train_text_encoder, weight_dtype):
+        return torch.tensor(float("nan"), requires_grad=True)
+
+    monkeypatch.setattr(NetworkTrainer, "compute_loss", nan_loss)
+    argv = base_argv(data_dir, tmp_path / "out") + ["--max_train_steps", "5", "--nan_abort_steps", "2"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train_network.main(argv)
+    assert exit_info.value.code == 1
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    assert_matches(stderr.splitlines()[-1], r"stopped: the loss was not finite for 2 batches in a row \(step \d\); .*")
 
 
 # ----------------------------------------------------------------------------------- as a program
