@@ -300,6 +300,23 @@ def get_optimizer(args: Any, trainable_params: Iterable[Any]) -> tuple[str, str,
     return class_path, _format_kwargs(kwargs), optimizer
 
 
+def with_param_names(groups: Iterable[Any], named_parameters: Iterable[tuple[str, torch.Tensor]]) -> list[Any]:
+    """``groups`` with a ``param_names`` list added to every dict group that has none, looked up in
+    ``named_parameters`` (the network's). Networks other than ours (LyCORIS, stock sd-scripts modules) hand over
+    groups without names; with them ANLO finds each module's tensors. Groups holding a tensor that is not among
+    ``named_parameters`` are left as they are."""
+    name_of = {id(param): name for name, param in named_parameters}
+    named = []
+    for group in groups:
+        if isinstance(group, dict) and "param_names" not in group:
+            params = list(group["params"])
+            group = {**group, "params": params}
+            if all(id(param) in name_of for param in params):
+                group["param_names"] = [name_of[id(param)] for param in params]
+        named.append(group)
+    return named
+
+
 def is_schedulefree(optimizer: Any) -> bool:
     """Whether ``optimizer`` (or the optimizer inside accelerate's wrapper) needs ``train()`` / ``eval()`` calls.
 

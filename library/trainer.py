@@ -20,25 +20,30 @@ import os
 import random
 import tempfile
 import time
+from datetime import timedelta
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm import tqdm
 
 from library import diffusion, metadata as ss_metadata, resume
-from library.config import ConfigError
 from library.dataset import build_dataset
-from library.errors import UserInputError, reported_as_user_input
+from library.errors import LossNotFinite, UserInputError, reported_as_user_input
 from library.latents import LATENT_DOWNSCALE, encode_latents
 from library.lora_format import modelspec_metadata
 from library.models import ModelBundle, load_models
-from library.optimizers import get_optimizer, get_scheduler, is_schedulefree, optimizer_metadata_string
-from library.sampling import PromptFileError, sample_during_training
+from library.optimizers import (
+    get_optimizer,
+    get_scheduler,
+    is_schedulefree,
+    optimizer_metadata_string,
+    with_param_names,
+)
+from library.sampling import sample_during_training
 from library.validation import (
     ValidationRecorder,
-    ValidationSplitError,
     is_validation_epoch,
     is_validation_step,
     split_dataset,
@@ -55,8 +60,6 @@ SAVE_PRECISIONS = {None: None, "float": torch.float32, "fp16": torch.float16, "b
 MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # get_normalization_stats() of a stateful optimizer (ANLO) may synchronise with the device: read it this rarely.
 OPTIMIZER_STATS_EVERY_N_STEPS = 10
-# Errors of a run that bad input causes: the entry points print their message as one line and exit with status 2.
-USER_ERRORS = (UserInputError, ConfigError, resume.ResumeError, ValidationSplitError, PromptFileError)
 
 
 class LossRecorder:
@@ -415,6 +418,7 @@ class NetworkTrainer:
             param_groups, lr_descriptions = network.prepare_optimizer_params(
                 text_encoder_lr, args.unet_lr, args.learning_rate
             )
+            param_groups = with_param_names(param_groups, network.named_parameters())  # LyCORIS gives none
             optimizer_name, optimizer_args, optimizer = get_optimizer(args, param_groups)
 
         n_workers = min(args.max_data_loader_n_workers, os.cpu_count() or 1)
@@ -454,6 +458,8 @@ class NetworkTrainer:
 
         num_update_steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
         num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+        if args.save_n_epoch_ratio:  # as sd-scripts: about that many epoch saves over the run
+            args.save_every_n_epochs = math.floor(num_train_epochs / args.save_n_epoch_ratio) or 1
 
         accelerator.print("running training")
         accelerator.print(f"  num train images * repeats: {dataset.num_train_images}")
@@ -525,7 +531,11 @@ class NetworkTrainer:
             )
             accelerator.print(f"resumed from {args.resume} at step {global_step} (epoch {first_epoch + 1})")
 
-        accelerator.init_trackers(args.log_tracker_name or "network_train", config=_tracker_config(args))
+        accelerator.init_trackers(
+            args.log_tracker_name or "network_train",
+            config=_tracker_config(args) if args.log_config else None,
+            init_kwargs={"wandb": {"name": args.wandb_run_name}} if args.wandb_run_name else {},
+        )
         is_tracking = len(accelerator.trackers) > 0
         trainable_params = accelerator.unwrap_model(network).get_trainable_params()
         loss_recorder = LossRecorder()
@@ -579,7 +589,7 @@ class NetworkTrainer:
                     self.loss_history.append(current_loss)
                     non_finite_losses = 0 if math.isfinite(current_loss) else non_finite_losses + 1
                     if args.nan_abort_steps and non_finite_losses >= args.nan_abort_steps:
-                        raise FloatingPointError(
+                        raise LossNotFinite(
                             f"the loss was not finite for {non_finite_losses} batches in a row (step {global_step}); "
                             "stopping (--nan_abort_steps). Try a lower --learning_rate, --max_grad_norm 1.0, or "
                             "--mixed_precision bf16 / --no_half_vae instead of fp16"
@@ -710,12 +720,28 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
         log_with = log_with or "tensorboard"
     if log_with in ("tensorboard", "all") and logging_dir is None:
         raise UserInputError(f"--log_with {log_with} needs --logging_dir (the folder the event files go to)")
+    if log_with in ("wandb", "all"):
+        _wandb_login(args.wandb_api_key)
+    kwargs_handlers = []
+    if args.ddp_timeout:
+        kwargs_handlers.append(InitProcessGroupKwargs(timeout=timedelta(minutes=args.ddp_timeout)))
     return Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=log_with,
         project_dir=logging_dir,
+        kwargs_handlers=kwargs_handlers,
     )
+
+
+def _wandb_login(api_key: str | None) -> None:
+    """``--log_with wandb``: the package must be installed; ``--wandb_api_key`` logs in (else wandb's own login)."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserInputError("--log_with wandb needs the wandb package: pip install wandb") from None
+    if api_key:
+        wandb.login(key=api_key)
 
 
 def step_logs(current_loss: float, average_loss: float, lr_scheduler: Any, lr_descriptions: list[str] | None) -> dict:
@@ -746,9 +772,18 @@ def optimizer_stats_logs(optimizer: Any) -> dict[str, float]:
     return logs
 
 
+# Never sent to a tracker.
+_SECRET_ARGUMENTS = ("wandb_api_key",)
+
+
 def _tracker_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The run's arguments as tracker hyper-parameters: only plain scalars (TensorBoard rejects the rest)."""
-    return {key: value for key, value in vars(args).items() if isinstance(value, (bool, int, float, str))}
+    """``--log_config``: the run's arguments as tracker hyper-parameters, without secrets; only plain scalars
+    (TensorBoard rejects the rest)."""
+    return {
+        key: value
+        for key, value in vars(args).items()
+        if isinstance(value, (bool, int, float, str)) and key not in _SECRET_ARGUMENTS
+    }
 
 
 def _single_batch(items: list[dict]) -> dict:
@@ -765,10 +800,16 @@ def _to_dtype(conditioning: Any, dtype: torch.dtype) -> Any:
 
 
 def _all_reduce_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter]) -> None:
-    """Average the network's gradients over processes (the network's forward never runs through DDP)."""
+    """Average the network's gradients over processes (the network's forward never runs through DDP): one
+    collective per dtype over the gradients laid end to end, not one per tensor."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for param in params:
         if param.grad is not None:
-            param.grad = accelerator.reduce(param.grad, reduction="mean")
+            by_dtype.setdefault(param.grad.dtype, []).append(param.grad)
+    for grads in by_dtype.values():
+        flat = accelerator.reduce(torch.cat([grad.reshape(-1) for grad in grads]), reduction="mean")
+        for grad, averaged in zip(grads, flat.split([grad.numel() for grad in grads])):
+            grad.copy_(averaged.view_as(grad))
 
 
 def _allow_fp16_gradient_unscaling(accelerator: Accelerator) -> None:

@@ -121,3 +121,37 @@ def test_lycoris_network_trains_with_anlo():
     assert torch.isfinite(loss)
     changed = [name for name, p in network.named_parameters() if not torch.equal(p.detach(), before[name])]
     assert len(changed) == len(before)  # every LoCon factor moved (up first, then down through it)
+
+
+def test_lycoris_groups_get_names_so_anlo_normalizes_each_module():
+    """LyCORIS hands over groups without names; ``with_param_names`` (the trainer applies it) adds them, and ANLO's
+    layer step then gives each module (down + up together) unit RMS, not each tensor."""
+    from library.optimizers import with_param_names
+
+    lycoris_kohya = pytest.importorskip("lycoris.kohya")
+    text_encoder, unet = tiny_sd1()
+    network = lycoris_kohya.create_network(1.0, 4, 1.0, None, text_encoder, unet, algo="locon", preset="attn-mlp")
+    network.apply_to(text_encoder, unet, False, True)
+    groups = network.prepare_optimizer_params(1e-3, 1e-3, 1e-3)
+    groups = groups[0] if isinstance(groups, tuple) else groups
+    groups = with_param_names(groups, network.named_parameters())
+    assert all(len(g["param_names"]) == len(g["params"]) for g in groups)
+    named = dict(network.named_parameters())
+    assert all(named[n] is p for g in groups for n, p in zip(g["param_names"], g["params"]))
+
+    lr = 1e-3
+    optimizer = ANLO(groups, lr=lr, adaptive_eps=False)  # steps alternate: global first, then layer
+    for step in range(2):
+        for name, p in named.items():
+            scale = 10.0 if "lora_up" in name else 1.0  # the halves of a module get gradients of different sizes
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step + p.numel())) * scale
+        before = {n: p.detach().clone() for n, p in named.items() if p.requires_grad}
+        optimizer.step()
+    modules: dict[str, list[torch.Tensor]] = {}
+    for name, old in before.items():
+        modules.setdefault(name.rsplit(".lora_", 1)[0], []).append((old - named[name].detach()) / lr)
+    for updates in modules.values():
+        squares = sum(float(u.double().pow(2).sum()) for u in updates)
+        assert squares / sum(u.numel() for u in updates) == pytest.approx(1.0, rel=1e-4)
+    per_tensor_rms = [float(u.pow(2).mean().sqrt()) for updates in modules.values() for u in updates]
+    assert max(per_tensor_rms) > 1.3  # per tensor the RMS is not 1: the norm really spans the module

@@ -108,7 +108,8 @@ def workspace(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def two_process_run(workspace) -> dict[int, list[dict[str, Any]]]:
     """4 steps on 2 processes, LoRA every 2 steps, TensorBoard log."""
-    launch(workspace, "ddp", "--save_every_n_steps", "2", "--logging_dir", str(workspace / "logs"))
+    # --log_config: the tracker's hparams.yml is a Python-level write the audit sees (the event file is not)
+    launch(workspace, "ddp", "--save_every_n_steps", "2", "--logging_dir", str(workspace / "logs"), "--log_config")
     return records(workspace, "ddp")
 
 

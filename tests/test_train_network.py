@@ -357,3 +357,39 @@ def test_long_captions_are_encoded_in_75_token_windows():
     merged = merge_chunks(hidden, batch_size=2)
     assert merged.shape == (2, 152, 1)
     assert merged[0, 0, 0] == 0 and merged[0, 1, 0] == 1 and merged[0, 76, 0] == 77 + 1 and merged[0, -1, 0] == 2 * 77 - 1
+
+
+def test_save_n_epoch_ratio_spreads_the_epoch_saves(workspace):
+    # 4 epochs of one optimizer step each (8 batches accumulated); ratio 2 -> a save every 2 epochs, as sd-scripts
+    trainer = run(
+        workspace,
+        "--max_train_epochs", "4",
+        "--gradient_accumulation_steps", "8",
+        "--save_n_epoch_ratio", "2",
+        "--output_name", "ratio",
+    )  # fmt: skip
+    out = Path(trainer.output_file).parent
+    assert sorted(p.name for p in out.glob("ratio*")) == ["ratio-000002.safetensors", "ratio.safetensors"]
+
+
+def test_log_config_stores_the_arguments_without_secrets(workspace, base_run):
+    logs = workspace / "config_logs"
+    run(
+        workspace,
+        "--max_train_steps", "1",
+        "--logging_dir", str(logs),
+        "--log_config",
+        "--wandb_api_key", "do-not-log-me",
+        "--output_name", "log_config",
+    )  # fmt: skip
+    (hparams_file,) = logs.rglob("hparams.yml")
+    hparams = hparams_file.read_text(encoding="utf-8")
+    assert "network_dim: 4" in hparams and "optimizer_type: AdamW" in hparams
+    assert "wandb_api_key" not in hparams and "do-not-log-me" not in hparams
+    assert not list((workspace / "logs").rglob("hparams.yml"))  # the base run had no --log_config
+
+
+def test_ddp_timeout_reaches_the_process_group(workspace):
+    args = train_network.parse_args(["--config_file", str(workspace / "config.toml"), "--ddp_timeout", "7"])
+    accelerator = trainer_module.make_accelerator(args)
+    assert accelerator.init_handler.timeout.total_seconds() == 7 * 60
