@@ -597,7 +597,8 @@ def test_cautious_gate_fires_exactly_when_coupled_decay_turns_the_update(p0, fir
     """
     lr, wd = 1e-3, 0.1
     p = torch.tensor([p0, 0.0], dtype=torch.float64, requires_grad=True)
-    opt = ANLO([p], lr=lr, weight_decay=wd, use_cautious_update=True, adaptive_eps=False, eps=0.0)
+    opt = ANLO([p], lr=lr, weight_decay=wd, decoupled_weight_decay=False, use_cautious_update=True,
+               adaptive_eps=False, eps=0.0)  # the gate can fire only with coupled decay
     p.grad = torch.tensor([0.0, 1.0], dtype=torch.float64)
     opt.step()
     u = torch.tensor([p0 * wd, 1.0], dtype=torch.float64)
@@ -659,6 +660,49 @@ def test_closure_runs_with_grad_and_returns_loss():
     torch.testing.assert_close(weight.detach(), torch.tensor([1.0, 2.0]) - 0.1 * torch.tensor([1.0, 2.0]) * math.sqrt(2) / math.sqrt(5), rtol=1e-6, atol=0)
 
 
+def test_weight_decay_is_decoupled_by_default():
+    """The default the LoRA benchmark supports: p <- p * (1 - lr * wd) - lr * s * g, g alone normalized."""
+    p = torch.tensor([3.0, -4.0], dtype=torch.float64, requires_grad=True)
+    p.grad = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    ANLO([p], lr=0.1, weight_decay=0.5, adaptive_eps=False, eps=0.0).step()
+    expected = torch.tensor([3.0, -4.0], dtype=torch.float64) * (1 - 0.1 * 0.5) - 0.1 * torch.tensor([1.0, 1.0])
+    torch.testing.assert_close(p.detach(), expected, rtol=1e-7, atol=0)  # coefficients are float32
+
+
+def _sinkgd_reference(grad: list[list[float]], iterations: int) -> list[list[float]]:
+    """Row then column rescaling to RMS 1, element by element in float64 (independent of torch)."""
+    m = [row[:] for row in grad]
+    rows, cols = len(m), len(m[0])
+    for _ in range(iterations):
+        for i in range(rows):
+            norm = math.sqrt(sum(v * v for v in m[i]))
+            m[i] = [v * math.sqrt(cols) / (norm + 1e-12) for v in m[i]]
+        for j in range(cols):
+            norm = math.sqrt(sum(m[i][j] ** 2 for i in range(rows)))
+            for i in range(rows):
+                m[i][j] = m[i][j] * math.sqrt(rows) / (norm + 1e-12)
+    return m
+
+
+def test_sinkgd_iterations_rescale_rows_and_columns_before_the_step():
+    generator = torch.Generator().manual_seed(3)
+    down = torch.zeros(2, 5, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    down.grad = torch.randn(2, 5, generator=generator, dtype=torch.float64) * torch.tensor([[1.0], [7.0]])
+    bias.grad = torch.randn(3, generator=generator, dtype=torch.float64)
+    expected_down = torch.tensor(_sinkgd_reference(down.grad.tolist(), 3), dtype=torch.float64)
+    expected_bias = bias.grad.clone()  # 1-D: left alone
+    ANLO([down, bias], lr=0.1, sinkgd_iterations=3, adaptive_eps=False, eps=0.0).step()
+
+    torch.testing.assert_close(down.grad, expected_down, rtol=1e-12, atol=0)  # rewritten in place
+    torch.testing.assert_close(bias.grad, expected_bias, rtol=0, atol=0)
+    # then a plain global step on the rescaled gradients
+    total = math.sqrt(float(expected_down.pow(2).sum() + expected_bias.pow(2).sum()))
+    scale = 0.1 * math.sqrt(13) / total
+    torch.testing.assert_close(down.detach(), -scale * expected_down, rtol=1e-12, atol=0)
+    torch.testing.assert_close(bias.detach(), -scale * expected_bias, rtol=1e-12, atol=0)
+
+
 # --------------------------------------------------------------------------------------------------
 # arguments
 
@@ -681,6 +725,8 @@ def test_closure_runs_with_grad_and_returns_loss():
         ({"use_cautious_update": 1}, "use_cautious_update"),
         ({"stochastic_rounding": None}, "stochastic_rounding"),
         ({"foreach": "fast"}, "foreach"),
+        ({"sinkgd_iterations": -1}, "sinkgd_iterations"),
+        ({"sinkgd_iterations": 2.0}, "sinkgd_iterations"),
     ],
 )
 def test_invalid_arguments_name_the_argument(kwargs, name):
