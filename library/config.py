@@ -36,13 +36,13 @@ import difflib
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import toml
 
+from library.atomic import atomic_output
 from library.errors import UserInputError
 
 logger = logging.getLogger(__name__)
@@ -557,19 +557,6 @@ def apply_config_file(
     return args
 
 
-def _write_atomic(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".toml")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def save_config_file(
     args: argparse.Namespace, parser: argparse.ArgumentParser, config_file: str | os.PathLike[str]
 ) -> str:
@@ -590,7 +577,8 @@ def save_config_file(
         if isinstance(value, Path):
             value = str(value)
         tables.setdefault(sections[key], {})[key] = value
-    _write_atomic(path, toml.dumps(tables))
+    with atomic_output(path, "w", encoding="utf-8") as file:
+        file.write(toml.dumps(tables))
     return path
 
 

@@ -14,7 +14,6 @@ are recomputed and the file is rewritten atomically. sd-scripts files (no finger
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from library.atomic import atomic_output
 
 LATENT_DOWNSCALE = 8  # SD VAEs map an image of H×W pixels to latents of H/8 × W/8
 _FINGERPRINT_VERSION = "anlo-latents-v1 posterior-mean"
@@ -86,16 +87,8 @@ def save_latents_npz(path: Path, request: CacheRequest, cached: CachedLatents) -
     }
     if cached.latents_flipped is not None:
         arrays["latents_flipped"] = cached.latents_flipped.float().cpu().numpy()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; give the cache a normal file's permissions
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
-        raise
+    with atomic_output(path) as file:
+        np.savez(file, **arrays)
 
 
 def _expected_shape_ok(latents: np.ndarray, bucket: tuple[int, int]) -> bool:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +26,7 @@ import safetensors.torch
 import torch
 
 from library import sai_names
+from library.atomic import atomic_output
 
 LORA_PREFIX_UNET = "lora_unet"
 LORA_PREFIX_TEXT_ENCODER = "lora_te"
@@ -125,24 +125,6 @@ def _check_metadata(metadata: Mapping[str, Any], path: str) -> dict[str, str]:
     return dict(metadata)
 
 
-def _write_atomically(path: str, data: bytes | None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """Write ``data`` (or ``torch.save(state_dict)``) to a temp file beside ``path``, then rename it over ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if data is not None:
-                f.write(data)
-            else:
-                torch.save(state_dict, f)
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-
-
 def save_lora_file(
     state_dict: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, str] | None = None
 ) -> dict[str, str]:
@@ -154,13 +136,15 @@ def save_lora_file(
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in state_dict.items()}
     extension = os.path.splitext(path)[1].lower()
     if extension in TORCH_SUFFIXES:
-        _write_atomically(path, None, tensors)
+        with atomic_output(path) as file:
+            torch.save(tensors, file)
         return {}
     if extension != SAFETENSORS_SUFFIX:
         raise ValueError(f"cannot save LoRA file {path}: expected a .safetensors, .pt or .ckpt extension")
     written = _check_metadata(metadata or {}, path)
     written["sshs_model_hash"], written["sshs_legacy_hash"] = safetensors_hashes(tensors, written)
-    _write_atomically(path, safetensors.torch.save(tensors, written))
+    with atomic_output(path) as file:
+        file.write(safetensors.torch.save(tensors, written))
     return written
 
 

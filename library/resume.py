@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from library.atomic import atomic_output
 from library.errors import RunStopped, UserInputError
 
 logger = logging.getLogger(__name__)
@@ -252,11 +253,9 @@ class InterruptRequest:
 
 
 def _write_json(path: str, values: dict[str, Any]) -> None:
-    """Write a json file atomically (temporary file in the same folder, then rename)."""
-    temporary = path + ".tmp"
-    with open(temporary, "w", encoding="utf-8") as file:
+    """Write a json file atomically."""
+    with atomic_output(path, "w", encoding="utf-8") as file:
         json.dump(values, file, indent=2)
-    os.replace(temporary, path)
 
 
 def _read_json(path: str, state_dir: str) -> dict[str, Any]:

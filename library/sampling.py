@@ -46,7 +46,6 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -74,6 +73,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 from tqdm import tqdm
 
+from library.atomic import atomic_output
 from library.errors import UserInputError
 from library.models import ModelBundle
 from library.optimizers import is_schedulefree
@@ -481,16 +481,9 @@ def _encode_sd_prompt(bundle: ModelBundle, text: str, device: torch.device) -> t
 
 
 def _save_png(image: Image.Image, path: Path) -> str:
-    """Write ``image`` to ``path`` atomically (a temporary file in the same folder, then ``os.replace``)."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            image.save(file, format="PNG")
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    """Write ``image`` to ``path`` as PNG, atomically."""
+    with atomic_output(path) as file:
+        image.save(file, format="PNG")
     return str(path)
 
 

@@ -20,7 +20,6 @@ Usage::
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from library.atomic import atomic_output
 
 TE_OUTPUTS_SUFFIX = "_te_outputs.npz"  # sd-scripts' name for SDXL text-encoder output caches
 FINGERPRINT_KEY = "cache_fingerprint"
@@ -60,16 +61,8 @@ def save_outputs_npz(path: Path, outputs: dict[str, torch.Tensor], fingerprint: 
     """Write one caption's outputs (float32) and fingerprint to ``path`` atomically (temporary file, then replace)."""
     arrays = {key: value.detach().float().cpu().numpy() for key, value in outputs.items()}
     arrays[FINGERPRINT_KEY] = np.array(fingerprint)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; give the cache a normal file's permissions
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
-        raise
+    with atomic_output(path) as file:
+        np.savez(file, **arrays)
 
 
 def load_outputs_npz(path: Path, keys: Sequence[str]) -> dict[str, torch.Tensor]:

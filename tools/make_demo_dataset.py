@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import random
-import tempfile
+import sys
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from library.atomic import atomic_output  # noqa: E402
 
 COLORS = {
     "red": (220, 40, 40),
@@ -58,11 +61,8 @@ def draw_shape(size: tuple[int, int], shape: str, color: str, background: str) -
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; these files are committed
-    os.replace(tmp, path)
+    with atomic_output(path) as file:
+        file.write(data)
 
 
 def _png_bytes(image: Image.Image) -> bytes:
