@@ -77,6 +77,7 @@ from library.atomic import atomic_output
 from library.errors import UserInputError
 from library.models import ModelBundle
 from library.optimizers import is_schedulefree
+from library.text_encoding import encode_sd_text
 
 logger = logging.getLogger(__name__)
 
@@ -468,16 +469,7 @@ def _prompt_inputs(bundle: ModelBundle, prompt: SamplePrompt, device: torch.devi
 def _encode_sd_prompt(bundle: ModelBundle, text: str, device: torch.device) -> torch.Tensor:
     """SD 1.x/2.x text conditioning (1, 77, D): the last layer, or with ``clip_skip`` = k the k-th layer from the
     end through the final LayerNorm."""
-    tokenizer, text_encoder = bundle.tokenizers[0], bundle.text_encoders[0]
-    input_ids = tokenizer(
-        [text], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids.to(device)
-    clip_skip = bundle.clip_skip or 1
-    output = text_encoder(input_ids, output_hidden_states=clip_skip > 1)
-    if clip_skip == 1:
-        return output.last_hidden_state
-    final_layer_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm  # transformers 4 / 5
-    return final_layer_norm(output.hidden_states[-clip_skip])
+    return encode_sd_text(bundle.text_encoders[0], bundle.tokenizers[0], [text], None, bundle.clip_skip, device)
 
 
 def _save_png(image: Image.Image, path: Path) -> str:

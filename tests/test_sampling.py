@@ -404,7 +404,7 @@ def test_sample_during_training_checks_prompt_file_before_training(sd1, tmp_path
 @pytest.mark.parametrize("clip_skip", [None, 2])
 def test_sd_prompt_conditioning_matches_training(sd1, clip_skip):
     """Samples are conditioned like training captions (same tokenization, same --clip_skip layer)."""
-    from library.trainer import encode_with_clip_skip, tokenize
+    from library.text_encoding import encode_with_clip_skip, tokenize
 
     sd1.clip_skip = clip_skip
     try:

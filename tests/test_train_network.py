@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 import train_network
 from library import trainer as trainer_module
-from library.trainer import NetworkTrainer, checkpoint_name, merge_chunks, split_into_chunks, step_to_remove
+from library.text_encoding import merge_chunks, split_into_chunks, tokenize
+from library.trainer import NetworkTrainer, checkpoint_name, step_to_remove
 
 pytestmark = pytest.mark.slow
 
@@ -345,7 +346,7 @@ def test_long_captions_are_encoded_in_75_token_windows():
     from library.tiny_models import build_tokenizer
 
     tokenizer = build_tokenizer()
-    ids = trainer_module.tokenize(tokenizer, ["red " * 100, "a dog"], max_token_length=150)
+    ids = tokenize(tokenizer, ["red " * 100, "a dog"], max_token_length=150)
     assert ids.shape == (2, 152)
     chunks = split_into_chunks(ids, tokenizer)
     assert chunks.shape == (4, 77)
