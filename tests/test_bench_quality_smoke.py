@@ -36,26 +36,6 @@ def test_smoke_run_succeeds_with_finite_curves_and_a_table(smoke: tuple[int, dic
         assert f"| {label} |" in table
 
 
-def test_sinkhorn_normalization_matches_explicit_diagonal_scaling() -> None:
-    grad = torch.randn(4, 6, dtype=torch.float64)
-    expected = grad.clone()
-    for _ in range(2):
-        rows = torch.diag(torch.tensor([6**0.5 / expected[i].norm() for i in range(4)], dtype=torch.float64))
-        expected = rows @ expected
-        cols = torch.diag(torch.tensor([4**0.5 / expected[:, j].norm() for j in range(6)], dtype=torch.float64))
-        expected = expected @ cols
-    lq.sinkhorn_normalize_(grad, iterations=2)
-    torch.testing.assert_close(grad, expected)
-
-
-def test_sinkhorn_normalization_converges_to_unit_rms_rows_and_columns() -> None:
-    grad = torch.randn(8, 3, 1, 1, dtype=torch.float64) * torch.logspace(-3, 3, 8, dtype=torch.float64).view(8, 1, 1, 1)
-    lq.sinkhorn_normalize_(grad, iterations=30)
-    matrix = grad.view(8, 3)
-    torch.testing.assert_close(matrix.pow(2).mean(dim=0), torch.ones(3, dtype=torch.float64))
-    torch.testing.assert_close(matrix.pow(2).mean(dim=1), torch.ones(8, dtype=torch.float64), rtol=1e-6, atol=1e-6)
-
-
 def test_steps_to_reach_is_the_first_step_at_or_below_target() -> None:
     assert lq.steps_to_reach([0, 10, 20, 30], [1.0, 0.7, 0.5, 0.6], 0.5) == 20
     assert lq.steps_to_reach([0, 10], [1.0, 0.7], 0.5) is None
