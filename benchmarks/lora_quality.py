@@ -36,6 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also runs as `python benchmarks/<file>.py`
+
+from library.cli import quiet_import_warnings  # noqa: E402
+
+quiet_import_warnings()  # before diffusers loads bitsandbytes
+
 import torch
 from diffusers import UNet2DConditionModel
 

@@ -49,6 +49,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from library.cli import quiet_import_warnings  # noqa: E402
+
+quiet_import_warnings()  # before diffusers (imported for the model shapes) loads bitsandbytes
+
 from benchmarks.vram import SD15_UNET, SDXL_UNET  # noqa: E402  (one place for the U-Net configurations)
 from library.hina_anlo import ANLO  # noqa: E402
 from networks.lora import create_network  # noqa: E402

@@ -30,6 +30,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also runs as `python benchmarks/<file>.py`
+
+from library.cli import quiet_import_warnings  # noqa: E402
+
+quiet_import_warnings()  # before diffusers loads bitsandbytes
+
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
