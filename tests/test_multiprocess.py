@@ -34,10 +34,10 @@ from typing import Any
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
 from safetensors import safe_open
 
 from library import resume
+from shape_images import write_shape_images  # tests/shape_images.py
 
 pytestmark = pytest.mark.slow
 
@@ -95,13 +95,7 @@ def of_kind(entries: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("multiprocess")
-    images = root / "data" / "1_sks shape"
-    images.mkdir(parents=True)
-    for i, color in enumerate(COLORS):
-        image = Image.new("RGB", (64, 64), "white")
-        ImageDraw.Draw(image).ellipse((8 + 4 * i, 8, 56, 56 - 4 * i), fill=color)
-        image.save(images / f"{i}.png")
-        (images / f"{i}.txt").write_text(f"sks shape, {color}", encoding="utf-8")
+    write_shape_images(root / "data" / "1_sks shape", COLORS)
     return root
 
 

@@ -14,26 +14,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 import train_network
 from library import resume
 from library.resume import ResumeError, TrainState
 from library.trainer import NetworkTrainer
+from shape_images import write_shape_images  # tests/shape_images.py
 
 pytestmark = pytest.mark.slow
 
 
 def make_workspace(root: Path) -> Path:
     """Three 64×64 images, 2 repeats (6 batches per epoch, so 8 steps cross an epoch boundary)."""
-    images = root / "data" / "2_sks shape"
-    images.mkdir(parents=True)
-    for i, color in enumerate(("red", "green", "blue")):
-        image = Image.new("RGB", (64, 64), "white")
-        ImageDraw.Draw(image).ellipse((8 + 4 * i, 8, 56, 56 - 4 * i), fill=color)
-        image.save(images / f"{i}.png")
-        (images / f"{i}.txt").write_text(f"sks shape, {color}", encoding="utf-8")
+    write_shape_images(root / "data" / "2_sks shape", ("red", "green", "blue"))
     return root
 
 

@@ -14,7 +14,6 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 from diffusers import StableDiffusionXLPipeline
-from PIL import Image, ImageDraw
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -24,6 +23,7 @@ from library.sdxl import SdxlNetworkTrainer
 from library.text_cache import FINGERPRINT_KEY, te_outputs_npz_path
 from library.tiny_models import build_tiny
 from networks.lora import create_network_from_weights
+from shape_images import write_shape_images  # tests/shape_images.py
 
 pytestmark = pytest.mark.slow
 
@@ -36,13 +36,7 @@ COLORS = ("red", "green", "blue", "yellow")
 def workspace(tmp_path_factory) -> Path:
     """A DreamBooth folder (4 images, 64×64) and a TOML config training both text encoders and the U-Net."""
     root = tmp_path_factory.mktemp("sdxl_train")
-    images = root / "data" / "1_sks shape"
-    images.mkdir(parents=True)
-    for i, color in enumerate(COLORS):
-        image = Image.new("RGB", (64, 64), "white")
-        ImageDraw.Draw(image).ellipse((8 + 4 * i, 8, 56, 56 - 4 * i), fill=color)
-        image.save(images / f"{i}.png")
-        (images / f"{i}.txt").write_text(f"a photo of sks shape, {color}", encoding="utf-8")
+    write_shape_images(root / "data" / "1_sks shape", COLORS, caption="a photo of sks shape")
     (root / "config.toml").write_text(
         f"""
 [model_arguments]

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -19,6 +18,7 @@ import train_network
 from library import trainer as trainer_module
 from library.text_encoding import merge_chunks, split_into_chunks, tokenize
 from library.trainer import NetworkTrainer, checkpoint_name, step_to_remove
+from shape_images import write_shape_images  # tests/shape_images.py
 
 pytestmark = pytest.mark.slow
 
@@ -31,13 +31,7 @@ COLORS = ("red", "green", "blue", "yellow")
 def workspace(tmp_path_factory) -> Path:
     """A DreamBooth folder (4 images, 64×64, 2 repeats → 8 batches per epoch) and a TOML config using it."""
     root = tmp_path_factory.mktemp("train_network")
-    images = root / "data" / "2_sks shape"
-    images.mkdir(parents=True)
-    for i, color in enumerate(COLORS):
-        image = Image.new("RGB", (64, 64), "white")
-        ImageDraw.Draw(image).ellipse((8 + 4 * i, 8, 56, 56 - 4 * i), fill=color)
-        image.save(images / f"{i}.png")
-        (images / f"{i}.txt").write_text(f"a photo of sks shape, {color}", encoding="utf-8")
+    write_shape_images(root / "data" / "2_sks shape", COLORS, caption="a photo of sks shape")
     (root / "config.toml").write_text(
         f"""
 [model_arguments]
