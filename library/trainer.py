@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import math
 import os
 import random
@@ -58,6 +59,8 @@ DEFAULT_LAST_OUTPUT_NAME = "last"
 DEFAULT_EPOCH_NAME = "epoch"
 DEFAULT_STEP_NAME = "at"
 SAVE_PRECISIONS = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+logger = logging.getLogger(__name__)
+
 MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # get_normalization_stats() of a stateful optimizer (ANLO) may synchronise with the device: read it this rarely.
 OPTIMIZER_STATS_EVERY_N_STEPS = 10
@@ -144,14 +147,15 @@ def step_to_remove(args: argparse.Namespace, step: int) -> int | None:
 class NetworkTrainer:
     """Trains a LoRA (or any sd-scripts-style network module) on an SD 1.x / 2.x model.
 
-    After ``train(args)``, ``loss_history`` holds the loss of every micro-batch in order and ``output_file``
-    the path of the final LoRA file.
+    After ``train(args)``, ``loss_history`` holds the loss of every micro-batch in order, ``skipped_steps`` the
+    number of optimizer steps skipped for non-finite gradients and ``output_file`` the path of the final LoRA file.
     """
 
     is_sdxl = False
 
     def __init__(self) -> None:
         self.loss_history: list[float] = []
+        self.skipped_steps = 0
         self.output_file: str | None = None
         self.args: argparse.Namespace | None = None
         self.accelerator: Accelerator | None = None
@@ -488,7 +492,8 @@ class NetworkTrainer:
         trainable_params = accelerator.unwrap_model(network).get_trainable_params()
         loss_recorder = LossRecorder()
         validation_recorder = ValidationRecorder()
-        non_finite_losses = 0
+        non_finite_losses = 0  # in a row, for --nan_abort_steps
+        self.skipped_steps = 0  # optimizer steps not taken because a gradient was inf/NaN
         # before the progress bar: this call also reads --sample_prompts, so a bad file fails on a line of its own
         sample_during_training(accelerator, args, models, network, optimizer, global_step, 0, False, weight_dtype)
         progress_bar = tqdm(
@@ -516,12 +521,20 @@ class NetworkTrainer:
                     with accelerator.accumulate(network):
                         loss = self.compute_loss(batch, train_text_encoder, weight_dtype)
                         accelerator.backward(loss)
+                        gradients_finite = True
                         if accelerator.sync_gradients:
                             if accelerator.num_processes > 1:
                                 _all_reduce_gradients(accelerator, trainable_params)
-                            if args.max_grad_norm != 0.0:
+                            # fp16's grad scaler skips non-finite steps itself (and lowers its scale)
+                            if accelerator.scaler is None and not _all_finite(trainable_params):
+                                gradients_finite = False
+                                self.skipped_steps += 1
+                                logger.warning("step %d skipped: non-finite gradients (%d skipped so far)",
+                                               global_step + 1, self.skipped_steps)
+                            elif args.max_grad_norm != 0.0:
                                 accelerator.clip_grad_norm_(trainable_params, args.max_grad_norm)
-                        optimizer.step()
+                        if gradients_finite:
+                            optimizer.step()
                         lr_scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
 
@@ -575,6 +588,8 @@ class NetworkTrainer:
 
                     if is_tracking:
                         logs = step_logs(current_loss, average_loss, lr_scheduler, lr_descriptions) | max_norm_logs
+                        if self.skipped_steps:
+                            logs["loss/skipped_steps"] = self.skipped_steps
                         if global_step % OPTIMIZER_STATS_EVERY_N_STEPS == 0:
                             logs.update(optimizer_stats_logs(optimizer))
                         accelerator.log(logs, step=global_step)
@@ -745,6 +760,12 @@ def _to_dtype(conditioning: Any, dtype: torch.dtype) -> Any:
     if isinstance(conditioning, dict):
         return {key: _to_dtype(value, dtype) for key, value in conditioning.items()}
     return type(conditioning)(_to_dtype(value, dtype) for value in conditioning)
+
+
+def _all_finite(params: list[torch.nn.Parameter]) -> bool:
+    """Whether every gradient is finite (one host synchronization)."""
+    grads = [param.grad for param in params if param.grad is not None]
+    return not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
 
 
 def _all_reduce_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter]) -> None:

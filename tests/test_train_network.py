@@ -291,6 +291,27 @@ def test_non_finite_losses_abort_the_run(workspace, monkeypatch):
         run(workspace, "--nan_abort_steps", "2", "--output_name", "nan")
 
 
+def test_a_non_finite_step_is_skipped_and_training_goes_on(workspace, monkeypatch):
+    """AdamW would turn every weight to NaN; the trainer skips that optimizer step, counts it, and goes on."""
+    calls = []
+    real_loss = NetworkTrainer.compute_loss
+
+    def sometimes_nan(self, batch, train_text_encoder, weight_dtype):
+        calls.append(1)
+        loss = real_loss(self, batch, train_text_encoder, weight_dtype)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(NetworkTrainer, "compute_loss", sometimes_nan)
+    logs = workspace / "nan_logs"
+    trainer = run(workspace, "--max_train_steps", "4", "--output_name", "one_nan", "--logging_dir", str(logs))
+    assert trainer.skipped_steps == 1
+    assert [math.isfinite(x) for x in trainer.loss_history] == [True, False, True, True]
+    weights = load_file(trainer.output_file)
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+    assert any(tensor.abs().sum() > 0 for key, tensor in weights.items() if "lora_up" in key)  # it did train
+    assert read_scalars(logs)["loss/skipped_steps"] == [1.0, 1.0, 1.0]
+
+
 def test_max_train_epochs_with_gradient_accumulation(workspace):
     trainer = run(
         workspace,
