@@ -434,7 +434,7 @@ def test_example_configs_parse_without_unknown_keys(name, caplog):
 
 def test_quickstart_settings():
     args = parse_args(["--config_file", str(CONFIGS / "quickstart.toml")])
-    assert args.pretrained_model_name_or_path == "tiny-sd1" and args.train_data_dir == "data/demo"
+    assert args.pretrained_model_name_or_path == "tiny-sd1" and args.train_data_dir == "data/demo/train"
     assert parse_resolution(args.resolution) == (64, 64)
     assert (args.output_dir, args.output_name, args.seed, args.max_data_loader_n_workers) == (
         "output/quickstart", "quickstart_lora", 42, 0)
