@@ -53,7 +53,7 @@ from library.cli import quiet_import_warnings  # noqa: E402
 
 quiet_import_warnings()  # before diffusers (imported for the model shapes) loads bitsandbytes
 
-from benchmarks.vram import SD15_UNET, SDXL_UNET  # noqa: E402  (one place for the U-Net configurations)
+from library.architectures import CLIP_L_TEXT, OPENCLIP_BIGG_TEXT, SD15_UNET, SDXL_UNET  # noqa: E402
 from library.hina_anlo import ANLO  # noqa: E402
 from networks.lora import create_network  # noqa: E402
 
@@ -68,11 +68,6 @@ TEXT_ENCODER_LR = 5e-5
 UNET_LR = 1e-4
 MIB = float(1 << 20)
 
-# Text encoders (transformers CLIPTextConfig values of the released checkpoints).
-CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12)
-OPENCLIP_BIGG = dict(
-    hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32, projection_dim=1280
-)
 MODELS = {"sd15": "SD 1.5", "sdxl": "SDXL base"}
 
 
@@ -88,12 +83,12 @@ def model_lora_spec(model: str, rank: int) -> list[GroupSpec]:
     with torch.device("meta"):
         if model == "sd15":
             unet = UNet2DConditionModel(**SD15_UNET)
-            text_encoders = [CLIPTextModel(CLIPTextConfig(**CLIP_L))]
+            text_encoders = [CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT))]
         elif model == "sdxl":
             unet = UNet2DConditionModel(**SDXL_UNET)
             text_encoders = [
-                CLIPTextModel(CLIPTextConfig(**CLIP_L)),
-                CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_BIGG)),
+                CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)),
+                CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_BIGG_TEXT)),
             ]
         else:
             raise ValueError(f"--model: expected one of {sorted(MODELS)}, got {model!r}")

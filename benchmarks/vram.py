@@ -41,76 +41,16 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
 
+from library.architectures import SD15_UNET, SDXL_UNET
 from library.hina_anlo import ANLO
+from library.tiny_models import TINY_SD1_UNET, TINY_SDXL_UNET
 from networks.lora import create_network
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
-# Stable Diffusion 1.5's U-Net (runwayml/stable-diffusion-v1-5, unet/config.json): 859.5 M parameters.
-SD15_UNET: dict[str, Any] = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    attention_head_dim=8,
-    cross_attention_dim=768,
-    norm_num_groups=32,
-    norm_eps=1e-5,
-    act_fn="silu",
-    flip_sin_to_cos=True,
-    freq_shift=0,
-    downsample_padding=1,
-)
-
-# SDXL base 1.0's U-Net (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json): 2.567 B parameters.
-SDXL_UNET: dict[str, Any] = dict(
-    sample_size=128,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(320, 640, 1280),
-    layers_per_block=2,
-    attention_head_dim=(5, 10, 20),
-    transformer_layers_per_block=(1, 2, 10),
-    cross_attention_dim=2048,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-    norm_num_groups=32,
-    norm_eps=1e-5,
-    act_fn="silu",
-    flip_sin_to_cos=True,
-    freq_shift=0,
-    downsample_padding=1,
-)
-
-# The tiny test-size configurations of SPEC §4 (CPU mode).
-TINY_SD_UNET: dict[str, Any] = dict(
-    sample_size=8,
-    block_out_channels=(32, 64),
-    layers_per_block=2,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    cross_attention_dim=32,
-)
-TINY_SDXL_UNET: dict[str, Any] = dict(
-    TINY_SD_UNET,
-    attention_head_dim=(2, 4),
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=8,
-    transformer_layers_per_block=(1, 2),
-    projection_class_embeddings_input_dim=80,
-    cross_attention_dim=64,
-)
-
 MODELS: dict[str, dict[str, Any]] = {"SD1.5": SD15_UNET, "SDXL": SDXL_UNET}
-TINY_MODELS: dict[str, dict[str, Any]] = {"tiny-sd": TINY_SD_UNET, "tiny-sdxl": TINY_SDXL_UNET}
+# The tiny test-size configurations of SPEC §4 (CPU mode).
+TINY_MODELS: dict[str, dict[str, Any]] = {"tiny-sd": TINY_SD1_UNET, "tiny-sdxl": TINY_SDXL_UNET}
 GPU_RANKS = (32, 128)
 TINY_RANK = 8
 OPTIMIZERS = ("ANLO", "AdamW", "AdamW8bit")

@@ -137,19 +137,33 @@ def _scheduler() -> DDPMScheduler:
     )
 
 
+# The tiny U-Nets: SD's block structure at toy width (see build_tiny_sdxl for the SDXL widths).
+TINY_SD1_UNET: dict[str, Any] = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32,
+)
+TINY_SDXL_UNET: dict[str, Any] = dict(
+    TINY_SD1_UNET,
+    attention_head_dim=(2, 4),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    transformer_layers_per_block=(1, 2),
+    projection_class_embeddings_input_dim=80,
+    cross_attention_dim=64,
+)
+
+
 def build_tiny_sd1(seed: int = 0) -> dict[str, Any]:
     """Components of a tiny SD 1.x model: ``unet``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``."""
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-    )
+    unet = UNet2DConditionModel(**TINY_SD1_UNET)
     vae = _vae(scaling_factor=0.18215)
     tokenizer = build_tokenizer()
     text_encoder = CLIPTextModel(_text_config(tokenizer))
@@ -170,22 +184,7 @@ def build_tiny_sdxl(seed: int = 0) -> dict[str, Any]:
     text embedding (32) plus six time ids × 8 = 80 features, as in SDXL's ``text_time`` conditioning.
     """
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=80,
-        cross_attention_dim=64,
-    )
+    unet = UNet2DConditionModel(**TINY_SDXL_UNET)
     vae = _vae(scaling_factor=0.13025)
     tokenizer = build_tokenizer()
     text_encoder = CLIPTextModel(_text_config(tokenizer))

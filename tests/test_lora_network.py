@@ -12,6 +12,7 @@ from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from library import lora_format
+from library.architectures import CLIP_L_TEXT, OPENCLIP_BIGG_TEXT, SD15_UNET, SDXL_UNET
 from library.tiny_models import build_tiny
 from networks.lora import LoRAModule, create_network, create_network_from_weights
 
@@ -229,30 +230,14 @@ def test_conv_dim_adds_resnet_and_sampler_layers_at_their_ranks():
     assert lora.lora_up.kernel_size == (1, 1)
 
 
-SD15_UNET = dict(
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-)
-SDXL_UNET = dict(
-    block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
-    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-)
-CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12)
-CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32, projection_dim=1280)
-
-
 @pytest.fixture(scope="module")
 def real_models_on_meta():
     """Real-size SD 1.5 / SDXL U-Nets and CLIP encoders on the meta device (no memory, no weights)."""
     with torch.device("meta"):
         return {
-            "sd15": ([CLIPTextModel(CLIPTextConfig(**CLIP_L))], UNet2DConditionModel(**SD15_UNET)),
+            "sd15": ([CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT))], UNet2DConditionModel(**SD15_UNET)),
             "sdxl": (
-                [CLIPTextModel(CLIPTextConfig(**CLIP_L)), CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G))],
+                [CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)), CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_BIGG_TEXT))],
                 UNet2DConditionModel(**SDXL_UNET),
             ),
         }

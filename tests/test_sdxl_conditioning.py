@@ -15,6 +15,7 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from library.architectures import CLIP_L_TEXT, OPENCLIP_BIGG_TEXT, SDXL_UNET
 from library.config import parse_args
 from library.dataset import build_dataset
 from library.latents import LATENT_DOWNSCALE
@@ -211,26 +212,13 @@ def test_two_text_encoder_lrs_go_to_a_network_that_takes_them(trainer):
     assert trainer.text_encoder_lr(args, SingleLrNetwork()) == 1e-4
 
 
-# SDXL base 1.0's architecture (diffusers configs), built on the meta device: shapes only, no memory, no weights.
-SDXL_BASE_UNET = dict(
-    block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
-    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-)
-CLIP_VIT_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12)
-CLIP_VIT_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
-                     projection_dim=1280)
-
-
 def test_real_sdxl_sizes_context_2048_pooled_1280_and_32_pixel_buckets():
     tokenizer = build_tokenizer()
     special = dict(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
     with torch.device("meta"):
-        encoders = [CLIPTextModel(CLIPTextConfig(**CLIP_VIT_L, **special)),
-                    CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_VIT_BIGG, **special))]
-        unet = UNet2DConditionModel(**SDXL_BASE_UNET)
+        encoders = [CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT, **special)),
+                    CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_BIGG_TEXT, **special))]
+        unet = UNet2DConditionModel(**SDXL_UNET)
     conditioning = sdxl_conditioning(encode_sdxl_text(encoders, [tokenizer, tokenizer], CAPTIONS, None))
     assert conditioning["context"].shape == (2, 77, 2048)
     assert conditioning["pooled"].shape == (2, 1280)
