@@ -11,7 +11,7 @@ trainer strings them together in the order sd-scripts uses:
     loss = per_sample_loss(pred, target, loss_type, huber_c) * loss_weights
     loss = loss * snr_loss_weight(...)                      # min-SNR γ, debiased estimation, ...
 
-SNR(t) = ᾱ_t / (1 − ᾱ_t) with ᾱ = ``alphas_cumprod``.
+SNR(t) = ᾱ_t / (1 − ᾱ_t) with ᾱ = ``alphas_cumprod``. ``make_noise_scheduler`` builds that scheduler.
 """
 
 from __future__ import annotations
@@ -21,11 +21,24 @@ import random
 
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
 
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
 # SNR-based weights cap SNR here so the nearly noise-free t ≈ 0 does not dominate a batch.
 SNR_CAP = 1000.0
+
+
+def make_noise_scheduler(v_parameterization: bool = False) -> DDPMScheduler:
+    """The training noise schedule of SD 1.x/2.x/SDXL (sd-scripts builds it rather than loading it)."""
+    return DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
+        prediction_type="v_prediction" if v_parameterization else "epsilon",
+    )
 
 
 def snr(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:

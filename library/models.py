@@ -15,7 +15,7 @@
 
 Nothing is ever downloaded: every ``from_pretrained`` / ``from_single_file`` call gets ``local_files_only=True``
 and a local config folder. The noise scheduler is not loaded from the model; like sd-scripts, it is built with the
-training configuration (``make_noise_scheduler``).
+training configuration (``library.diffusion.make_noise_scheduler``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from typing import Any
 import torch
 from diffusers import (
     AutoencoderKL,
-    DDPMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -45,6 +44,7 @@ from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from library import ldm_convert, tiny_models
+from library.diffusion import make_noise_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -134,18 +134,6 @@ class LoadOptions:
         if options.clip_skip is not None and options.clip_skip < 1:
             raise ValueError(f"--clip_skip must be 1 or more, got {options.clip_skip}")
         return options
-
-
-def make_noise_scheduler(v_parameterization: bool = False) -> DDPMScheduler:
-    """The training noise schedule of SD 1.x/2.x/SDXL (sd-scripts builds it rather than loading it)."""
-    return DDPMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        clip_sample=False,
-        prediction_type="v_prediction" if v_parameterization else "epsilon",
-    )
 
 
 def load_models(args: Any, sdxl: bool = False) -> ModelBundle:

@@ -18,8 +18,10 @@ import string
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from library.diffusion import make_noise_scheduler
 
 TINY_SD1 = "tiny-sd1"
 TINY_SDXL = "tiny-sdxl"
@@ -127,16 +129,6 @@ def _vae(scaling_factor: float) -> AutoencoderKL:
     )
 
 
-def _scheduler() -> DDPMScheduler:
-    return DDPMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        clip_sample=False,
-    )
-
-
 # The tiny U-Nets: SD's block structure at toy width (see build_tiny_sdxl for the SDXL widths).
 TINY_SD1_UNET: dict[str, Any] = dict(
     sample_size=8,
@@ -172,7 +164,7 @@ def build_tiny_sd1(seed: int = 0) -> dict[str, Any]:
         "vae": vae,
         "text_encoder": text_encoder,
         "tokenizer": tokenizer,
-        "scheduler": _scheduler(),
+        "scheduler": make_noise_scheduler(),
     }
 
 
@@ -196,7 +188,7 @@ def build_tiny_sdxl(seed: int = 0) -> dict[str, Any]:
         "text_encoder_2": text_encoder_2,
         "tokenizer": tokenizer,
         "tokenizer_2": build_tokenizer(),
-        "scheduler": _scheduler(),
+        "scheduler": make_noise_scheduler(),
     }
 
 

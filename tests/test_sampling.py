@@ -28,7 +28,8 @@ from PIL import Image
 
 import networks.lora
 from library import config, sampling
-from library.models import load_embedded, make_noise_scheduler
+from library.diffusion import make_noise_scheduler
+from library.models import load_embedded
 from library.sampling import (
     PromptFileError,
     SamplePrompt,
