@@ -525,14 +525,18 @@ class NetworkTrainer:
                         if accelerator.sync_gradients:
                             if accelerator.num_processes > 1:
                                 _all_reduce_gradients(accelerator, trainable_params)
+                            grad_norm = None
+                            if args.max_grad_norm != 0.0:
+                                grad_norm = accelerator.clip_grad_norm_(trainable_params, args.max_grad_norm)
                             # fp16's grad scaler skips non-finite steps itself (and lowers its scale)
-                            if accelerator.scaler is None and not _all_finite(trainable_params):
-                                gradients_finite = False
+                            if accelerator.scaler is None:
+                                if grad_norm is None:
+                                    grad_norm = _gradient_norm(trainable_params)
+                                gradients_finite = bool(torch.isfinite(grad_norm))
+                            if not gradients_finite:
                                 self.skipped_steps += 1
                                 logger.warning("step %d skipped: non-finite gradients (%d skipped so far)",
                                                global_step + 1, self.skipped_steps)
-                            elif args.max_grad_norm != 0.0:
-                                accelerator.clip_grad_norm_(trainable_params, args.max_grad_norm)
                         if gradients_finite:
                             optimizer.step()
                         lr_scheduler.step()
@@ -762,10 +766,12 @@ def _to_dtype(conditioning: Any, dtype: torch.dtype) -> Any:
     return type(conditioning)(_to_dtype(value, dtype) for value in conditioning)
 
 
-def _all_finite(params: list[torch.nn.Parameter]) -> bool:
-    """Whether every gradient is finite (one host synchronization)."""
+def _gradient_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """The L2 norm over every gradient (what ``clip_grad_norm_`` returns); non-finite if any gradient is."""
     grads = [param.grad for param in params if param.grad is not None]
-    return not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+    if not grads:
+        return torch.tensor(0.0)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
 def _all_reduce_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter]) -> None:

@@ -267,7 +267,8 @@ def test_non_finite_losses_abort_the_run(workspace, monkeypatch):
         run(workspace, "--nan_abort_steps", "2", "--output_name", "nan")
 
 
-def test_a_non_finite_step_is_skipped_and_training_goes_on(workspace, monkeypatch):
+@pytest.mark.parametrize("max_grad_norm", ["1.0", "0"], ids=["clipped", "unclipped"])
+def test_a_non_finite_step_is_skipped_and_training_goes_on(workspace, monkeypatch, max_grad_norm):
     """AdamW would turn every weight to NaN; the trainer skips that optimizer step, counts it, and goes on."""
     calls = []
     real_loss = NetworkTrainer.compute_loss
@@ -278,8 +279,9 @@ def test_a_non_finite_step_is_skipped_and_training_goes_on(workspace, monkeypatc
         return loss * float("nan") if len(calls) == 2 else loss
 
     monkeypatch.setattr(NetworkTrainer, "compute_loss", sometimes_nan)
-    logs = workspace / "nan_logs"
-    trainer = run(workspace, "--max_train_steps", "4", "--output_name", "one_nan", "--logging_dir", str(logs))
+    logs = workspace / f"nan_logs_{max_grad_norm}"
+    trainer = run(workspace, "--max_train_steps", "4", "--output_name", "one_nan", "--logging_dir", str(logs),
+                  "--max_grad_norm", max_grad_norm)
     assert trainer.skipped_steps == 1
     assert [math.isfinite(x) for x in trainer.loss_history] == [True, False, True, True]
     weights = load_file(trainer.output_file)
