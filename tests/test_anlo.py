@@ -637,7 +637,7 @@ def test_foreach_and_for_loop_paths_agree():
     results = []
     for foreach in (True, False):
         params = _mixed_params()
-        opt = _sample_optimizer(params, foreach=foreach, normalize_frequency=2)
+        opt = _sample_optimizer(params, foreach=foreach, fused=False, normalize_frequency=2)
         _run(opt, params, [[g.to(p.dtype) for g, p in zip(step, params)] for step in grads])
         results.append(params)
     for a, b in zip(*results):
