@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,6 +54,16 @@ from benchmarks.digits_unet import (
     load_digit_images,
     noise_scheduler,
     pretrained_unet,
+)
+from benchmarks.stateless_variants import (
+    PairTransform,
+    PairTransformANLO,
+    chain,
+    normalize_feature_axis_,
+    normalize_module_,
+    normalize_rank_axis_,
+    normalize_tensors_,
+    riemannian_precondition_,
 )
 from library.hina_anlo import ANLO
 from networks.lora import LoRANetwork, create_network
@@ -90,6 +101,20 @@ def _anlo(**kwargs: Any) -> Callable[[list[dict[str, Any]], float], torch.optim.
     return build
 
 
+def _pair_transform_anlo(
+    transform: PairTransform, per_tensor: bool = False
+) -> Callable[[list[dict[str, Any]], float], torch.optim.Optimizer]:
+    def build(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+        return PairTransformANLO(groups, transform, per_tensor=per_tensor, lr=lr)
+
+    return build
+
+
+def riemannian(delta: float, keep_norm: bool = False) -> PairTransform:
+    """The Riemannian preconditioner with damping ``delta`` as a pair transform."""
+    return partial(riemannian_precondition_, delta=delta, keep_norm=keep_norm)
+
+
 def optimizer_specs() -> dict[str, OptimizerSpec]:
     """Every optimizer this benchmark knows, by label."""
     specs = [
@@ -106,6 +131,17 @@ def optimizer_specs() -> dict[str, OptimizerSpec]:
             _anlo(weight_decay=WEIGHT_DECAY, decoupled_weight_decay=False, use_cautious_update=True),
         ),
         OptimizerSpec("ANLO+SinkGD", _anlo(sinkgd_iterations=5)),
+        OptimizerSpec("ANLO+SinkGD1", _anlo(sinkgd_iterations=1)),
+        OptimizerSpec("ANLO+SinkGD2", _anlo(sinkgd_iterations=2)),
+        OptimizerSpec("ANLO+Riem d1e-6", _pair_transform_anlo(riemannian(1e-6))),
+        OptimizerSpec("ANLO+Riem per-tensor d1e-6", _pair_transform_anlo(riemannian(1e-6), per_tensor=True)),
+        OptimizerSpec("ANLO+Riem per-tensor d1e-2", _pair_transform_anlo(riemannian(1e-2), per_tensor=True)),
+        OptimizerSpec("ANLO+Riem keep-norm d1e-6", _pair_transform_anlo(riemannian(1e-6, keep_norm=True))),
+        OptimizerSpec("ANLO+rank-norm", _pair_transform_anlo(normalize_rank_axis_)),
+        OptimizerSpec("ANLO+feature-norm", _pair_transform_anlo(normalize_feature_axis_)),
+        OptimizerSpec("ANLO+tensor-norm", _pair_transform_anlo(normalize_tensors_)),
+        OptimizerSpec("ANLO+module-norm", _pair_transform_anlo(normalize_module_)),
+        OptimizerSpec("ANLO+Riem+tensor-norm", _pair_transform_anlo(chain(riemannian(1e-6), normalize_tensors_))),
     ]
     return {spec.label: spec for spec in specs}
 
@@ -427,10 +463,10 @@ def run_benchmark(
     setup: Setup, labels: list[str], lrs: tuple[float, ...], seeds: dict[str, int], steps: int, eval_every: int
 ) -> tuple[list[RunResult], dict[str, UNet2DConditionModel]]:
     """Every (optimizer, lr, seed) run, ``seeds[label]`` seeds per optimizer. Also returns, for the noise check,
-    the seed-0 models of the first two optimizers at the largest lr ≤ 1e-3."""
+    the seed-0 models of the first two optimizers at the lowest lr of the grid."""
     specs = optimizer_specs()
     initial = validation_loss(setup.base, setup)
-    noise_lr = max(lr for lr in lrs if lr <= 1e-3)
+    noise_lr = min(lrs)
     results: list[RunResult] = []
     kept: dict[str, UNet2DConditionModel] = {}
     for label in labels:

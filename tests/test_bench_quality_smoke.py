@@ -1,14 +1,17 @@
-"""The LoRA-quality benchmark: its smoke mode, the SinkGD variant and the summary arithmetic."""
+"""The LoRA-quality benchmark: its smoke mode, the summary arithmetic and the stateless variants it compares."""
 
 from __future__ import annotations
 
 import json
 import math
+from functools import partial
 
 import pytest
 import torch
 
 from benchmarks import lora_quality as lq
+from benchmarks import stateless_variants as sv
+from library.hina_anlo import ANLO
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +77,78 @@ def test_variant_seeds_default_to_seeds_and_must_be_positive(capsys: pytest.Capt
     with pytest.raises(SystemExit):
         lq.parse_args(["--variant_seeds", "0"])
     assert "--variant_seeds: expected a positive integer, got 0" in capsys.readouterr().err
+
+
+def _lora_groups(rank: int = 3) -> list[dict]:
+    """Two kohya-named LoRA modules (a Linear and a 3×3 conv) with gradients; the conv's ``lora_up`` sits in a
+    group of its own, as with LoRA+."""
+    torch.manual_seed(0)
+    shapes = {"lin": ((rank, 5), (4, rank)), "conv": ((rank, 2, 3, 3), (6, rank, 1, 1))}
+    params = {}
+    for module, (down_shape, up_shape) in shapes.items():
+        for factor, shape in (("lora_down", down_shape), ("lora_up", up_shape)):
+            p = torch.nn.Parameter(torch.randn(shape))
+            p.grad = torch.randn(shape)
+            params[f"lora_unet_{module}.{factor}.weight"] = p
+    plus = "lora_unet_conv.lora_up.weight"
+    main = {name: p for name, p in params.items() if name != plus}
+    return [
+        {"params": list(main.values()), "param_names": list(main)},
+        {"params": [params[plus]], "param_names": [plus]},
+    ]
+
+
+def test_lora_pairs_pair_each_modules_down_and_up_across_groups() -> None:
+    groups = _lora_groups()
+    names = {id(p): n for g in groups for n, p in zip(g["param_names"], g["params"])}
+    pairs = [(names[id(down)], names[id(up)]) for down, up in sv.lora_pairs(groups)]
+    assert pairs == [
+        ("lora_unet_lin.lora_down.weight", "lora_unet_lin.lora_up.weight"),
+        ("lora_unet_conv.lora_down.weight", "lora_unet_conv.lora_up.weight"),
+    ]
+
+
+@pytest.mark.parametrize("keep_norm", [False, True])
+def test_riemannian_preconditioner_matches_the_explicit_inverses(keep_norm: bool) -> None:
+    delta = 1e-2
+    for down, up in sv.lora_pairs(_lora_groups()):
+        r = down.shape[0]
+        d, u = down.detach().reshape(r, -1).double(), up.detach().reshape(-1, r).double()
+        eye = torch.eye(r, dtype=torch.float64)
+        grad_down, grad_up = down.grad.reshape(r, -1).double(), up.grad.reshape(-1, r).double()
+        expected_down = torch.linalg.inv(u.T @ u + delta * eye) @ grad_down
+        expected_up = grad_up @ torch.linalg.inv(d @ d.T + delta * eye)
+        if keep_norm:
+            expected_down *= grad_down.norm() / expected_down.norm()
+            expected_up *= grad_up.norm() / expected_up.norm()
+        sv.riemannian_precondition_(down, up, delta, keep_norm)
+        torch.testing.assert_close(down.grad.reshape(r, -1).double(), expected_down, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(up.grad.reshape(-1, r).double(), expected_up, rtol=1e-4, atol=1e-5)
+
+
+def test_axis_normalizations_give_each_rank_component_or_feature_unit_rms() -> None:
+    for down, up in sv.lora_pairs(_lora_groups()):
+        r = down.shape[0]
+        sv.normalize_rank_axis_(down, up)
+        torch.testing.assert_close(down.grad.reshape(r, -1).square().mean(dim=1), torch.ones(r))
+        torch.testing.assert_close(up.grad.reshape(-1, r).square().mean(dim=0), torch.ones(r))
+        sv.normalize_feature_axis_(down, up)
+        columns, rows = down.grad.reshape(r, -1).shape[1], up.shape[0]
+        torch.testing.assert_close(down.grad.reshape(r, -1).square().mean(dim=0), torch.ones(columns))
+        torch.testing.assert_close(up.grad.reshape(-1, r).square().mean(dim=1), torch.ones(rows))
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_pair_transform_anlo_is_anlo_on_the_transformed_gradients(per_tensor: bool) -> None:
+    groups, reference_groups = _lora_groups(), _lora_groups()
+    for down, up in sv.lora_pairs(reference_groups):
+        sv.riemannian_precondition_(down, up, 1e-6)
+    transform = partial(sv.riemannian_precondition_, delta=1e-6)
+    optimizer = sv.PairTransformANLO(groups, transform, per_tensor=per_tensor, lr=1e-2)
+    optimizer.step()
+    ANLO(reference_groups, lr=1e-2).step()
+    for group, reference in zip(groups, reference_groups):
+        for p, q in zip(group["params"], reference["params"]):
+            torch.testing.assert_close(p, q)
+    # per tensor: ANLO gets no names, so each tensor is its own layer in the layer-norm steps
+    assert all(("param_names" in g) != per_tensor for g in optimizer.param_groups)

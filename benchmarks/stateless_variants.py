@@ -1,0 +1,170 @@
+"""Stateless ANLO variants benchmarked in ``benchmarks/lora_quality.py`` before any of them moves into ANLO.
+
+:class:`PairTransformANLO` is ANLO whose ``step()`` first rewrites, in place, the gradients of every LoRA pair
+(``lora_down``, ``lora_up``) with a transform computed from the current weights and gradients only; no buffer
+outlives a step, so the optimizer stays stateless. Kohya's naming: a module adds ``scale · up @ down`` to its
+weight, ``down`` of shape ``(r, in[, k, k])`` (a matrix ``(r, in·k·k)``) and ``up`` of shape ``(out, r[, 1, 1])``.
+The transforms:
+
+* :func:`riemannian_precondition_`: the Riemannian preconditioner of Zhang & Pilanci ("Riemannian Preconditioned
+  LoRA for Fine-Tuning Foundation Models", arXiv 2402.02347)::
+
+      grad_down <- (upᵀ up + δ I)⁻¹ grad_down          (r × r solve)
+      grad_up   <- grad_up (down downᵀ + δ I)⁻¹        (r × r solve)
+
+  The reference implementation's damping is δ = 1e-6; PEFT's port defaults to 1e-2. At kohya's initialisation
+  ``up = 0``, hence ``grad_down = 0`` too and the first step preconditions nothing but ``grad_up``.
+* :func:`normalize_rank_axis_`: every rank component's gradient (a row of ``grad_down``, a column of
+  ``grad_up``) to unit RMS; one half of a SinkGD iteration (arXiv 2502.06742) on each factor.
+* :func:`normalize_feature_axis_`: every input feature's gradient (a column of ``grad_down``) and every output
+  feature's (a row of ``grad_up``) to unit RMS; the other half of a SinkGD iteration.
+* :func:`normalize_tensors_`: ``grad_down`` and ``grad_up`` each to unit RMS, so ANLO's global-norm steps see
+  equal tensors too.
+* :func:`normalize_module_`: ``grad_down`` and ``grad_up`` together to unit RMS (ANLO's layer norm) every step.
+
+:func:`chain` applies several transforms in turn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from library.hina_anlo import ANLO, lora_module_key
+
+__all__ = [
+    "PairTransformANLO", "chain", "lora_pairs", "normalize_feature_axis_", "normalize_module_", "normalize_rank_axis_",
+    "normalize_tensors_", "riemannian_precondition_",
+]  # fmt: skip
+
+#: A transform of one LoRA pair's gradients, in place: ``transform(down, up)``.
+PairTransform = Callable[[Tensor, Tensor], None]
+
+
+def lora_pairs(groups: list[dict[str, Any]]) -> list[tuple[Tensor, Tensor]]:
+    """``(lora_down.weight, lora_up.weight)`` of every LoRA module in ``groups``, paired by ``param_names``
+    (the two factors of one module may sit in different groups, as with LoRA+)."""
+    factors: dict[str, dict[str, Tensor]] = {}
+    for group in groups:
+        for name, param in zip(group["param_names"], group["params"]):
+            module = lora_module_key(name)
+            if module is not None and name.endswith(("lora_down.weight", "lora_up.weight")):
+                factors.setdefault(module, {})[name.rsplit(".", 2)[-2]] = param
+    return [(pair["lora_down"], pair["lora_up"]) for pair in factors.values() if len(pair) == 2]
+
+
+def _damped_gram_solve(gram: Tensor, rhs: Tensor, delta: float) -> Tensor:
+    """``(gram + δ I)⁻¹ rhs`` by a Cholesky solve (``gram`` is symmetric positive semi-definite)."""
+    damped = gram + delta * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+    return torch.cholesky_solve(rhs, torch.linalg.cholesky(damped))
+
+
+@torch.no_grad()
+def riemannian_precondition_(down: Tensor, up: Tensor, delta: float, keep_norm: bool = False) -> None:
+    """Precondition ``down.grad`` and ``up.grad`` in place (see the module docstring); computed in float32.
+
+    ``keep_norm`` rescales each preconditioned gradient back to its own original norm, so only its direction
+    changes and the optimizer's norms (per module, global) weigh the factors as they did without it."""
+    r = down.shape[0]
+    down_matrix = down.detach().reshape(r, -1).float()  # (r, in·k·k)
+    up_matrix = up.detach().reshape(up.shape[0], r).float()  # (out, r)
+    new_grads: list[tuple[Tensor, Tensor]] = []  # (p.grad, its preconditioned value)
+    if down.grad is not None:
+        grad = down.grad.reshape(r, -1).float()
+        new_grads.append((down.grad, _damped_gram_solve(up_matrix.T @ up_matrix, grad, delta)))
+    if up.grad is not None:
+        grad = up.grad.reshape(up.shape[0], r).float()
+        new_grads.append((up.grad, _damped_gram_solve(down_matrix @ down_matrix.T, grad.T, delta).T))
+    for grad, preconditioned in new_grads:
+        if keep_norm:
+            preconditioned.mul_(grad.norm(dtype=torch.float32) / preconditioned.norm().clamp_min(1e-30))
+        grad.copy_(preconditioned.view(grad.shape))
+
+
+def _normalize_(grad: Tensor, matrix_shape: tuple[int, int], dim: int, eps: float = 1e-12) -> None:
+    """Scale ``grad``, seen as a matrix of ``matrix_shape``, in place so that every slice along ``dim`` (0: each
+    column, 1: each row) has unit RMS; norms in float32."""
+    matrix = grad.view(matrix_shape)
+    length = matrix_shape[dim]
+    norms = matrix.norm(dim=dim, keepdim=True, dtype=torch.float32)
+    matrix.mul_((length**0.5 / (norms + eps)).to(grad.dtype))
+
+
+@torch.no_grad()
+def normalize_rank_axis_(down: Tensor, up: Tensor) -> None:
+    """Each rank component's gradient to unit RMS: the rows of ``down.grad`` and the columns of ``up.grad``."""
+    r = down.shape[0]
+    if down.grad is not None:
+        _normalize_(down.grad, (r, down.grad.numel() // r), dim=1)
+    if up.grad is not None:
+        _normalize_(up.grad, (up.shape[0], r), dim=0)
+
+
+@torch.no_grad()
+def normalize_feature_axis_(down: Tensor, up: Tensor) -> None:
+    """Each feature's gradient to unit RMS: the columns of ``down.grad`` (inputs), the rows of ``up.grad``
+    (outputs)."""
+    r = down.shape[0]
+    if down.grad is not None:
+        _normalize_(down.grad, (r, down.grad.numel() // r), dim=0)
+    if up.grad is not None:
+        _normalize_(up.grad, (up.shape[0], r), dim=1)
+
+
+@torch.no_grad()
+def normalize_tensors_(down: Tensor, up: Tensor) -> None:
+    """``down.grad`` and ``up.grad`` each to unit RMS."""
+    for grad in (down.grad, up.grad):
+        if grad is not None:
+            _normalize_(grad, (1, grad.numel()), dim=1)
+
+
+@torch.no_grad()
+def normalize_module_(down: Tensor, up: Tensor) -> None:
+    """``down.grad`` and ``up.grad`` jointly to unit RMS (one norm over both)."""
+    grads = [g for g in (down.grad, up.grad) if g is not None]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]))
+    scale = sum(g.numel() for g in grads) ** 0.5 / (norm + 1e-12)
+    for grad in grads:
+        grad.mul_(scale.to(grad.dtype))
+
+
+def chain(*transforms: PairTransform) -> PairTransform:
+    """One transform that applies ``transforms`` in order."""
+
+    def chained(down: Tensor, up: Tensor) -> None:
+        for transform in transforms:
+            transform(down, up)
+
+    return chained
+
+
+class PairTransformANLO(ANLO):
+    """ANLO whose ``step()`` first applies ``transform(down, up)`` to every LoRA pair of ``groups``.
+
+    ``groups`` must carry ``param_names`` (to pair ``lora_down`` with ``lora_up``). ``per_tensor`` hands ANLO the
+    groups without their names, so its layer norm treats every tensor as its own layer instead of every module.
+    Other keyword arguments go to :class:`ANLO`.
+    """
+
+    def __init__(
+        self, groups: list[dict[str, Any]], transform: PairTransform, per_tensor: bool = False, **anlo_kwargs: Any
+    ) -> None:
+        self.lora_pairs = lora_pairs(groups)
+        self.transform = transform
+        if per_tensor:
+            groups = [{k: v for k, v in group.items() if k != "param_names"} for group in groups]
+        super().__init__(groups, **anlo_kwargs)
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for down, up in self.lora_pairs:
+            self.transform(down, up)
+        super().step()
+        return loss
