@@ -14,13 +14,9 @@ The transforms:
 
   The reference implementation's damping is δ = 1e-6; PEFT's port defaults to 1e-2. At kohya's initialisation
   ``up = 0``, hence ``grad_down = 0`` too and the first step preconditions nothing but ``grad_up``.
-* :func:`normalize_rank_axis_`: every rank component's gradient (a row of ``grad_down``, a column of
-  ``grad_up``) to unit RMS; one half of a SinkGD iteration (arXiv 2502.06742) on each factor.
-* :func:`normalize_feature_axis_`: every input feature's gradient (a column of ``grad_down``) and every output
-  feature's (a row of ``grad_up``) to unit RMS; the other half of a SinkGD iteration.
-* :func:`normalize_tensors_`: ``grad_down`` and ``grad_up`` each to unit RMS, so ANLO's global-norm steps see
-  equal tensors too.
-* :func:`normalize_module_`: ``grad_down`` and ``grad_up`` together to unit RMS (ANLO's layer norm) every step.
+* :func:`normalize_module_`: ``grad_down`` and ``grad_up`` together to unit RMS, so that every step is ANLO's
+  layer-norm step (its global-norm steps then change nothing).
+* :func:`normalize_tensors_`: ``grad_down`` and ``grad_up`` each to unit RMS (every step a per-tensor layer norm).
 
 :func:`chain` applies several transforms in turn.
 """
@@ -36,9 +32,10 @@ from torch import Tensor
 from library.hina_anlo import ANLO, lora_module_key
 
 __all__ = [
-    "PairTransformANLO", "chain", "lora_pairs", "normalize_feature_axis_", "normalize_module_", "normalize_rank_axis_",
-    "normalize_tensors_", "riemannian_precondition_",
+    "PairTransformANLO", "chain", "lora_pairs", "normalize_module_", "normalize_tensors_", "riemannian_precondition_",
 ]  # fmt: skip
+
+_EPS = 1e-12  # added to the norms of the normalizing transforms
 
 #: A transform of one LoRA pair's gradients, in place: ``transform(down, up)``.
 PairTransform = Callable[[Tensor, Tensor], None]
@@ -63,11 +60,8 @@ def _damped_gram_solve(gram: Tensor, rhs: Tensor, delta: float) -> Tensor:
 
 
 @torch.no_grad()
-def riemannian_precondition_(down: Tensor, up: Tensor, delta: float, keep_norm: bool = False) -> None:
-    """Precondition ``down.grad`` and ``up.grad`` in place (see the module docstring); computed in float32.
-
-    ``keep_norm`` rescales each preconditioned gradient back to its own original norm, so only its direction
-    changes and the optimizer's norms (per module, global) weigh the factors as they did without it."""
+def riemannian_precondition_(down: Tensor, up: Tensor, delta: float) -> None:
+    """Precondition ``down.grad`` and ``up.grad`` in place (see the module docstring); computed in float32."""
     r = down.shape[0]
     down_matrix = down.detach().reshape(r, -1).float()  # (r, in·k·k)
     up_matrix = up.detach().reshape(up.shape[0], r).float()  # (out, r)
@@ -79,47 +73,7 @@ def riemannian_precondition_(down: Tensor, up: Tensor, delta: float, keep_norm: 
         grad = up.grad.reshape(up.shape[0], r).float()
         new_grads.append((up.grad, _damped_gram_solve(down_matrix @ down_matrix.T, grad.T, delta).T))
     for grad, preconditioned in new_grads:
-        if keep_norm:
-            preconditioned.mul_(grad.norm(dtype=torch.float32) / preconditioned.norm().clamp_min(1e-30))
         grad.copy_(preconditioned.view(grad.shape))
-
-
-def _normalize_(grad: Tensor, matrix_shape: tuple[int, int], dim: int, eps: float = 1e-12) -> None:
-    """Scale ``grad``, seen as a matrix of ``matrix_shape``, in place so that every slice along ``dim`` (0: each
-    column, 1: each row) has unit RMS; norms in float32."""
-    matrix = grad.view(matrix_shape)
-    length = matrix_shape[dim]
-    norms = matrix.norm(dim=dim, keepdim=True, dtype=torch.float32)
-    matrix.mul_((length**0.5 / (norms + eps)).to(grad.dtype))
-
-
-@torch.no_grad()
-def normalize_rank_axis_(down: Tensor, up: Tensor) -> None:
-    """Each rank component's gradient to unit RMS: the rows of ``down.grad`` and the columns of ``up.grad``."""
-    r = down.shape[0]
-    if down.grad is not None:
-        _normalize_(down.grad, (r, down.grad.numel() // r), dim=1)
-    if up.grad is not None:
-        _normalize_(up.grad, (up.shape[0], r), dim=0)
-
-
-@torch.no_grad()
-def normalize_feature_axis_(down: Tensor, up: Tensor) -> None:
-    """Each feature's gradient to unit RMS: the columns of ``down.grad`` (inputs), the rows of ``up.grad``
-    (outputs)."""
-    r = down.shape[0]
-    if down.grad is not None:
-        _normalize_(down.grad, (r, down.grad.numel() // r), dim=0)
-    if up.grad is not None:
-        _normalize_(up.grad, (up.shape[0], r), dim=1)
-
-
-@torch.no_grad()
-def normalize_tensors_(down: Tensor, up: Tensor) -> None:
-    """``down.grad`` and ``up.grad`` each to unit RMS."""
-    for grad in (down.grad, up.grad):
-        if grad is not None:
-            _normalize_(grad, (1, grad.numel()), dim=1)
 
 
 @torch.no_grad()
@@ -127,9 +81,18 @@ def normalize_module_(down: Tensor, up: Tensor) -> None:
     """``down.grad`` and ``up.grad`` jointly to unit RMS (one norm over both)."""
     grads = [g for g in (down.grad, up.grad) if g is not None]
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]))
-    scale = sum(g.numel() for g in grads) ** 0.5 / (norm + 1e-12)
+    scale = sum(g.numel() for g in grads) ** 0.5 / (norm + _EPS)
     for grad in grads:
         grad.mul_(scale.to(grad.dtype))
+
+
+@torch.no_grad()
+def normalize_tensors_(down: Tensor, up: Tensor) -> None:
+    """``down.grad`` and ``up.grad`` each to unit RMS."""
+    for grad in (down.grad, up.grad):
+        if grad is not None:
+            norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+            grad.mul_((grad.numel() ** 0.5 / (norm + _EPS)).to(grad.dtype))
 
 
 def chain(*transforms: PairTransform) -> PairTransform:
