@@ -475,9 +475,15 @@ class ANLO(torch.optim.Optimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if hasattr(self, "_layout"):
+            # torch's load_state_dict() calls this on a live optimizer with only "state" and "param_groups"
+            # (accelerate's prepare() does that too): the options and counters stay as they are.
+            super().__setstate__(state)
+            return
         step = state.pop("_step", 0)
-        state.setdefault("sinkgd_iterations", 0)  # pickled before these options existed
-        state.setdefault("fused", None)
+        # Pickled before these options existed: what ANLO did then.
+        for name, legacy in (("sinkgd_iterations", 0), ("fused", None)):
+            state.setdefault(name, legacy)
         self._init_runtime_state()
         super().__setstate__(state)
         self._step = step

@@ -469,11 +469,13 @@ def test_accelerate_save_state_and_load_state_resume(tmp_path):
     accelerate = pytest.importorskip("accelerate")
     params = _make_params(torch.float32)
     model = torch.nn.ParameterList(params)
-    opt = _build(params, [_config(), _config()], normalize_frequency=2)
+    opt = _build(params, [_config(), _config()], normalize_frequency=2, sinkgd_iterations=1, fused=False)
     grads = _make_grads(5, torch.float32)
     accelerator = accelerate.Accelerator(cpu=True)
     try:
         model, prepared = accelerator.prepare(model, opt)
+        # prepare() round-trips the optimizer through load_state_dict(): the options must survive it
+        assert (opt.normalize_frequency, opt.sinkgd_iterations, opt.fused) == (2, 1, False)
         _run(prepared, params, grads[:3])
         accelerator.save_state(str(tmp_path / "state"))
         _run(prepared, params, grads[3:])
@@ -485,6 +487,16 @@ def test_accelerate_save_state_and_load_state_resume(tmp_path):
         accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
     for p, e in zip(params, expected):
         assert torch.equal(p.detach(), e)
+
+
+def test_load_state_dict_keeps_the_options_and_counters():
+    """torch's load_state_dict() hands __setstate__ only "state" and "param_groups"."""
+    params = _make_params()
+    opt = _build(params, [_config(), _config()], sinkgd_iterations=2, fused=False)
+    _run(opt, params, _make_grads(3))
+    opt.load_state_dict(opt.state_dict())
+    assert (opt.sinkgd_iterations, opt.fused) == (2, False)
+    assert opt.get_normalization_stats()["step_count"] == 3
 
 
 def test_load_state_dict_without_step_key_restarts_at_zero():
