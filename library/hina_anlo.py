@@ -1,14 +1,18 @@
 """ANLO: Alternating Norm LoRA Optimizer.
 
 A stateless optimizer for LoRA training. Every step normalizes the current gradient to unit RMS and
-then applies each parameter's own learning rate; no moment buffers are kept. The normalization
-alternates between a *global* norm (one norm over every gradient of every parameter group) and a
-*layer* norm (one norm per LoRA module, e.g. ``lora_down`` + ``lora_up``)::
+then applies each parameter's own learning rate; no moment buffers are kept. A step divides either by
+a *layer* norm (one norm per LoRA module, e.g. ``lora_down`` + ``lora_up``) or by a *global* norm (one
+norm over every gradient of every parameter group)::
 
     u_p   = g_p + wd * p                      (coupled weight decay; u_p = g_p by default)
-    s     = w_global * sqrt(N)   / (||u_all||_2 + eps_t)       even blocks of normalize_frequency steps
-    s_L   = w_layer  * sqrt(N_L) / (||u_L||_2   + eps_t)       odd blocks
+    s_L   = w_layer  * sqrt(N_L) / (||u_L||_2   + eps_t)       layer steps
+    s     = w_global * sqrt(N)   / (||u_all||_2 + eps_t)       global steps
     p    <- p - lr_p * s * u_p                (per parameter group lr, so LoRA+ ratios survive)
+
+By default every step is a layer step (``normalization="layer"``): in the LoRA benchmark it ended 1 %
+below the seed algorithm, ``normalization="alternating"``, which alternates global and layer steps
+every ``normalize_frequency`` steps (docs/benchmarks.md).
 
 See ``docs/ANLO.md`` for the full definition, the options and the statistics. The module depends on
 torch only.
@@ -68,7 +72,11 @@ _GROUP_OPTIONS = (
     "adaptive_eps", "use_cautious_update", "cautious_threshold", "cautious_scale",
 )  # fmt: skip
 # Optimizer-wide options: constructor only.
-_OPTIMIZER_OPTIONS = ("normalize_frequency", "sinkgd_iterations", "stochastic_rounding", "foreach", "fused", "verbose")
+_OPTIMIZER_OPTIONS = (
+    "normalization", "normalize_frequency", "sinkgd_iterations", "stochastic_rounding", "foreach", "fused", "verbose",
+)  # fmt: skip
+#: Values of the ``normalization`` option: which norm each step divides by.
+NORMALIZATIONS = ("layer", "alternating", "global")
 
 
 def lora_module_key(name: str) -> Optional[str]:
@@ -339,10 +347,11 @@ class _StepRecord:
 class ANLO(torch.optim.Optimizer):
     r"""Alternating Norm LoRA Optimizer: stateless, unit-RMS normalized gradient steps.
 
-    Each step normalizes the gradients (plus coupled weight decay, if any) to unit RMS, alternating
-    every ``normalize_frequency`` steps between one global norm over all parameters of all groups and
-    one norm per LoRA module, then applies each parameter's own group ``lr``. No per-parameter state
-    is kept; the only state is the step counter, saved in ``state_dict()["anlo_step"]``.
+    Each step normalizes the gradients (plus coupled weight decay, if any) to unit RMS, by default with
+    one norm per LoRA module (``normalization="layer"``); ``"alternating"`` switches every
+    ``normalize_frequency`` steps between one global norm over all parameters of all groups and the
+    module norms. Then each parameter's own group ``lr`` applies. No per-parameter state is kept; the
+    only state is the step counter, saved in ``state_dict()["anlo_step"]``.
 
     LoRA modules are found from parameter names: pass ``model.named_parameters()``, ``(name, tensor)``
     pairs, or groups with a ``"param_names"`` list parallel to ``"params"``. Parameters of one module
@@ -354,8 +363,9 @@ class ANLO(torch.optim.Optimizer):
         lr: learning rate; with unit-RMS updates it sits in AdamW's range. (default: 1e-4)
         eps: added to every norm. (default: 1e-8)
         weight_decay: decay coefficient. (default: 0)
-        normalize_frequency: how many consecutive steps one mode is held: block = step //
-            normalize_frequency, even block -> global, odd -> layer. (default: 1)
+        normalize_frequency: with ``normalization="alternating"``, how many consecutive steps one mode
+            is held: block = step // normalize_frequency, even block -> global, odd -> layer. A value
+            other than 1 requires (and by default selects) that normalization. (default: 1)
         global_norm_weight: RMS of the update in global steps. (default: 1)
         layer_norm_weight: RMS of each layer's update in layer steps. (default: 1)
         adaptive_eps: use ``eps * (1 + 9 * max(0, 1 - step / 1000))``, 10x at step 0 down to 1x at
@@ -370,6 +380,9 @@ class ANLO(torch.optim.Optimizer):
         decoupled_weight_decay: True decays AdamW-style, ``p *= 1 - lr * wd``; False decays like the
             seed algorithm (``wd * p`` added to the gradient before normalization), which in the LoRA
             benchmark (docs/benchmarks.md) cost 26 % validation loss at wd 0.01. (default: True)
+        normalization: ``"layer"`` (every step a layer step), ``"alternating"`` (global and layer steps
+            in turn, see ``normalize_frequency``: the seed algorithm) or ``"global"`` (every step a global
+            step). (default: None = ``"layer"``, or ``"alternating"`` if ``normalize_frequency`` > 1)
         sinkgd_iterations: before normalizing, rescale the rows and columns of every >= 2-D gradient
             to unit RMS this many times, in place in ``p.grad`` (SinkGD, arXiv 2502.06742). 0 = off.
             At 5 it beat plain ANLO by 1.4 % in the LoRA benchmark, at about 6 extra passes over
@@ -384,8 +397,9 @@ class ANLO(torch.optim.Optimizer):
             True requires it (and float32 CPU parameters); False never uses it. Other devices and
             dtypes always use ``foreach``. (default: None)
 
-    All options except ``normalize_frequency``, ``sinkgd_iterations``, ``stochastic_rounding``,
-    ``foreach``, ``fused`` and ``verbose`` can be set per parameter group. Unknown keyword arguments raise ``TypeError``.
+    All options except ``normalization``, ``normalize_frequency``, ``sinkgd_iterations``,
+    ``stochastic_rounding``, ``foreach``, ``fused`` and ``verbose`` can be set per parameter group.
+    Unknown keyword arguments raise ``TypeError``.
     """
 
     #: Steps between two ``verbose`` log lines.
@@ -407,6 +421,7 @@ class ANLO(torch.optim.Optimizer):
         verbose: bool = False,
         *,
         decoupled_weight_decay: bool = True,
+        normalization: Optional[str] = None,
         sinkgd_iterations: int = 0,
         stochastic_rounding: bool = True,
         foreach: Optional[bool] = None,
@@ -417,6 +432,17 @@ class ANLO(torch.optim.Optimizer):
             raise TypeError(_unknown_arguments_message(kwargs))
         if not isinstance(normalize_frequency, int) or isinstance(normalize_frequency, bool) or normalize_frequency < 1:
             raise ValueError(f"Invalid normalize_frequency: {normalize_frequency!r} (must be an integer >= 1)")
+        if normalization is None:  # a normalize_frequency other than 1 only means something when alternating
+            normalization = "layer" if normalize_frequency == 1 else "alternating"
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"Invalid normalization: {normalization!r} (must be one of {', '.join(map(repr, NORMALIZATIONS))})"
+            )
+        if normalization != "alternating" and normalize_frequency != 1:
+            raise ValueError(
+                f"Invalid normalize_frequency: {normalize_frequency} applies only to normalization='alternating' "
+                f"(got normalization={normalization!r})"
+            )
         if not isinstance(sinkgd_iterations, int) or isinstance(sinkgd_iterations, bool) or sinkgd_iterations < 0:
             raise ValueError(f"Invalid sinkgd_iterations: {sinkgd_iterations!r} (must be an integer >= 0)")
         _check_bool("verbose", verbose)
@@ -440,6 +466,7 @@ class ANLO(torch.optim.Optimizer):
             cautious_scale=cautious_scale,
         )
         _validate_group_options(defaults)
+        self.normalization = normalization
         self.normalize_frequency = normalize_frequency
         self.sinkgd_iterations = sinkgd_iterations
         self.stochastic_rounding = stochastic_rounding
@@ -465,6 +492,7 @@ class ANLO(torch.optim.Optimizer):
         state = super().__getstate__()
         state.update(
             _step=self._step,
+            normalization=self.normalization,
             normalize_frequency=self.normalize_frequency,
             sinkgd_iterations=self.sinkgd_iterations,
             stochastic_rounding=self.stochastic_rounding,
@@ -482,7 +510,7 @@ class ANLO(torch.optim.Optimizer):
             return
         step = state.pop("_step", 0)
         # Pickled before these options existed: what ANLO did then.
-        for name, legacy in (("sinkgd_iterations", 0), ("fused", None)):
+        for name, legacy in (("normalization", "alternating"), ("sinkgd_iterations", 0), ("fused", None)):
             state.setdefault(name, legacy)
         self._init_runtime_state()
         super().__setstate__(state)
@@ -523,9 +551,9 @@ class ANLO(torch.optim.Optimizer):
         """Load a state dict from :meth:`state_dict`.
 
         A state dict without ``"anlo_step"`` (e.g. saved by another optimizer) restarts the step
-        counter at 0: the next step is a global one and adaptive eps starts over. Per-parameter state
-        from another optimizer is dropped with a warning (ANLO keeps none), and option keys missing
-        from the saved groups take the constructor's values.
+        counter at 0: adaptive eps starts over, and an alternating run's next step is a global one.
+        Per-parameter state from another optimizer is dropped with a warning (ANLO keeps none), and
+        option keys missing from the saved groups take the constructor's values.
         """
         state_dict = dict(state_dict)
         step = state_dict.pop(STEP_KEY, None)
@@ -550,6 +578,8 @@ class ANLO(torch.optim.Optimizer):
     # the step
 
     def _mode(self, step: int) -> str:
+        if self.normalization != "alternating":
+            return self.normalization
         return "global" if (step // self.normalize_frequency) % 2 == 0 else "layer"
 
     def _effective_eps(self, group: dict[str, Any], step: int) -> float:
@@ -928,8 +958,8 @@ class ANLO(torch.optim.Optimizer):
         """Step counter, modes, norms of the last step and skip count.
 
         Keys: ``step_count`` (steps taken), ``normalization_mode`` (mode of the last step, ``None``
-        before the first), ``next_normalization_mode``, ``normalize_frequency``, ``num_layers``
-        (layers of the last step), ``global_norm`` (global L2 norm of the last step's normalized
+        before the first), ``next_normalization_mode``, ``normalization`` and ``normalize_frequency``
+        (the options), ``num_layers`` (layers of the last step), ``global_norm`` (global L2 norm of the last step's normalized
         quantity: gradients plus coupled decay), ``skipped_steps``, ``cautious_update_enabled`` and
         ``groups``: per group ``lr``, ``effective_eps`` (for the next step), ``num_params``,
         ``num_params_with_grad``, ``grad_norm_min/mean/max`` (per-tensor raw gradient L2 norms of
@@ -958,6 +988,7 @@ class ANLO(torch.optim.Optimizer):
             "step_count": self._step,
             "normalization_mode": None if last is None else last.mode,
             "next_normalization_mode": self._mode(self._step),
+            "normalization": self.normalization,
             "normalize_frequency": self.normalize_frequency,
             "num_layers": None if last is None else last.num_layers,
             "global_norm": None if last is None else last.total_sq.sqrt().item(),

@@ -26,13 +26,16 @@ def _flat(t: torch.Tensor) -> list[float]:
     return [float(v) for v in t.detach().double().reshape(-1).tolist()]
 
 
-def reference_anlo(params, grad_steps, config, layer_of, normalize_frequency=1, start_step=0):
+def reference_anlo(
+    params, grad_steps, config, layer_of, normalize_frequency=1, start_step=0, normalization="alternating"
+):
     """Run ANLO's definition in float64 with Python loops.
 
     params: list of tensors (initial values). grad_steps: list of steps, each a list of gradients
     (``None`` = no gradient). config: one dict per parameter with lr, eps, weight_decay, decoupled,
     global_weight, layer_weight, adaptive_eps, cautious, threshold, scale. layer_of: layer id of each
-    parameter. Returns the final values as lists of floats.
+    parameter. normalization: "alternating", or "global" / "layer" on every step. Returns the final values
+    as lists of floats.
     """
     values = [_flat(p) for p in params]
     for step_offset, grads in enumerate(grad_steps):
@@ -50,7 +53,11 @@ def reference_anlo(params, grad_steps, config, layer_of, normalize_frequency=1, 
             return c["eps"] * boost
 
         scale = {}
-        if (step // normalize_frequency) % 2 == 0:
+        if normalization == "alternating":
+            mode = "global" if (step // normalize_frequency) % 2 == 0 else "layer"
+        else:
+            mode = normalization
+        if mode == "global":
             n_total = sum(len(upd[i]) for i in active)
             norm = math.sqrt(sum(x * x for i in active for x in upd[i]))
             for i in active:
@@ -122,14 +129,16 @@ def _make_grads(n_steps, dtype=torch.float64, seed=1, missing=()):
     return steps
 
 
-def _build(params, group_configs, names=NAMES, **kwargs):
+def _build(params, group_configs, names=NAMES, normalization="alternating", **kwargs):
+    """ANLO over the test parameters. Alternating by default, like ``reference_anlo``: it exercises both
+    modes (ANLO's own default, "layer", is checked by ``test_default_normalization_is_layer``)."""
     groups = []
     for gi, c in enumerate(group_configs):
         idx = [i for i, g in enumerate(GROUP_OF) if g == gi]
         groups.append(
             {"params": [params[i] for i in idx], "param_names": [names[i] for i in idx], **_group_options(c)}
         )
-    return ANLO(groups, **kwargs)
+    return ANLO(groups, normalization=normalization, **kwargs)
 
 
 def _run(opt, params, grad_steps):
@@ -159,6 +168,41 @@ def test_matches_reference_float64(frequency, foreach):
     _run(opt, params, grads)
     _assert_close_to_reference(params, expected, rtol=1e-12, atol=1e-14)
     assert opt.get_normalization_stats()["step_count"] == 7
+
+
+def test_default_normalization_is_layer():
+    """Constructed with nothing but group lrs, ANLO takes a layer step every step."""
+    configs = [_config(lr=1e-2), _config(lr=1.6e-1)]  # the other _config defaults are ANLO's (no decay)
+    params = _make_params()
+    grads = _make_grads(3)
+    expected = reference_anlo(params, grads, [configs[g] for g in GROUP_OF], LAYER_OF, normalization="layer")
+    groups = [
+        {
+            "params": [p for p, g in zip(params, GROUP_OF) if g == group],
+            "param_names": [n for n, g in zip(NAMES, GROUP_OF) if g == group],
+            "lr": configs[group]["lr"],
+        }
+        for group in range(2)
+    ]
+    opt = ANLO(groups)
+    _run(opt, params, grads)
+    _assert_close_to_reference(params, expected, rtol=1e-12, atol=1e-14)
+    assert opt.get_normalization_stats()["normalization"] == "layer"
+    # A normalize_frequency other than 1 only means something when alternating, so it selects that.
+    assert ANLO(groups, normalize_frequency=2).normalization == "alternating"
+
+
+@pytest.mark.parametrize("normalization", ["global", "layer"])
+def test_one_normalization_on_every_step_matches_reference(normalization):
+    configs = [_config(lr=1e-2, weight_decay=0.1), _config(lr=1.6e-1, weight_decay=0.1, decoupled=True)]
+    params = _make_params()
+    grads = _make_grads(5, missing={(2, 1)})
+    expected = reference_anlo(params, grads, [configs[g] for g in GROUP_OF], LAYER_OF, normalization=normalization)
+    opt = _build(params, configs, normalization=normalization)
+    _run(opt, params, grads)
+    _assert_close_to_reference(params, expected, rtol=1e-12, atol=1e-14)
+    stats = opt.get_normalization_stats()
+    assert stats["normalization_mode"] == stats["next_normalization_mode"] == stats["normalization"] == normalization
 
 
 @pytest.mark.parametrize(
@@ -374,7 +418,9 @@ def test_parameters_without_grad_are_skipped_and_not_counted():
     # N and the global norm exclude the frozen tensor: same result as an optimizer without it.
     others = [i for i in range(len(params)) if i != 3]
     params_without = [p for i, p in enumerate(_make_params()) if i != 3]
-    opt_without = ANLO([{"params": params_without, "param_names": [NAMES[i] for i in others]}], lr=1e-2)
+    opt_without = ANLO(
+        [{"params": params_without, "param_names": [NAMES[i] for i in others]}], lr=1e-2, normalization="alternating"
+    )
     for p, i in zip(params_without, others):
         p.grad = grads[i].clone()
     opt_without.step()
@@ -469,13 +515,13 @@ def test_accelerate_save_state_and_load_state_resume(tmp_path):
     accelerate = pytest.importorskip("accelerate")
     params = _make_params(torch.float32)
     model = torch.nn.ParameterList(params)
-    opt = _build(params, [_config(), _config()], normalize_frequency=2, sinkgd_iterations=1, fused=False)
+    opt = _build(params, [_config(), _config()], normalization="layer", sinkgd_iterations=1, fused=False)
     grads = _make_grads(5, torch.float32)
     accelerator = accelerate.Accelerator(cpu=True)
     try:
         model, prepared = accelerator.prepare(model, opt)
         # prepare() round-trips the optimizer through load_state_dict(): the options must survive it
-        assert (opt.normalize_frequency, opt.sinkgd_iterations, opt.fused) == (2, 1, False)
+        assert (opt.normalization, opt.sinkgd_iterations, opt.fused) == ("layer", 1, False)
         _run(prepared, params, grads[:3])
         accelerator.save_state(str(tmp_path / "state"))
         _run(prepared, params, grads[3:])
@@ -492,10 +538,10 @@ def test_accelerate_save_state_and_load_state_resume(tmp_path):
 def test_load_state_dict_keeps_the_options_and_counters():
     """torch's load_state_dict() hands __setstate__ only "state" and "param_groups"."""
     params = _make_params()
-    opt = _build(params, [_config(), _config()], sinkgd_iterations=2, fused=False)
+    opt = _build(params, [_config(), _config()], normalization="global", sinkgd_iterations=2, fused=False)
     _run(opt, params, _make_grads(3))
     opt.load_state_dict(opt.state_dict())
-    assert (opt.sinkgd_iterations, opt.fused) == (2, False)
+    assert (opt.normalization, opt.sinkgd_iterations, opt.fused) == ("global", 2, False)
     assert opt.get_normalization_stats()["step_count"] == 3
 
 
@@ -545,6 +591,9 @@ def test_pickle_keeps_step_and_options():
     _run(opt, params, _make_grads(4))
     clone = pickle.loads(pickle.dumps(opt))
     assert clone.get_normalization_stats()["step_count"] == 4 and clone.normalize_frequency == 3
+    assert clone.normalization == "alternating"
+    single_mode = ANLO([torch.zeros(1, requires_grad=True)], normalization="global")
+    assert pickle.loads(pickle.dumps(single_mode)).normalization == "global"
     copied = copy.deepcopy(opt)
     assert copied.state_dict()["anlo_step"] == 4
 
@@ -704,7 +753,7 @@ def test_sinkgd_iterations_rescale_rows_and_columns_before_the_step():
     bias.grad = torch.randn(3, generator=generator, dtype=torch.float64)
     expected_down = torch.tensor(_sinkgd_reference(down.grad.tolist(), 3), dtype=torch.float64)
     expected_bias = bias.grad.clone()  # 1-D: left alone
-    ANLO([down, bias], lr=0.1, sinkgd_iterations=3, adaptive_eps=False, eps=0.0).step()
+    ANLO([down, bias], lr=0.1, sinkgd_iterations=3, adaptive_eps=False, eps=0.0, normalization="global").step()
 
     torch.testing.assert_close(down.grad, expected_down, rtol=1e-12, atol=0)  # rewritten in place
     torch.testing.assert_close(bias.grad, expected_bias, rtol=0, atol=0)
@@ -739,6 +788,8 @@ def test_sinkgd_iterations_rescale_rows_and_columns_before_the_step():
         ({"foreach": "fast"}, "foreach"),
         ({"sinkgd_iterations": -1}, "sinkgd_iterations"),
         ({"sinkgd_iterations": 2.0}, "sinkgd_iterations"),
+        ({"normalization": "module"}, "normalization"),
+        ({"normalization": "layer", "normalize_frequency": 2}, "normalize_frequency"),
     ],
 )
 def test_invalid_arguments_name_the_argument(kwargs, name):

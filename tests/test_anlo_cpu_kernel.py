@@ -69,7 +69,10 @@ def test_fused_optimizer_agrees_with_the_torch_path(mode_steps):
             {"params": params[0::2], "param_names": names[0::2], "lr": 1e-2},
             {"params": params[1::2], "param_names": names[1::2], "lr": 1.6e-1, "weight_decay": 0.1},
         ]
-        opt = ANLO(groups, fused=fused, foreach=None if fused else True, normalize_frequency=mode_steps)
+        opt = ANLO(
+            groups, fused=fused, foreach=None if fused else True, normalization="alternating",
+            normalize_frequency=mode_steps,
+        )  # fmt: skip
         for step in range(4):
             for i, p in enumerate(params):
                 p.grad = None if (step, i) == (2, 4) else torch.randn(p.shape, generator=gen)

@@ -37,7 +37,7 @@ def _optimizer(model: torch.nn.ModuleDict) -> ANLO:
     groups = [{"params": downs}, {"params": ups, "lr": 4e-2}]  # LoRA+-style split of each module
     # coupled decay: the cautious gate can fire, so its counters are compared across ranks too
     return ANLO(groups, lr=1e-2, weight_decay=0.05, decoupled_weight_decay=False, use_cautious_update=True,
-                normalize_frequency=2)
+                normalization="alternating", normalize_frequency=2)
 
 
 def _gradients(model: torch.nn.ModuleDict, rank: int, step: int) -> list[torch.Tensor]:

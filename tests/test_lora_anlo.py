@@ -66,7 +66,7 @@ def test_anlo_steps_on_lora_groups_match_the_definition():
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
     groups, descriptions = network.prepare_optimizer_params(2e-4, 1e-3, 1e-3)
     assert descriptions == ["textencoder", "textencoder plus", "unet", "unet plus"]
-    optimizer = ANLO(groups, lr=1e-3, eps=EPS, adaptive_eps=False, normalize_frequency=1)
+    optimizer = ANLO(groups, lr=1e-3, eps=EPS, adaptive_eps=False, normalization="alternating", normalize_frequency=1)
     params = dict(network.named_parameters())
 
     for mode in ("global", "layer"):  # step 0 is global, step 1 layer (normalize_frequency=1)
@@ -86,14 +86,12 @@ def test_layer_mode_without_param_names_normalizes_each_tensor():
     network.apply_to(text_encoder, unet, apply_text_encoder=False)
     groups, _ = network.prepare_optimizer_params(None, 1e-3, 1e-3)
     unnamed = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
-    # global_norm_weight=0 makes step 0 a no-op, so step 1 (layer mode) starts from the same weights
-    optimizer = ANLO(unnamed, lr=1e-3, eps=EPS, adaptive_eps=False, global_norm_weight=0.0)
+    optimizer = ANLO(unnamed, lr=1e-3, eps=EPS, adaptive_eps=False, normalization="layer")
     loss_of(text_encoder, unet).backward()
-    optimizer.step()
     params = [p for g in unnamed for p in g["params"]]
     grads = [p.grad.detach().clone() for p in params]
     before = [p.detach().clone() for p in params]
-    optimizer.step()  # same gradients, layer mode
+    optimizer.step()
     for p, g, b in zip(params, grads, before):
         if g.abs().sum() == 0:  # lora_down: no gradient while lora_up is zero
             assert torch.equal(p.detach(), b)
