@@ -186,6 +186,7 @@ def optimizer_factories() -> dict[str, Callable[[list[Group]], Any]]:
         "anlo": anlo(),  # on the CPU: the fused kernel, when it builds (config["anlo_cpu_kernel"] says)
         "anlo_foreach": anlo(fused=False),
         "anlo_for_loop": anlo(foreach=False),
+        "anlo_alternating": anlo(normalization="alternating"),  # the seed algorithm: global steps cost the same
         "adamw_fused": adamw(fused=True),
         "adamw_foreach": adamw(foreach=True),
         "adamw8bit": bnb_adamw8bit,
@@ -298,8 +299,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         steps[name] = optimizer.step
         state_bytes[name] = state_bytes_per_parameter(optimizer, numel)
         extra_bytes[name] = extra_step_memory(optimizer.step, device)
-        if name == "anlo":
-            anlo_optimizer = optimizer
     references = reference_steps(materialize(spec, device))
     for name, step in references.items():
         step()
@@ -308,11 +307,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     steps = {**references, **steps}
 
     times: dict[str, list[float]] = {name: [] for name in steps}
-    anlo_modes: list[str] = []
     for _ in range(args.repeats):
         for name, step in steps.items():
-            if name == "anlo":
-                anlo_modes.append(anlo_optimizer.get_normalization_stats()["next_normalization_mode"])
             synchronize()
             start = time.perf_counter()
             step()
@@ -335,10 +331,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "state_bytes_per_param": state_bytes[name],
             "extra_step_bytes": extra_bytes[name],
         }
-    for mode in ("global", "layer"):
-        samples = [t for t, m in zip(times["anlo"], anlo_modes) if m == mode]
-        if samples:
-            results["anlo"][f"median_ms_{mode}"] = 1e3 * statistics.median(samples)
     largest = max(math.prod(shape) for _, tensors in spec for _, shape in tensors)
     return {
         "config": {
@@ -378,7 +370,7 @@ def _ratio_text(value: Optional[float]) -> str:
 
 
 def report(data: dict[str, Any]) -> str:
-    """A markdown summary: one line of configuration, the table, ANLO by mode, the goals, skips."""
+    """A markdown summary: one line of configuration, the table, the goals, skips."""
     config = data["config"]
     lines = [
         f"{config['parameter_set']}, rank {config['rank']}: {config['tensors']} tensors in {config['groups']} groups, "
@@ -398,8 +390,6 @@ def report(data: dict[str, Any]) -> str:
         )
     anlo = data["results"]["anlo"]
     lines.append("")
-    if "median_ms_global" in anlo and "median_ms_layer" in anlo:
-        lines.append(f"ANLO by mode: global {anlo['median_ms_global']:.2f} ms, layer {anlo['median_ms_layer']:.2f} ms.")
     to_adamw, to_floor = anlo["ratio_to_adamw_fused"], anlo["ratio_to_floor"]
     lines.append(
         f"Goals: ANLO ≤ {GOAL_RATIO_TO_ADAMW_FUSED}× AdamW-fused: {to_adamw:.2f}× "

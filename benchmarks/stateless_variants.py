@@ -14,9 +14,8 @@ The transforms:
 
   The reference implementation's damping is δ = 1e-6; PEFT's port defaults to 1e-2. At kohya's initialisation
   ``up = 0``, hence ``grad_down = 0`` too and the first step preconditions nothing but ``grad_up``.
-* :func:`normalize_module_`: ``grad_down`` and ``grad_up`` together to unit RMS, so that every step is ANLO's
-  layer-norm step (its global-norm steps then change nothing).
-* :func:`normalize_tensors_`: ``grad_down`` and ``grad_up`` each to unit RMS (every step a per-tensor layer norm).
+* :func:`normalize_tensors_`: ``grad_down`` and ``grad_up`` each to unit RMS, to follow the preconditioner (the
+  same normalization alone is ``ANLO(normalization="layer")`` on unnamed parameters).
 
 :func:`chain` applies several transforms in turn.
 """
@@ -32,7 +31,7 @@ from torch import Tensor
 from library.hina_anlo import ANLO, lora_module_key
 
 __all__ = [
-    "PairTransformANLO", "chain", "lora_pairs", "normalize_module_", "normalize_tensors_", "riemannian_precondition_",
+    "PairTransformANLO", "chain", "lora_pairs", "normalize_tensors_", "riemannian_precondition_",
 ]  # fmt: skip
 
 _EPS = 1e-12  # added to the norms of the normalizing transforms
@@ -74,16 +73,6 @@ def riemannian_precondition_(down: Tensor, up: Tensor, delta: float) -> None:
         new_grads.append((up.grad, _damped_gram_solve(down_matrix @ down_matrix.T, grad.T, delta).T))
     for grad, preconditioned in new_grads:
         grad.copy_(preconditioned.view(grad.shape))
-
-
-@torch.no_grad()
-def normalize_module_(down: Tensor, up: Tensor) -> None:
-    """``down.grad`` and ``up.grad`` jointly to unit RMS (one norm over both)."""
-    grads = [g for g in (down.grad, up.grad) if g is not None]
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]))
-    scale = sum(g.numel() for g in grads) ** 0.5 / (norm + _EPS)
-    for grad in grads:
-        grad.mul_(scale.to(grad.dtype))
 
 
 @torch.no_grad()

@@ -122,13 +122,9 @@ def test_riemannian_preconditioner_matches_the_explicit_inverses() -> None:
         torch.testing.assert_close(up.grad.reshape(-1, r).double(), expected_up, rtol=1e-4, atol=1e-5)
 
 
-def test_normalizations_give_each_module_or_tensor_unit_rms() -> None:
+def test_normalize_tensors_gives_each_tensor_unit_rms() -> None:
     for down, up in sv.lora_pairs(_lora_groups()):
         up.grad.mul_(100.0)
-        sv.normalize_module_(down, up)
-        both = torch.cat([down.grad.flatten(), up.grad.flatten()])
-        torch.testing.assert_close(both.square().mean(), torch.tensor(1.0))
-        assert up.grad.square().mean() > 10 * down.grad.square().mean()  # one norm: the ratio is kept
         sv.normalize_tensors_(down, up)
         for grad in (down.grad, up.grad):
             torch.testing.assert_close(grad.square().mean(), torch.tensor(1.0))
@@ -142,6 +138,8 @@ def test_pair_transform_anlo_is_anlo_on_the_transformed_gradients(per_tensor: bo
     transform = partial(sv.riemannian_precondition_, delta=1e-6)
     optimizer = sv.PairTransformANLO(groups, transform, per_tensor=per_tensor, lr=1e-2)
     optimizer.step()
+    if per_tensor:
+        reference_groups = [{k: v for k, v in g.items() if k != "param_names"} for g in reference_groups]
     ANLO(reference_groups, lr=1e-2).step()
     for group, reference in zip(groups, reference_groups):
         for p, q in zip(group["params"], reference["params"]):
