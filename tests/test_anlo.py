@@ -324,10 +324,10 @@ def test_global_norm_spans_groups():
     """Splitting the same tensors into several groups with the same options changes nothing."""
     grads = _make_grads(4)
     params_one = _make_params()
-    opt_one = ANLO([{"params": params_one, "param_names": NAMES}], lr=1e-2)
+    opt_one = ANLO([{"params": params_one, "param_names": NAMES}], lr=1e-2, normalization="global")
     params_split = _make_params()
     groups = [{"params": [params_split[i]], "param_names": [NAMES[i]]} for i in range(len(NAMES))]
-    opt_split = ANLO(groups, lr=1e-2)
+    opt_split = ANLO(groups, lr=1e-2, normalization="global")
     _run(opt_one, params_one, grads)
     _run(opt_split, params_split, grads)
     for a, b in zip(params_one, params_split):
@@ -347,7 +347,7 @@ def test_named_parameters_and_pairs_define_layers():
     model = torch.nn.ModuleDict({"q": Lora(), "k": Lora()})
     lr = 1e-3
     for params_arg in (model.named_parameters(), [(n, p) for n, p in model.named_parameters()]):
-        opt = ANLO(params_arg, lr=lr, normalize_frequency=1)
+        opt = ANLO(params_arg, lr=lr, normalization="alternating")
         assert opt.param_groups[0]["param_names"] == [n for n, _ in model.named_parameters()]
         for p in model.parameters():
             p.grad = torch.randn_like(p) * (10 if p.shape[0] == 5 else 1)
@@ -444,7 +444,7 @@ def test_non_finite_gradient_skips_step(bad, step_index, on_host):
     params = _make_params(torch.float32)
     params.append(torch.ones(3, dtype=torch.bfloat16, requires_grad=True))
     names = NAMES + ["bf16.lora_down.weight"]
-    opt = ANLO([{"params": params, "param_names": names, "weight_decay": 0.1}], lr=1e-2)
+    opt = ANLO([{"params": params, "param_names": names, "weight_decay": 0.1}], lr=1e-2, normalization="alternating")
     _run(opt, params, [[torch.randn_like(p) for p in params]] * step_index)
     before = [p.detach().clone() for p in params]
     grads = [torch.randn_like(p) for p in params]
@@ -659,7 +659,7 @@ def test_cautious_gate_fires_exactly_when_coupled_decay_turns_the_update(p0, fir
     lr, wd = 1e-3, 0.1
     p = torch.tensor([p0, 0.0], dtype=torch.float64, requires_grad=True)
     opt = ANLO([p], lr=lr, weight_decay=wd, decoupled_weight_decay=False, use_cautious_update=True,
-               adaptive_eps=False, eps=0.0)  # the gate can fire only with coupled decay
+               adaptive_eps=False, eps=0.0, normalization="global")  # the gate can fire only with coupled decay
     p.grad = torch.tensor([0.0, 1.0], dtype=torch.float64)
     opt.step()
     u = torch.tensor([p0 * wd, 1.0], dtype=torch.float64)

@@ -138,7 +138,7 @@ def test_lycoris_groups_get_names_so_anlo_normalizes_each_module():
     assert all(named[n] is p for g in groups for n, p in zip(g["param_names"], g["params"]))
 
     lr = 1e-3
-    optimizer = ANLO(groups, lr=lr, adaptive_eps=False)  # steps alternate: global first, then layer
+    optimizer = ANLO(groups, lr=lr, adaptive_eps=False)  # every step a layer step (the default)
     for step in range(2):
         for name, p in named.items():
             scale = 10.0 if "lora_up" in name else 1.0  # the halves of a module get gradients of different sizes
