@@ -389,7 +389,7 @@ class ANLO(torch.optim.Optimizer):
         sinkgd_iterations: before normalizing, rescale the rows and columns of every >= 2-D gradient
             to unit RMS this many times, in place in ``p.grad`` (SinkGD, arXiv 2502.06742). 0 = off.
             At 1 it ended 0.2-0.5 % below the default in the LoRA benchmark (5 did no better), but its
-            per-tensor loops made a CPU step about 7.5x slower. (default: 0)
+            per-tensor loops made a CPU step about 3.5x slower. (default: 0)
         stochastic_rounding: update bfloat16 parameters in float32 and round stochastically, so tiny
             updates are not lost to round-to-nearest. Other dtypes are unaffected. (default: True)
         foreach: use the multi-tensor (``torch._foreach_*``) implementation; False runs a plain loop
