@@ -449,7 +449,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=150, help="LoRA training steps per run")
     parser.add_argument("--eval_every", type=int, default=25, help="steps between validation evaluations")
     parser.add_argument("--draws", type=int, default=4, help="validation draws (noise, timestep) per held-out image")
-    parser.add_argument("--lrs", nargs="+", type=float, default=list(LR_GRID), help=f"the learning-rate grid (default: {' '.join(f'{lr:g}' for lr in LR_GRID)})")
+    parser.add_argument("--lrs", nargs="+", type=float, default=list(LR_GRID),
+                        help=f"the learning-rate grid (default: {' '.join(f'{lr:g}' for lr in LR_GRID)})")
     others = [label for label in optimizer_specs() if label not in MAIN_OPTIMIZERS]
     parser.add_argument("--optimizers", nargs="+", default=None,
                         help=f"labels to run (default: {', '.join(MAIN_OPTIMIZERS)}; also: {', '.join(others)})")

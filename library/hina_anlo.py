@@ -962,8 +962,9 @@ class ANLO(torch.optim.Optimizer):
 
         Keys: ``step_count`` (steps taken), ``normalization_mode`` (mode of the last step, ``None``
         before the first), ``next_normalization_mode``, ``normalization`` and ``normalize_frequency``
-        (the options), ``num_layers`` (layers of the last step), ``global_norm`` (global L2 norm of the last step's normalized
-        quantity: gradients plus coupled decay), ``skipped_steps``, ``cautious_update_enabled`` and
+        (the options), ``num_layers`` (layers of the last step), ``global_norm`` (global L2 norm of
+        the last step's normalized quantity: gradients plus coupled decay), ``skipped_steps``,
+        ``cautious_update_enabled`` and
         ``groups``: per group ``lr``, ``effective_eps`` (for the next step), ``num_params``,
         ``num_params_with_grad``, ``grad_norm_min/mean/max`` (per-tensor raw gradient L2 norms of
         the last step, ``None`` if none).
