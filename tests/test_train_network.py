@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import train_network
+from library import hina_anlo
 from library import trainer as trainer_module
 from library.text_encoding import merge_chunks, split_into_chunks, tokenize
 from library.trainer import NetworkTrainer, checkpoint_name, step_to_remove
@@ -231,21 +232,27 @@ def test_adamw8bit_runs(workspace):
         assert handle.metadata()["ss_optimizer"] == "bitsandbytes.optim.adamw.AdamW8bit"
 
 
-def test_anlo_runs_and_logs_its_normalization(workspace):
+def test_anlo_runs_and_logs_its_normalization(workspace, monkeypatch):
+    rescaled = []  # SinkGD's iterations, per gradient rescaled
+    rescale = hina_anlo._row_column_normalize_
+    monkeypatch.setattr(hina_anlo, "_row_column_normalize_", lambda grad, n: (rescaled.append(n), rescale(grad, n)))
     steps = trainer_module.OPTIMIZER_STATS_EVERY_N_STEPS
     log_dir = workspace / "anlo_logs"
     trainer = run(
         workspace, "--optimizer_type", "ANLO", "--max_train_steps", str(steps), "--output_name", "anlo",
-        "--logging_dir", str(log_dir),
+        "--logging_dir", str(log_dir), "--optimizer_args", "normalization='global'", "sinkgd_iterations=1",
     )
     assert len(trainer.loss_history) == steps and all(math.isfinite(x) for x in trainer.loss_history)
     with safe_open(trainer.output_file, framework="pt") as handle:
-        assert handle.metadata()["ss_optimizer"] == "library.hina_anlo.ANLO"
+        assert handle.metadata()["ss_optimizer"] == "library.hina_anlo.ANLO(normalization=global,sinkgd_iterations=1)"
     scalars = read_scalars(log_dir)
     # read once, at the step the stats are due: after `steps` optimizer steps ANLO has counted them all
     assert scalars["optimizer/step_count"] == [float(steps)]
     assert scalars["optimizer/global_norm"][0] > 0
-    assert scalars["optimizer/normalization_mode_is_global"][0] in (0.0, 1.0)
+    # The options outlived accelerate's prepare() (which reloads the optimizer's state dict): the last step was
+    # global, and SinkGD rescaled gradients once per step.
+    assert scalars["optimizer/normalization_mode_is_global"] == [1.0]
+    assert set(rescaled) == {1}
 
 
 def test_no_metadata_keeps_only_what_loaders_need(workspace):
