@@ -326,12 +326,13 @@ class _Layout:
     numel: int
     num_layers: int
     layer_index: Tensor  # (n,) long: the layer of each tensor
+    layer_members: Tensor  # (layers, most tensors in one layer) long: each layer's tensors, padded with n
     layer_sqrt_numel: Tensor  # (n,): sqrt(N_L) of each tensor's layer
     buckets: list[_Bucket]
     inverse_order: Optional[Tensor]  # maps bucket-major order back to group-major; None if identity
 
     def nbytes(self) -> int:
-        tensors = [self.layer_index, self.layer_sqrt_numel, self.inverse_order]
+        tensors = [self.layer_index, self.layer_members, self.layer_sqrt_numel, self.inverse_order]
         tensors += [t for b in self.buckets for t in b.tensors()]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -716,6 +717,11 @@ class ANLO(torch.optim.Optimizer):
 
         numels = torch.tensor([p.numel() for p in params], dtype=stat_dtype)
         layer_index = torch.tensor(layer_of, dtype=torch.long)
+        members: list[list[int]] = [[] for _ in layer_ids]
+        for i, layer in enumerate(layer_of):
+            members[layer].append(i)
+        width = max(map(len, members), default=0)
+        layer_members = torch.tensor([m + [len(params)] * (width - len(m)) for m in members], dtype=torch.long)
         layer_numel = torch.zeros(len(layer_ids), dtype=stat_dtype).index_add_(0, layer_index, numels)
 
         by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
@@ -741,6 +747,7 @@ class ANLO(torch.optim.Optimizer):
             numel=sum(p.numel() for p in params),
             num_layers=len(layer_ids),
             layer_index=layer_index.to(device),
+            layer_members=layer_members.to(device),
             layer_sqrt_numel=layer_numel.sqrt()[layer_index].to(device),
             buckets=buckets,
             inverse_order=inverse_order,
@@ -804,10 +811,13 @@ class ANLO(torch.optim.Optimizer):
     def _apply_layer_normalization(self, update_sq: Tensor, layout: _Layout, step: int) -> Tensor:
         """Per-tensor scales of a layer step: ``w_layer * sqrt(N_L) / (||u_L||_2 + eps_t)``.
 
-        A layer's squared norm is the sum over its tensors (which may sit in several groups).
+        A layer's squared norm is the sum over its tensors (which may sit in several groups). It is a
+        gather and a sum over a fixed axis, not an ``index_add_``: on CUDA that adds atomically, in an
+        order that changes from run to run, so layers of three or more tensors (LyCORIS, DoRA) would get
+        norms that differ in the last bit between runs and between data-parallel ranks.
         """
-        layer_sq = torch.zeros(layout.num_layers, dtype=update_sq.dtype, device=update_sq.device)
-        layer_norm = layer_sq.index_add_(0, layout.layer_index, update_sq).sqrt_()[layout.layer_index]
+        padded = torch.cat([update_sq, update_sq.new_zeros(1)])  # index n, the padding, reads 0
+        layer_norm = padded[layout.layer_members].sum(dim=1).sqrt_()[layout.layer_index]
         pieces = []
         for group_index, start, end in layout.group_slices:
             group = self.param_groups[group_index]

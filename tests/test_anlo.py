@@ -192,6 +192,24 @@ def test_default_normalization_is_layer():
     assert ANLO(groups, normalize_frequency=2).normalization == "alternating"
 
 
+def test_a_layer_of_three_tensors_across_groups_shares_one_norm():
+    """LoCon's lora_mid makes a module of three tensors; with LoRA+ its lora_up sits in another group."""
+    names = ["m.lora_down.weight", "m.lora_mid.weight", "n.lora_down.weight", "m.lora_up.weight"]
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(2, 5), (2, 2), (3, 4), (6, 2)]
+    params = [torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_() for s in shapes]
+    grads = [[torch.randn(p.shape, generator=gen, dtype=torch.float64) * (i + 1) for i, p in enumerate(params)]] * 2
+    configs = [_config(lr=1e-2, decoupled=True), _config(lr=1.6e-1, decoupled=True)]
+    expected = reference_anlo(params, grads, [configs[0]] * 3 + [configs[1]], [0, 0, 1, 0], normalization="layer")
+    opt = ANLO([
+        {"params": params[:3], "param_names": names[:3], "lr": 1e-2},
+        {"params": params[3:], "param_names": names[3:], "lr": 1.6e-1},
+    ])  # fmt: skip
+    _run(opt, params, grads)
+    _assert_close_to_reference(params, expected, rtol=1e-12, atol=1e-14)
+    assert opt.get_normalization_stats()["num_layers"] == 2
+
+
 @pytest.mark.parametrize("normalization", ["global", "layer"])
 def test_one_normalization_on_every_step_matches_reference(normalization):
     configs = [_config(lr=1e-2, weight_decay=0.1), _config(lr=1.6e-1, weight_decay=0.1, decoupled=True)]
