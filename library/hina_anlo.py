@@ -179,6 +179,17 @@ def _squared_norms(tensors: list[Tensor], dtype: torch.dtype, foreach: bool) -> 
     return torch.stack(norms).square_()
 
 
+def _sum_per_layer(values: Tensor, layer_members: Tensor) -> Tensor:
+    """Per layer, the sum of its tensors' entries of ``values`` (one per tensor), by ``_Layout.layer_members``.
+
+    A gather and a sum over a fixed axis, not an ``index_add_``: on CUDA that adds atomically, in an order
+    that changes from run to run, so layers of three or more tensors (LyCORIS, DoRA) would get sums that
+    differ in the last bit between runs and between data-parallel ranks.
+    """
+    padded = torch.cat([values, values.new_zeros(1)])  # index n, the padding, reads 0
+    return padded[layer_members].sum(dim=1)
+
+
 def _decay_terms(
     grads: list[Tensor], params: list[Tensor], dtype: torch.dtype, device: torch.device
 ) -> tuple[Tensor, Tensor]:
@@ -722,7 +733,7 @@ class ANLO(torch.optim.Optimizer):
             members[layer].append(i)
         width = max(map(len, members), default=0)
         layer_members = torch.tensor([m + [len(params)] * (width - len(m)) for m in members], dtype=torch.long)
-        layer_numel = torch.zeros(len(layer_ids), dtype=stat_dtype).index_add_(0, layer_index, numels)
+        layer_numel = _sum_per_layer(numels, layer_members)
 
         by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for i, p in enumerate(params):
@@ -811,13 +822,9 @@ class ANLO(torch.optim.Optimizer):
     def _apply_layer_normalization(self, update_sq: Tensor, layout: _Layout, step: int) -> Tensor:
         """Per-tensor scales of a layer step: ``w_layer * sqrt(N_L) / (||u_L||_2 + eps_t)``.
 
-        A layer's squared norm is the sum over its tensors (which may sit in several groups). It is a
-        gather and a sum over a fixed axis, not an ``index_add_``: on CUDA that adds atomically, in an
-        order that changes from run to run, so layers of three or more tensors (LyCORIS, DoRA) would get
-        norms that differ in the last bit between runs and between data-parallel ranks.
+        A layer's squared norm is the sum over its tensors (which may sit in several groups).
         """
-        padded = torch.cat([update_sq, update_sq.new_zeros(1)])  # index n, the padding, reads 0
-        layer_norm = padded[layout.layer_members].sum(dim=1).sqrt_()[layout.layer_index]
+        layer_norm = _sum_per_layer(update_sq, layout.layer_members).sqrt_()[layout.layer_index]
         pieces = []
         for group_index, start, end in layout.group_slices:
             group = self.param_groups[group_index]
@@ -974,10 +981,9 @@ class ANLO(torch.optim.Optimizer):
         before the first), ``next_normalization_mode``, ``normalization`` and ``normalize_frequency``
         (the options), ``num_layers`` (layers of the last step), ``global_norm`` (global L2 norm of
         the last step's normalized quantity: gradients plus coupled decay), ``skipped_steps``,
-        ``cautious_update_enabled`` and
-        ``groups``: per group ``lr``, ``effective_eps`` (for the next step), ``num_params``,
-        ``num_params_with_grad``, ``grad_norm_min/mean/max`` (per-tensor raw gradient L2 norms of
-        the last step, ``None`` if none).
+        ``cautious_update_enabled`` and ``groups``: per group ``lr``, ``effective_eps`` (for the next
+        step), ``num_params``, ``num_params_with_grad``, ``grad_norm_min/mean/max`` (per-tensor raw
+        gradient L2 norms of the last step, ``None`` if none).
         """
         last = self._last
         per_group: dict[int, Tensor] = {}

@@ -250,7 +250,7 @@ def test_anlo_runs_and_logs_its_normalization(workspace, monkeypatch):
     assert scalars["optimizer/step_count"] == [float(steps)]
     assert scalars["optimizer/global_norm"][0] > 0
     # The options outlived accelerate's prepare() (which reloads the optimizer's state dict): the last step was
-    # global, and SinkGD rescaled gradients once per step.
+    # global, and SinkGD rescaled the gradients with 1 iteration.
     assert scalars["optimizer/normalization_mode_is_global"] == [1.0]
     assert set(rescaled) == {1}
 
