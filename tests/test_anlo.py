@@ -556,10 +556,12 @@ def test_accelerate_save_state_and_load_state_resume(tmp_path):
 def test_load_state_dict_keeps_the_options_and_counters():
     """torch's load_state_dict() hands __setstate__ only "state" and "param_groups"."""
     params = _make_params()
-    opt = _build(params, [_config(), _config()], normalization="global", sinkgd_iterations=2, fused=False)
+    opt = _build(
+        params, [_config(), _config()], normalization="global", sinkgd_iterations=2, orthogonalize=True, fused=False
+    )
     _run(opt, params, _make_grads(3))
     opt.load_state_dict(opt.state_dict())
-    assert (opt.normalization, opt.sinkgd_iterations, opt.fused) == ("global", 2, False)
+    assert (opt.normalization, opt.sinkgd_iterations, opt.orthogonalize, opt.fused) == ("global", 2, True, False)
     assert opt.get_normalization_stats()["step_count"] == 3
 
 
@@ -782,6 +784,70 @@ def test_sinkgd_iterations_rescale_rows_and_columns_before_the_step():
     torch.testing.assert_close(bias.detach(), -scale * expected_bias, rtol=1e-12, atol=0)
 
 
+def _polar_reference(matrix: torch.Tensor, relative_floor: float = 1e-3) -> torch.Tensor:
+    """``U f(S) Vᵀ`` by an SVD in float64: f(s) = 1, or s / (floor * s_max) below the floor."""
+    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    floor = relative_floor * s.max()
+    return (u * torch.where(s >= floor, 1.0, s / floor)) @ vh
+
+
+def test_orthogonalize_replaces_every_matrix_gradient_by_its_polar_factor_before_the_step():
+    generator = torch.Generator().manual_seed(5)
+    shapes = {"wide": (3, 7), "tall": (7, 3), "conv": (3, 2, 2, 2), "bias": (4,)}
+    params = {k: torch.zeros(shape, dtype=torch.float64, requires_grad=True) for k, shape in shapes.items()}
+    for p in params.values():
+        p.grad = torch.randn(p.shape, generator=generator, dtype=torch.float64)
+    expected = {k: _polar_reference(p.grad.reshape(p.shape[0], -1)).view(p.shape) for k, p in params.items()}
+    expected["bias"] = params["bias"].grad.clone()  # 1-D: left alone
+    ANLO(list(params.values()), lr=0.1, orthogonalize=True, adaptive_eps=False, eps=0.0, normalization="global").step()
+
+    for key, p in params.items():
+        torch.testing.assert_close(p.grad, expected[key], rtol=0, atol=1e-12, msg=key)  # rewritten in place
+    # then a plain global step on the orthogonalized gradients
+    total = math.sqrt(sum(float(e.pow(2).sum()) for e in expected.values()))
+    scale = 0.1 * math.sqrt(sum(p.numel() for p in params.values())) / total
+    for key, p in params.items():
+        torch.testing.assert_close(p.detach(), -scale * expected[key], rtol=1e-12, atol=0, msg=key)
+
+
+def test_orthogonalize_damps_singular_values_below_the_floor_and_keeps_zero_ones_zero():
+    generator = torch.Generator().manual_seed(6)
+    u, _ = torch.linalg.qr(torch.randn(6, 3, generator=generator, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(9, 3, generator=generator, dtype=torch.float64))
+    singular = torch.tensor([2.0, 1e-5, 0.0], dtype=torch.float64)  # rank 2; the second below 1e-3 * 2
+    p = torch.zeros(6, 9, dtype=torch.float64, requires_grad=True)
+    p.grad = (u * singular) @ v.T
+    zero = torch.zeros(4, 5, dtype=torch.float64, requires_grad=True)
+    zero.grad = torch.zeros(4, 5, dtype=torch.float64)
+    ANLO([p, zero], lr=0.1, orthogonalize=True).step()
+    expected = (u * torch.tensor([1.0, 1e-5 / 2e-3, 0.0], dtype=torch.float64)) @ v.T
+    torch.testing.assert_close(p.grad, expected, rtol=0, atol=1e-12)  # the null direction stays (near) zero
+    assert torch.equal(zero.grad, torch.zeros(4, 5, dtype=torch.float64)) and torch.equal(zero.detach(), zero.grad)
+
+
+def test_orthogonalize_low_precision_gradients_in_float32():
+    generator = torch.Generator().manual_seed(7)
+    p = torch.zeros(4, 16, dtype=torch.bfloat16, requires_grad=True)
+    p.grad = torch.randn(4, 16, generator=generator).to(torch.bfloat16)
+    expected = _polar_reference(p.grad.float())
+    ANLO([p], lr=0.1, orthogonalize=True).step()
+    assert p.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(p.grad.double(), expected, rtol=0, atol=2e-3)  # within bfloat16's rounding
+
+
+def test_orthogonalize_with_a_non_finite_gradient_skips_the_step():
+    params = [torch.ones(3, 4, requires_grad=True), torch.ones(4, 3, requires_grad=True)]
+    params[0].grad = torch.ones(3, 4)
+    params[0].grad[1, 2] = math.inf
+    params[1].grad = torch.eye(4, 3)
+    opt = ANLO(params, lr=0.1, orthogonalize=True)
+    with pytest.warns(RuntimeWarning, match="skipped 1 step"):
+        opt.step()
+        stats = opt.get_normalization_stats()
+    assert stats["skipped_steps"] == 1
+    assert all(torch.equal(p.detach(), torch.ones_like(p)) for p in params)
+
+
 # --------------------------------------------------------------------------------------------------
 # arguments
 
@@ -806,6 +872,7 @@ def test_sinkgd_iterations_rescale_rows_and_columns_before_the_step():
         ({"foreach": "fast"}, "foreach"),
         ({"sinkgd_iterations": -1}, "sinkgd_iterations"),
         ({"sinkgd_iterations": 2.0}, "sinkgd_iterations"),
+        ({"orthogonalize": 1}, "orthogonalize"),
         ({"normalization": "module"}, "normalization"),
         ({"normalization": "layer", "normalize_frequency": 2}, "normalize_frequency"),
     ],

@@ -236,23 +236,32 @@ def test_anlo_runs_and_logs_its_normalization(workspace, monkeypatch):
     rescaled = []  # SinkGD's iterations, per gradient rescaled
     rescale = hina_anlo._row_column_normalize_
     monkeypatch.setattr(hina_anlo, "_row_column_normalize_", lambda grad, n: (rescaled.append(n), rescale(grad, n)))
+    orthogonalized = []  # per step, how many gradients went to orthogonalization
+    orthogonalize = hina_anlo._orthogonalize_
+    monkeypatch.setattr(
+        hina_anlo, "_orthogonalize_", lambda grads: (orthogonalized.append(len(grads)), orthogonalize(grads))
+    )
     steps = trainer_module.OPTIMIZER_STATS_EVERY_N_STEPS
     log_dir = workspace / "anlo_logs"
     trainer = run(
         workspace, "--optimizer_type", "ANLO", "--max_train_steps", str(steps), "--output_name", "anlo",
-        "--logging_dir", str(log_dir), "--optimizer_args", "normalization='global'", "sinkgd_iterations=1",
+        "--logging_dir", str(log_dir),
+        "--optimizer_args", "normalization='global'", "sinkgd_iterations=1", "orthogonalize=True",
     )
     assert len(trainer.loss_history) == steps and all(math.isfinite(x) for x in trainer.loss_history)
     with safe_open(trainer.output_file, framework="pt") as handle:
-        assert handle.metadata()["ss_optimizer"] == "library.hina_anlo.ANLO(normalization=global,sinkgd_iterations=1)"
+        assert handle.metadata()["ss_optimizer"] == (
+            "library.hina_anlo.ANLO(normalization=global,sinkgd_iterations=1,orthogonalize=True)"
+        )
     scalars = read_scalars(log_dir)
     # read once, at the step the stats are due: after `steps` optimizer steps ANLO has counted them all
     assert scalars["optimizer/step_count"] == [float(steps)]
     assert scalars["optimizer/global_norm"][0] > 0
     # The options outlived accelerate's prepare() (which reloads the optimizer's state dict): the last step was
-    # global, and SinkGD rescaled the gradients with 1 iteration.
+    # global, SinkGD rescaled the gradients with 1 iteration, and every step orthogonalized them.
     assert scalars["optimizer/normalization_mode_is_global"] == [1.0]
     assert set(rescaled) == {1}
+    assert len(orthogonalized) == steps and min(orthogonalized) > 0
 
 
 def test_no_metadata_keeps_only_what_loaders_need(workspace):
