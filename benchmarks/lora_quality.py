@@ -62,6 +62,7 @@ from benchmarks.stateless_variants import (
     chain,
     normalize_tensors_,
     riemannian_precondition_,
+    row_normalize_tensors_,
 )
 from library.hina_anlo import ANLO
 from networks.lora import LoRANetwork, create_network
@@ -104,10 +105,12 @@ def _alternating(**kwargs: Any) -> Callable[[list[dict[str, Any]], float], torch
 
 
 def _pair_transform_anlo(
-    transform: PairTransform, per_tensor: bool = False
+    transform: PairTransform, per_tensor: bool = False, normalization: str = "alternating", **kwargs: Any
 ) -> Callable[[list[dict[str, Any]], float], torch.optim.Optimizer]:
     def build(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
-        return PairTransformANLO(groups, transform, per_tensor=per_tensor, lr=lr, normalization="alternating")
+        return PairTransformANLO(
+            groups, transform, per_tensor=per_tensor, lr=lr, normalization=normalization, **kwargs
+        )
 
     return build
 
@@ -128,6 +131,9 @@ def optimizer_specs() -> dict[str, OptimizerSpec]:
         OptimizerSpec("ANLO global", _anlo(normalization="global")),
         # SinkGD row/column normalization (arXiv 2502.06742) before the module norm; 1 iteration did as well as 5.
         OptimizerSpec("ANLO+SinkGD1", _anlo(sinkgd_iterations=1)),
+        # Every gradient matrix to its orthogonal polar factor before the module norm (SWAN's whitening, Muon's
+        # orthogonalization without momentum).
+        OptimizerSpec("ANLO+orthogonalize", _anlo(orthogonalize=True)),
         # The seed algorithm, global and module norms in turn (ANLO's default before this benchmark), and the
         # choices first measured on it; pinned to it, so their rows in docs/benchmarks.md reproduce.
         OptimizerSpec("ANLO alternating", _alternating()),
@@ -151,13 +157,18 @@ def optimizer_specs() -> dict[str, OptimizerSpec]:
         OptimizerSpec(
             "ANLO alternating+Riem+tensor-norm", _pair_transform_anlo(chain(RIEMANNIAN, normalize_tensors_))
         ),
+        # SWAN's whitening (arXiv 2412.13148) after its row normalization: no better than the whitening alone.
+        OptimizerSpec(
+            "ANLO+rows+orthogonalize",
+            _pair_transform_anlo(row_normalize_tensors_, normalization="layer", orthogonalize=True),
+        ),
     ]
     return {spec.label: spec for spec in specs}
 
 
 #: The main table of docs/benchmarks.md: what a run without --optimizers measures.
-MAIN_OPTIMIZERS = ("AdamW", "ANLO", "ANLO per-tensor", "ANLO alternating", "ANLO+SinkGD1", "ANLO alternating+SinkGD1")
-SMOKE_OPTIMIZERS = ("AdamW", "ANLO", "ANLO+SinkGD1", "ANLO alternating")
+MAIN_OPTIMIZERS = ("AdamW", "ANLO", "ANLO per-tensor", "ANLO alternating", "ANLO+SinkGD1", "ANLO+orthogonalize")
+SMOKE_OPTIMIZERS = ("AdamW", "ANLO", "ANLO+SinkGD1", "ANLO+orthogonalize", "ANLO alternating")
 REFERENCE_PAIR = ("AdamW", "ANLO")  # always run with --seeds; the other variants with --variant_seeds
 
 

@@ -188,7 +188,8 @@ def optimizer_factories() -> dict[str, Callable[[list[Group]], Any]]:
         "anlo_foreach": anlo(fused=False),
         "anlo_for_loop": anlo(foreach=False),
         "anlo_alternating": anlo(normalization="alternating"),  # the seed algorithm: global steps cost the same
-        "anlo_sinkgd1": anlo(sinkgd_iterations=1),  # the option that won the LoRA-quality benchmark
+        "anlo_sinkgd1": anlo(sinkgd_iterations=1),  # row/column normalization: an option that won a little
+        "anlo_orthogonalize": anlo(orthogonalize=True),  # the option that won the LoRA-quality benchmark
         "adamw_fused": adamw(fused=True),
         "adamw_foreach": adamw(foreach=True),
         "adamw8bit": bnb_adamw8bit,

@@ -14,6 +14,9 @@ The transforms:
 
   The reference implementation's damping is δ = 1e-6; PEFT's port defaults to 1e-2. At kohya's initialisation
   ``up = 0``, hence ``grad_down = 0`` too and the first step preconditions nothing but ``grad_up``.
+* :func:`row_normalize_tensors_`: every row of ``grad_down`` and ``grad_up`` to unit RMS, the step SWAN (Ma et al.,
+  "SWAN: SGD with Normalization and Whitening", arXiv 2412.13148) takes before its whitening (which is
+  ``ANLO(orthogonalize=True)``).
 * :func:`normalize_tensors_`: ``grad_down`` and ``grad_up`` each to unit RMS, to follow the preconditioner (the
   same normalization alone is ``ANLO(normalization="layer")`` on unnamed parameters).
 
@@ -32,6 +35,7 @@ from library.hina_anlo import ANLO, lora_module_key
 
 __all__ = [
     "PairTransformANLO", "chain", "lora_pairs", "normalize_tensors_", "riemannian_precondition_",
+    "row_normalize_tensors_",
 ]  # fmt: skip
 
 _EPS = 1e-12  # added to the norms of the normalizing transforms
@@ -82,6 +86,15 @@ def normalize_tensors_(down: Tensor, up: Tensor) -> None:
         if grad is not None:
             norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
             grad.mul_((grad.numel() ** 0.5 / (norm + _EPS)).to(grad.dtype))
+
+
+@torch.no_grad()
+def row_normalize_tensors_(down: Tensor, up: Tensor) -> None:
+    """Every row of ``down.grad`` and ``up.grad`` (as matrices ``(rows, rest)``) to unit RMS."""
+    for grad in (down.grad, up.grad):
+        if grad is not None and grad.dim() >= 2:
+            matrix = grad.view(grad.shape[0], -1)
+            matrix.mul_(matrix.shape[1] ** 0.5 / (matrix.norm(dim=1, keepdim=True) + _EPS))
 
 
 def chain(*transforms: PairTransform) -> PairTransform:

@@ -130,6 +130,18 @@ def test_normalize_tensors_gives_each_tensor_unit_rms() -> None:
             torch.testing.assert_close(grad.square().mean(), torch.tensor(1.0))
 
 
+def test_row_normalize_tensors_gives_every_row_unit_rms() -> None:
+    for down, up in sv.lora_pairs(_lora_groups()):
+        expected = []
+        for grad in (down.grad, up.grad):
+            grad[0].mul_(1e3)  # rows of very different scale
+            matrix = grad.reshape(grad.shape[0], -1).double()
+            expected.append(matrix / matrix.square().mean(dim=1, keepdim=True).sqrt())
+        sv.row_normalize_tensors_(down, up)
+        for grad, reference in zip((down.grad, up.grad), expected):
+            torch.testing.assert_close(grad.reshape(grad.shape[0], -1).double(), reference, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("per_tensor", [False, True])
 def test_pair_transform_anlo_is_anlo_on_the_transformed_gradients(per_tensor: bool) -> None:
     groups, reference_groups = _lora_groups(), _lora_groups()
