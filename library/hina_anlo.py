@@ -64,6 +64,7 @@ _EPS_BOOST = 10.0
 _EPS_WARMUP_STEPS = 1000
 # orthogonalize=True: singular values below this fraction of a gradient's largest are not raised to 1.
 _ORTHOGONAL_FLOOR = 1e-3
+_ORTHOGONAL_BATCH_BYTES = 4 << 20
 # Stochastic rounding draws come from a private generator re-seeded with this value + step each step, so
 # they are reproducible, identical on every data-parallel rank, and need no state in the state dict.
 _SR_SEED = 0x414E4C4F
@@ -179,11 +180,11 @@ def _orthogonalize_(grads: list[Tensor], relative_floor: float = _ORTHOGONAL_FLO
     (arXiv 2412.13148) and the core of Muon, without momentum.
 
     Exact, from the small ``k × k`` Gram matrix of the short side (``k`` is the rank for a LoRA factor):
-    ``U Vᵀ = (G Gᵀ)^(-1/2) G``. The Gram matrices of every gradient with the same ``k`` are decomposed in one
-    batched ``eigh`` (float64). Singular values below ``relative_floor`` times the largest are scaled by the
+    ``U Vᵀ = (G Gᵀ)^(-1/2) G``. The Gram matrices of the gradients with the same ``k`` are decomposed together
+    by batched ``eigh`` (float64), at most ``_ORTHOGONAL_BATCH_BYTES`` of them per call. Singular values below ``relative_floor`` times the largest are scaled by the
     inverse of that floor instead of their own. A gradient whose float32 Gram matrix is zero (a zero gradient, or
     one with every entry below about 1e-19) becomes zero; one with a non-finite entry becomes all NaN, so the
-    step that follows skips. Temporaries: one gradient in float32, and the Gram matrices.
+    step that follows skips. Temporaries: one gradient in float32, and a few times the Gram matrices of one call.
     """
     by_side: dict[tuple[int, torch.device], list[tuple[Tensor, Tensor, bool]]] = {}
     for grad in grads:
@@ -192,24 +193,33 @@ def _orthogonalize_(grads: list[Tensor], relative_floor: float = _ORTHOGONAL_FLO
         matrix = grad.reshape(grad.shape[0], -1)
         wide = matrix.shape[0] <= matrix.shape[1]  # short side first: Gram (rows x rows), else (cols x cols)
         by_side.setdefault((min(matrix.shape), grad.device), []).append((grad, matrix, wide))
-    for entries in by_side.values():
-        grams = []
-        for _, matrix, wide in entries:
-            short = matrix if wide else matrix.T
-            short = short.to(torch.promote_types(short.dtype, torch.float32))
-            grams.append(short @ short.T)
-        gram = torch.stack(grams).double()
-        finite = torch.isfinite(gram).all(dim=-1).all(dim=-1)
-        values, vectors = torch.linalg.eigh(torch.where(finite[:, None, None], gram, 0.0))
-        largest = values[:, -1:]
-        scales = torch.where(largest > 0, values.clamp_min(largest * relative_floor**2).rsqrt(), 0.0)
-        inverse_sqrt = (vectors * scales[:, None, :]) @ vectors.mT
-        inverse_sqrt = torch.where(finite[:, None, None], inverse_sqrt, math.nan)
-        for (grad, matrix, wide), factor in zip(entries, inverse_sqrt.unbind(0)):
-            work_dtype = torch.promote_types(grad.dtype, torch.float32)
-            factor = factor.to(work_dtype)
-            polar = factor @ matrix.to(work_dtype) if wide else matrix.to(work_dtype) @ factor
-            grad.copy_(polar.view(grad.shape))
+    for (side, _), all_entries in by_side.items():
+        # Decompose at most _ORTHOGONAL_BATCH_BYTES of float64 Gram matrices at a time: the temporaries of one batch
+        # are a few times that, whatever the rank and the number of tensors.
+        per_batch = max(1, _ORTHOGONAL_BATCH_BYTES // (8 * side * side))
+        for start in range(0, len(all_entries), per_batch):
+            _orthogonalize_batch_(all_entries[start : start + per_batch], relative_floor)
+
+
+def _orthogonalize_batch_(entries: list[tuple[Tensor, Tensor, bool]], relative_floor: float) -> None:
+    """:func:`_orthogonalize_` of ``(grad, grad as a matrix, rows <= columns)`` entries whose short sides are equal."""
+    grams = []
+    for _, matrix, wide in entries:
+        short = matrix if wide else matrix.T
+        short = short.to(torch.promote_types(short.dtype, torch.float32))
+        grams.append(short @ short.T)
+    gram = torch.stack(grams).double()
+    finite = torch.isfinite(gram).all(dim=-1).all(dim=-1)
+    values, vectors = torch.linalg.eigh(torch.where(finite[:, None, None], gram, 0.0))
+    largest = values[:, -1:]
+    scales = torch.where(largest > 0, values.clamp_min(largest * relative_floor**2).rsqrt(), 0.0)
+    inverse_sqrt = (vectors * scales[:, None, :]) @ vectors.mT
+    inverse_sqrt = torch.where(finite[:, None, None], inverse_sqrt, math.nan)
+    for (grad, matrix, wide), factor in zip(entries, inverse_sqrt.unbind(0)):
+        work_dtype = torch.promote_types(grad.dtype, torch.float32)
+        factor = factor.to(work_dtype)
+        polar = factor @ matrix.to(work_dtype) if wide else matrix.to(work_dtype) @ factor
+        grad.copy_(polar.view(grad.shape))
 
 
 def _squared_norms(tensors: list[Tensor], dtype: torch.dtype, foreach: bool) -> Tensor:

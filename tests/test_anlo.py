@@ -16,6 +16,7 @@ import warnings
 import pytest
 import torch
 
+from library import hina_anlo
 from library.hina_anlo import ANLO, lora_module_key
 
 # --------------------------------------------------------------------------------------------------
@@ -823,6 +824,17 @@ def test_orthogonalize_damps_singular_values_below_the_floor_and_keeps_zero_ones
     expected = (u * torch.tensor([1.0, 1e-5 / 2e-3, 0.0], dtype=torch.float64)) @ v.T
     torch.testing.assert_close(p.grad, expected, rtol=0, atol=1e-12)  # the null direction stays (near) zero
     assert torch.equal(zero.grad, torch.zeros(4, 5, dtype=torch.float64)) and torch.equal(zero.detach(), zero.grad)
+
+
+def test_orthogonalize_in_small_batches_gives_the_same_bits(monkeypatch):
+    generator = torch.Generator().manual_seed(8)
+    shapes = [(3, 7), (7, 3), (3, 5), (4, 9), (3, 2, 2, 2), (9, 4)]
+    grads = [torch.randn(shape, generator=generator) for shape in shapes]
+    in_one_call = [g.clone() for g in grads]
+    hina_anlo._orthogonalize_(in_one_call)
+    monkeypatch.setattr(hina_anlo, "_ORTHOGONAL_BATCH_BYTES", 8 * 3 * 3)  # one 3 x 3 Gram matrix per call
+    hina_anlo._orthogonalize_(grads)
+    assert all(torch.equal(a, b) for a, b in zip(grads, in_one_call))
 
 
 def test_orthogonalize_low_precision_gradients_in_float32():
