@@ -17,8 +17,8 @@ Run from the repository root::
 
 It writes ``lora_quality.md`` (table), ``lora_quality.png`` (curves) and ``lora_quality.json`` (every curve) to
 ``--out``. Besides ANLO's own options (``normalization``, ``normalize_frequency``, weight decay, the cautious gate,
-SinkGD-style row/column normalization), the variants include the Riemannian LoRA preconditioner applied to each
-LoRA pair's gradients before ANLO normalizes them (``benchmarks/stateless_variants.py``).
+SinkGD-style row/column normalization, orthogonalization), the variants include the Riemannian LoRA preconditioner
+and SWAN's row normalization applied to each LoRA pair's gradients before ANLO (``benchmarks/stateless_variants.py``).
 """
 
 from __future__ import annotations
