@@ -455,11 +455,12 @@ class ANLO(torch.optim.Optimizer):
         sinkgd_iterations: before normalizing, rescale the rows and columns of every >= 2-D gradient
             to unit RMS this many times, in place in ``p.grad`` (SinkGD, arXiv 2502.06742). 0 = off.
             At 1 it ended 0.2-0.5 % below the default in the LoRA benchmark (5 did no better), but its
-            per-tensor loops made a CPU step about 3.5x slower. (default: 0)
+            per-tensor loops made a CPU step about 3.7x slower. (default: 0)
         orthogonalize: before normalizing (after SinkGD), replace every >= 2-D gradient, in place in
             ``p.grad``, by its orthogonal polar factor: every singular value set to 1 (SWAN's whitening,
             arXiv 2412.13148; Muon without momentum). Exact, from each gradient's small Gram matrix
-            (rank x rank for a LoRA factor). In the LoRA benchmark it ended about 1 % below AdamW. (default: False)
+            (rank x rank for a LoRA factor). In the LoRA benchmark it ended about 1 % below AdamW, but it
+            made a CPU step about 10x as long, and its ``eigh`` synchronizes a GPU once per step. (default: False)
         stochastic_rounding: update bfloat16 parameters in float32 and round stochastically, so tiny
             updates are not lost to round-to-nearest. Other dtypes are unaffected. (default: True)
         foreach: use the multi-tensor (``torch._foreach_*``) implementation; False runs a plain loop
