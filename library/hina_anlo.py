@@ -269,8 +269,8 @@ def _update_(
     if foreach:
         if decayed:
             torch._foreach_mul_([p for p, _ in decayed], [d for _, d in decayed])
-        # The 0-dim coefficients go first: a 0-dim list there is what torch's one-launch CUDA path for
-        # addcmul accepts (pytorch/pytorch#172731; not measured here, no GPU). c * g and g * c round alike.
+        # The 0-dim coefficients go first: pytorch/pytorch#172731 gives a 0-dim list in that position a
+        # one-launch CUDA path (which torch versions have it is not checked here, no GPU). c * g == g * c.
         torch._foreach_addcmul_(params, coefs, grads)
     else:
         for p, d in decayed:
