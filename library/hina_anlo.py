@@ -181,10 +181,11 @@ def _orthogonalize_(grads: list[Tensor], relative_floor: float = _ORTHOGONAL_FLO
 
     Exact, from the small ``k × k`` Gram matrix of the short side (``k`` is the rank for a LoRA factor):
     ``U Vᵀ = (G Gᵀ)^(-1/2) G``. The Gram matrices of the gradients with the same ``k`` are decomposed together
-    by batched ``eigh`` (float64), at most ``_ORTHOGONAL_BATCH_BYTES`` of them per call. Singular values below ``relative_floor`` times the largest are scaled by the
-    inverse of that floor instead of their own. A gradient whose float32 Gram matrix is zero (a zero gradient, or
-    one with every entry below about 1e-19) becomes zero; one with a non-finite entry becomes all NaN, so the
-    step that follows skips. Temporaries: one gradient in float32, and a few times the Gram matrices of one call.
+    by batched ``eigh`` (float64), at most ``_ORTHOGONAL_BATCH_BYTES`` of them per call. Singular values below
+    ``relative_floor`` times the largest are scaled by the inverse of that floor instead of their own. A gradient
+    whose float32 Gram matrix is zero (a zero gradient, or one with every entry below about 1e-19) becomes zero;
+    one with a non-finite entry becomes all NaN, so the step that follows skips. Temporaries: one gradient in
+    float32, and a few times the Gram matrices of one call.
     """
     by_side: dict[tuple[int, torch.device], list[tuple[Tensor, Tensor, bool]]] = {}
     for grad in grads:
