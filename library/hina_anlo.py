@@ -204,10 +204,13 @@ def _orthogonalize_(grads: list[Tensor], relative_floor: float = _ORTHOGONAL_FLO
 
 def _orthogonalize_batch_(entries: list[tuple[Tensor, Tensor, bool]], relative_floor: float) -> None:
     """:func:`_orthogonalize_` of ``(grad, grad as a matrix, rows <= columns)`` entries whose short sides are equal."""
+
+    def in_work_dtype(matrix: Tensor) -> Tensor:  # float32 at least; a low-precision gradient is converted anew
+        return matrix.to(torch.promote_types(matrix.dtype, torch.float32))  # each time, so one copy lives at once
+
     grams = []
     for _, matrix, wide in entries:
-        short = matrix if wide else matrix.T
-        short = short.to(torch.promote_types(short.dtype, torch.float32))
+        short = in_work_dtype(matrix if wide else matrix.T)
         grams.append(short @ short.T)
     gram = torch.stack(grams).double()
     finite = torch.isfinite(gram).all(dim=-1).all(dim=-1)
@@ -217,9 +220,9 @@ def _orthogonalize_batch_(entries: list[tuple[Tensor, Tensor, bool]], relative_f
     inverse_sqrt = (vectors * scales[:, None, :]) @ vectors.mT
     inverse_sqrt = torch.where(finite[:, None, None], inverse_sqrt, math.nan)
     for (grad, matrix, wide), factor in zip(entries, inverse_sqrt.unbind(0)):
-        work_dtype = torch.promote_types(grad.dtype, torch.float32)
-        factor = factor.to(work_dtype)
-        polar = factor @ matrix.to(work_dtype) if wide else matrix.to(work_dtype) @ factor
+        work = in_work_dtype(matrix)
+        factor = factor.to(work.dtype)
+        polar = factor @ work if wide else work @ factor
         grad.copy_(polar.view(grad.shape))
 
 
