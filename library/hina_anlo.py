@@ -62,9 +62,14 @@ LORA_FACTOR_NAMES = frozenset(
 # Adaptive eps: eps_t = eps * (1 + (_EPS_BOOST - 1) * max(0, 1 - step / _EPS_WARMUP_STEPS)).
 _EPS_BOOST = 10.0
 _EPS_WARMUP_STEPS = 1000
-# orthogonalize=True: singular values below this fraction of a gradient's largest are not raised to 1.
+# orthogonalize=True: each Gram matrix A is damped to A + _ORTHOGONAL_FLOOR² ‖A‖_F I before its inverse square root,
+# so singular values far below about this fraction of a gradient's largest are scaled down, not raised to 1.
 _ORTHOGONAL_FLOOR = 1e-3
 _ORTHOGONAL_BATCH_BYTES = 4 << 20
+# On CUDA the inverse square roots come from Newton-Schulz steps: Muon's quintic (Jordan et al., 2024) takes every
+# singular value in [1e-3, 1] into [0.68, 1.21] in 6 steps, 4 cubic steps then bring it to 1 within 2e-6.
+_NEWTON_SCHULZ_QUINTIC = (3.4445, -4.7750, 2.0315)
+_NEWTON_SCHULZ_STEPS = (6, 4)
 # Stochastic rounding draws come from a private generator re-seeded with this value + step each step, so
 # they are reproducible, identical on every data-parallel rank, and need no state in the state dict.
 _SR_SEED = 0x414E4C4F
@@ -179,13 +184,14 @@ def _orthogonalize_(grads: list[Tensor], relative_floor: float = _ORTHOGONAL_FLO
     orthogonal polar factor ``U Vᵀ`` (``grad = U S Vᵀ``): every singular value set to 1, the whitening of SWAN
     (arXiv 2412.13148) and the core of Muon, without momentum.
 
-    Exact, from the small ``k × k`` Gram matrix of the short side (``k`` is the rank for a LoRA factor):
-    ``U Vᵀ = (G Gᵀ)^(-1/2) G``. The Gram matrices of the gradients with the same ``k`` are decomposed together
-    by batched ``eigh`` (float64), at most ``_ORTHOGONAL_BATCH_BYTES`` of them per call. Singular values below
-    ``relative_floor`` times the largest are scaled by the inverse of that floor instead of their own. A gradient
-    whose float32 Gram matrix is zero (a zero gradient, or one with every entry below about 1e-19) becomes zero;
-    one with a non-finite entry becomes all NaN, so the step that follows skips. Temporaries: one gradient in
-    float32, and a few times the Gram matrices of one call.
+    From the small ``k × k`` Gram matrix ``A = G Gᵀ`` of the short side (``k`` is the rank for a LoRA factor):
+    ``(A + δ I)^(-1/2) G`` with ``δ = relative_floor² ‖A‖_F``, which maps each singular value ``s`` to
+    ``s / sqrt(s² + δ)``: 1 for all but those below about ``relative_floor`` times the largest, which are scaled
+    down instead of raised to 1. The Gram matrices of the gradients with the same ``k`` are handled together, at
+    most ``_ORTHOGONAL_BATCH_BYTES`` of them (in float64) at a time (:func:`_damped_inverse_sqrt`). A gradient whose
+    float32 Gram matrix is zero (a zero gradient, or one with every entry below about 1e-19) becomes zero; one
+    with a non-finite entry becomes all NaN, so the step that follows skips. Temporaries: one gradient in float32,
+    and a few times the Gram matrices of one batch.
     """
     by_side: dict[tuple[int, torch.device], list[tuple[Tensor, Tensor, bool]]] = {}
     for grad in grads:
@@ -195,8 +201,8 @@ def _orthogonalize_(grads: list[Tensor], relative_floor: float = _ORTHOGONAL_FLO
         wide = matrix.shape[0] <= matrix.shape[1]  # short side first: Gram (rows x rows), else (cols x cols)
         by_side.setdefault((min(matrix.shape), grad.device), []).append((grad, matrix, wide))
     for (side, _), all_entries in by_side.items():
-        # Decompose at most _ORTHOGONAL_BATCH_BYTES of float64 Gram matrices at a time: the temporaries of one batch
-        # are a few times that, whatever the rank and the number of tensors.
+        # At most _ORTHOGONAL_BATCH_BYTES of float64 Gram matrices at a time: the temporaries of one batch are a few
+        # times that, whatever the rank and the number of tensors.
         per_batch = max(1, _ORTHOGONAL_BATCH_BYTES // (8 * side * side))
         for start in range(0, len(all_entries), per_batch):
             _orthogonalize_batch_(all_entries[start : start + per_batch], relative_floor)
@@ -212,18 +218,64 @@ def _orthogonalize_batch_(entries: list[tuple[Tensor, Tensor, bool]], relative_f
     for _, matrix, wide in entries:
         short = in_work_dtype(matrix if wide else matrix.T)
         grams.append(short @ short.T)
-    gram = torch.stack(grams).double()
+    gram = torch.stack(grams)
+    if not _uses_newton_schulz(gram.device):
+        gram = gram.cpu()  # eigh runs on the CPU (and not every accelerator has float64)
+    gram = gram.double()
     finite = torch.isfinite(gram).all(dim=-1).all(dim=-1)
-    values, vectors = torch.linalg.eigh(torch.where(finite[:, None, None], gram, 0.0))
-    largest = values[:, -1:]
-    scales = torch.where(largest > 0, values.clamp_min(largest * relative_floor**2).rsqrt(), 0.0)
-    inverse_sqrt = (vectors * scales[:, None, :]) @ vectors.mT
+    inverse_sqrt = _damped_inverse_sqrt(torch.where(finite[:, None, None], gram, 0.0), relative_floor)
     inverse_sqrt = torch.where(finite[:, None, None], inverse_sqrt, math.nan)
     for (grad, matrix, wide), factor in zip(entries, inverse_sqrt.unbind(0)):
         work = in_work_dtype(matrix)
-        factor = factor.to(work.dtype)
+        factor = factor.to(device=work.device, dtype=work.dtype)
         polar = factor @ work if wide else work @ factor
         grad.copy_(polar.view(grad.shape))
+
+
+def _uses_newton_schulz(device: torch.device) -> bool:
+    """Whether :func:`_damped_inverse_sqrt` iterates (CUDA) rather than calling ``eigh`` (on the CPU)."""
+    return device.type == "cuda"
+
+
+def _damped_inverse_sqrt(gram: Tensor, relative_floor: float) -> Tensor:
+    """``(A + δ I)^(-1/2)``, ``δ = relative_floor² ‖A‖_F``, of each float64 Gram matrix ``A`` of a batch; zero where
+    ``A`` is zero.
+
+    On CUDA by Newton-Schulz steps (:func:`_inverse_sqrt_newton_schulz`): batched matrix products, no host
+    synchronization. torch's CUDA ``eigh`` synchronizes, and has decomposed matrices larger than 32 × 32 one at a
+    time (pytorch/pytorch#175585). Elsewhere exactly, by ``eigh`` on the CPU.
+    """
+    damping = relative_floor**2 * torch.linalg.matrix_norm(gram)
+    damped = gram + damping[:, None, None] * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    if _uses_newton_schulz(gram.device):
+        inverse_sqrt = _inverse_sqrt_newton_schulz(damped)
+    else:
+        values, vectors = torch.linalg.eigh(damped)
+        inverse_sqrt = (vectors * values.clamp_min(damping[:, None]).rsqrt()[:, None, :]) @ vectors.mT
+    return torch.where((damping > 0)[:, None, None], inverse_sqrt, 0.0)
+
+
+def _inverse_sqrt_newton_schulz(matrices: Tensor) -> Tensor:
+    """``A^(-1/2)`` of each symmetric positive definite ``A`` of a batch whose eigenvalues are at least 1e-6 times
+    its Frobenius norm (as :func:`_damped_inverse_sqrt` makes them).
+
+    With ``X0`` any matrix such that ``X0 X0ᵀ = A / ‖A‖_F``, the steps act on ``X = M X0`` as odd polynomials of
+    its singular values, which start within [1e-3, 1] and end at 1, so ``M`` ends at ``(A / ‖A‖_F)^(-1/2)``. Each
+    step needs only ``X Xᵀ = M (A / ‖A‖_F) M``, so everything is a ``k × k`` product.
+    """
+    scale = torch.linalg.matrix_norm(matrices).clamp_min(torch.finfo(matrices.dtype).tiny)[:, None, None]
+    normalized = matrices / scale
+    eye = torch.eye(matrices.shape[-1], dtype=matrices.dtype, device=matrices.device)
+    a, b, c = _NEWTON_SCHULZ_QUINTIC
+    quintic_steps, cubic_steps = _NEWTON_SCHULZ_STEPS
+    m = eye.expand_as(normalized)
+    for step in range(quintic_steps + cubic_steps):
+        x_gram = m @ normalized @ m.mT  # X Xᵀ; with m rather than m.mT, rounding would grow unchecked
+        if step < quintic_steps:  # x <- a x + b x³ + c x⁵
+            m = (a * eye + b * x_gram + c * (x_gram @ x_gram)) @ m
+        else:  # x <- (3 x - x³) / 2
+            m = (1.5 * eye - 0.5 * x_gram) @ m
+    return m / scale.sqrt()
 
 
 def _squared_norms(tensors: list[Tensor], dtype: torch.dtype, foreach: bool) -> Tensor:

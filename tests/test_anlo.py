@@ -786,10 +786,10 @@ def test_sinkgd_iterations_rescale_rows_and_columns_before_the_step():
 
 
 def _polar_reference(matrix: torch.Tensor, relative_floor: float = 1e-3) -> torch.Tensor:
-    """``U f(S) Vᵀ`` by an SVD in float64: f(s) = 1, or s / (floor * s_max) below the floor."""
+    """``U f(S) Vᵀ`` by an SVD in float64: f(s) = s / sqrt(s² + δ), δ = floor² sqrt(Σ s⁴) (floor² ‖G Gᵀ‖_F)."""
     u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
-    floor = relative_floor * s.max()
-    return (u * torch.where(s >= floor, 1.0, s / floor)) @ vh
+    damping = relative_floor**2 * s.pow(4).sum().sqrt()
+    return (u * (s / (s.square() + damping).sqrt())) @ vh
 
 
 def test_orthogonalize_replaces_every_matrix_gradient_by_its_polar_factor_before_the_step():
@@ -815,13 +815,16 @@ def test_orthogonalize_damps_singular_values_below_the_floor_and_keeps_zero_ones
     generator = torch.Generator().manual_seed(6)
     u, _ = torch.linalg.qr(torch.randn(6, 3, generator=generator, dtype=torch.float64))
     v, _ = torch.linalg.qr(torch.randn(9, 3, generator=generator, dtype=torch.float64))
-    singular = torch.tensor([2.0, 1e-5, 0.0], dtype=torch.float64)  # rank 2; the second below 1e-3 * 2
+    singular = torch.tensor([2.0, 1e-5, 0.0], dtype=torch.float64)  # rank 2; the second far below 1e-3 * 2
     p = torch.zeros(6, 9, dtype=torch.float64, requires_grad=True)
     p.grad = (u * singular) @ v.T
     zero = torch.zeros(4, 5, dtype=torch.float64, requires_grad=True)
     zero.grad = torch.zeros(4, 5, dtype=torch.float64)
     ANLO([p, zero], lr=0.1, orthogonalize=True).step()
-    expected = (u * torch.tensor([1.0, 1e-5 / 2e-3, 0.0], dtype=torch.float64)) @ v.T
+    damping = 1e-6 * 4.0  # floor² ‖G Gᵀ‖_F, and ‖G Gᵀ‖_F = sqrt(2⁴ + 1e-20) = 4
+    mapped = singular / (singular.square() + damping).sqrt()  # [1 - 5e-7, about 1e-5 / 2e-3, 0]
+    assert mapped[0] > 0.999999 and 0.0049 < mapped[1] < 0.0051
+    expected = (u * mapped) @ v.T
     torch.testing.assert_close(p.grad, expected, rtol=0, atol=1e-12)  # the null direction stays (near) zero
     assert torch.equal(zero.grad, torch.zeros(4, 5, dtype=torch.float64)) and torch.equal(zero.detach(), zero.grad)
 
@@ -835,6 +838,49 @@ def test_orthogonalize_in_small_batches_gives_the_same_bits(monkeypatch):
     monkeypatch.setattr(hina_anlo, "_ORTHOGONAL_BATCH_BYTES", 8 * 3 * 3)  # one 3 x 3 Gram matrix per call
     hina_anlo._orthogonalize_(grads)
     assert all(torch.equal(a, b) for a, b in zip(grads, in_one_call))
+
+
+def _spd_batch(size: int, count: int, spread: float, generator: torch.Generator) -> torch.Tensor:
+    """``count`` random symmetric positive definite matrices with eigenvalues spread log-evenly over [spread, 1]."""
+    q, _ = torch.linalg.qr(torch.randn(count, size, size, generator=generator, dtype=torch.float64))
+    values = torch.logspace(0, math.log10(spread), size, dtype=torch.float64)
+    return (q * values) @ q.mT
+
+
+@pytest.mark.parametrize("size", [1, 3, 32, 40])
+def test_newton_schulz_inverse_square_root_matches_eigh(size):
+    generator = torch.Generator().manual_seed(size)
+    matrices = torch.cat([_spd_batch(size, 3, spread, generator) for spread in (1.0, 1e-3, 1.001e-6)]) * 7.5
+    values, vectors = torch.linalg.eigh(matrices)
+    expected = (vectors * values.rsqrt()[:, None, :]) @ vectors.mT
+    got = hina_anlo._inverse_sqrt_newton_schulz(matrices)
+    # relative to each matrix's largest entry of A^(-1/2), whose eigenvalues span a factor of 1000
+    error = (got - expected).abs().amax(dim=(-2, -1)) / expected.abs().amax(dim=(-2, -1))
+    assert error.max() < 1e-5, error
+
+
+def test_orthogonalize_by_newton_schulz_matches_eigh_and_handles_zero_and_non_finite(monkeypatch):
+    """What CUDA runs (Newton-Schulz steps), run here on the CPU, against the eigh path."""
+    generator = torch.Generator().manual_seed(9)
+    shapes = [(3, 7), (7, 3), (40, 90), (3, 2, 2, 2)]
+    grads = [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in shapes]
+    u, _ = torch.linalg.qr(torch.randn(8, 4, generator=generator, dtype=torch.float64))
+    grads.append(torch.diag(torch.tensor([3.0, 1.0, 1e-2, 1e-7], dtype=torch.float64)) @ u.T)  # 4 x 8, spread
+    grads += [torch.zeros(4, 6, dtype=torch.float64), torch.ones(3, 5, dtype=torch.float64)]
+    grads[-1][1, 1] = math.inf
+    by_eigh = [g.clone() for g in grads]
+    hina_anlo._orthogonalize_(by_eigh)
+    monkeypatch.setattr(hina_anlo, "_uses_newton_schulz", lambda device: True)
+    iterated, newton_schulz = [], hina_anlo._inverse_sqrt_newton_schulz
+    monkeypatch.setattr(
+        hina_anlo, "_inverse_sqrt_newton_schulz", lambda m: (iterated.append(m.shape), newton_schulz(m))[1]
+    )
+    hina_anlo._orthogonalize_(grads)
+    assert sorted(iterated) == [(1, 40, 40), (2, 4, 4), (4, 3, 3)]  # one batch per short side
+    for got, expected in zip(grads[:-2], by_eigh[:-2]):
+        torch.testing.assert_close(got, expected, rtol=0, atol=5e-6)  # the steps end within 2e-6 of 1
+    assert torch.equal(grads[-2], torch.zeros(4, 6, dtype=torch.float64))
+    assert grads[-1].isnan().all() and by_eigh[-1].isnan().all()
 
 
 def test_orthogonalize_low_precision_gradients_in_float32():
