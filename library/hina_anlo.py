@@ -20,6 +20,7 @@ torch only.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import math
@@ -63,7 +64,8 @@ LORA_FACTOR_NAMES = frozenset(
 _EPS_BOOST = 10.0
 _EPS_WARMUP_STEPS = 1000
 # orthogonalize=True: each Gram matrix A is damped to A + _ORTHOGONAL_FLOOR² ‖A‖_F I before its inverse square root,
-# so singular values far below about this fraction of a gradient's largest are scaled down, not raised to 1.
+# so singular values far below this fraction of ‖A‖_F^(1/2) (from the largest singular value to k^(1/4) times it) are
+# scaled down, not raised to 1.
 _ORTHOGONAL_FLOOR = 1e-3
 _ORTHOGONAL_BATCH_BYTES = 4 << 20
 # On CUDA the inverse square roots come from Newton-Schulz steps: Muon's quintic (Jordan et al., 2024) takes every
@@ -191,7 +193,7 @@ def _orthogonalize_(grads: list[Tensor], relative_floor: float = _ORTHOGONAL_FLO
     most ``_ORTHOGONAL_BATCH_BYTES`` of them (in float64) at a time (:func:`_damped_inverse_sqrt`). A gradient whose
     float32 Gram matrix is zero (a zero gradient, or one with every entry below about 1e-19) becomes zero; one
     with a non-finite entry becomes all NaN, so the step that follows skips. Temporaries: one gradient in float32,
-    and a few times the Gram matrices of one batch.
+    and a few times the Gram matrices of one batch. float32 products run in full precision even where TF32 is on.
     """
     by_side: dict[tuple[int, torch.device], list[tuple[Tensor, Tensor, bool]]] = {}
     for grad in grads:
@@ -200,12 +202,26 @@ def _orthogonalize_(grads: list[Tensor], relative_floor: float = _ORTHOGONAL_FLO
         matrix = grad.reshape(grad.shape[0], -1)
         wide = matrix.shape[0] <= matrix.shape[1]  # short side first: Gram (rows x rows), else (cols x cols)
         by_side.setdefault((min(matrix.shape), grad.device), []).append((grad, matrix, wide))
-    for (side, _), all_entries in by_side.items():
-        # At most _ORTHOGONAL_BATCH_BYTES of float64 Gram matrices at a time: the temporaries of one batch are a few
-        # times that, whatever the rank and the number of tensors.
-        per_batch = max(1, _ORTHOGONAL_BATCH_BYTES // (8 * side * side))
-        for start in range(0, len(all_entries), per_batch):
-            _orthogonalize_batch_(all_entries[start : start + per_batch], relative_floor)
+    with _full_precision_float32_matmuls():
+        for (side, _), all_entries in by_side.items():
+            # At most _ORTHOGONAL_BATCH_BYTES of float64 Gram matrices at a time: the temporaries of one batch are a
+            # few times that, whatever the rank and the number of tensors.
+            per_batch = max(1, _ORTHOGONAL_BATCH_BYTES // (8 * side * side))
+            for start in range(0, len(all_entries), per_batch):
+                _orthogonalize_batch_(all_entries[start : start + per_batch], relative_floor)
+
+
+@contextlib.contextmanager
+def _full_precision_float32_matmuls():
+    """float32 matrix products in full precision meanwhile, also where a script allows TF32 (or bfloat16) ones
+    (``torch.set_float32_matmul_precision``): with their 10-bit mantissa the Gram matrices' eigenvalues below
+    about 1e-3 of the largest, which the orthogonalization divides by, would be rounding noise."""
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
 
 
 def _orthogonalize_batch_(entries: list[tuple[Tensor, Tensor, bool]], relative_floor: float) -> None:
@@ -243,7 +259,7 @@ def _damped_inverse_sqrt(gram: Tensor, relative_floor: float) -> Tensor:
 
     On CUDA by Newton-Schulz steps (:func:`_inverse_sqrt_newton_schulz`): batched matrix products, no host
     synchronization. torch's CUDA ``eigh`` synchronizes, and has decomposed matrices larger than 32 × 32 one at a
-    time (pytorch/pytorch#175585). Elsewhere exactly, by ``eigh`` on the CPU.
+    time (pytorch/pytorch#175585). Elsewhere exactly, by ``eigh`` (the caller moves those Gram matrices to the CPU).
     """
     damping = relative_floor**2 * torch.linalg.matrix_norm(gram)
     damped = gram + damping[:, None, None] * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
@@ -261,7 +277,7 @@ def _inverse_sqrt_newton_schulz(matrices: Tensor) -> Tensor:
 
     With ``X0`` any matrix such that ``X0 X0ᵀ = A / ‖A‖_F``, the steps act on ``X = M X0`` as odd polynomials of
     its singular values, which start within [1e-3, 1] and end at 1, so ``M`` ends at ``(A / ‖A‖_F)^(-1/2)``. Each
-    step needs only ``X Xᵀ = M (A / ‖A‖_F) M``, so everything is a ``k × k`` product.
+    step needs only ``X Xᵀ = M (A / ‖A‖_F) Mᵀ``, so everything is a ``k × k`` product.
     """
     scale = torch.linalg.matrix_norm(matrices).clamp_min(torch.finfo(matrices.dtype).tiny)[:, None, None]
     normalized = matrices / scale

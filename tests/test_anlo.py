@@ -883,6 +883,29 @@ def test_orthogonalize_by_newton_schulz_matches_eigh_and_handles_zero_and_non_fi
     assert grads[-1].isnan().all() and by_eigh[-1].isnan().all()
 
 
+def test_orthogonalize_runs_float32_matmuls_in_full_precision_and_restores_the_setting(monkeypatch):
+    seen, orthogonalize_batch = [], hina_anlo._orthogonalize_batch_
+
+    def recording(entries, relative_floor):
+        seen.append(torch.get_float32_matmul_precision())
+        orthogonalize_batch(entries, relative_floor)
+
+    monkeypatch.setattr(hina_anlo, "_orthogonalize_batch_", recording)
+    p = torch.zeros(3, 5, requires_grad=True)
+    p.grad = torch.randn(3, 5, generator=torch.Generator().manual_seed(10))
+    saved = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")  # what a script allowing TF32 sets
+        ANLO([p], lr=0.1, orthogonalize=True).step()
+        assert seen == ["highest"] and torch.get_float32_matmul_precision() == "high"
+        monkeypatch.setattr(hina_anlo, "_orthogonalize_batch_", lambda entries, floor: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            hina_anlo._orthogonalize_([p.grad])
+        assert torch.get_float32_matmul_precision() == "high"  # restored on the way out of an error too
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
 def test_orthogonalize_low_precision_gradients_in_float32():
     generator = torch.Generator().manual_seed(7)
     p = torch.zeros(4, 16, dtype=torch.bfloat16, requires_grad=True)
