@@ -190,7 +190,7 @@ def _orthogonalize_(grads: list[Tensor], relative_floor: float = _ORTHOGONAL_FLO
     ``(A + δ I)^(-1/2) G`` with ``δ = relative_floor² ‖A‖_F``, which maps each singular value ``s`` to
     ``s / sqrt(s² + δ)``: 1 for all but those below about ``relative_floor`` times the largest, which are scaled
     down instead of raised to 1. The Gram matrices of the gradients with the same ``k`` are handled together, at
-    most ``_ORTHOGONAL_BATCH_BYTES`` of them (in float64) at a time (:func:`_damped_inverse_sqrt`). A gradient whose
+    most ``_ORTHOGONAL_BATCH_BYTES`` of them (in float64) at a time (:func:`_damped_inverse_sqrt_`). A gradient whose
     float32 Gram matrix is zero (a zero gradient, or one with every entry below about 1e-19) becomes zero; one
     with a non-finite entry becomes all NaN, so the step that follows skips. Temporaries: one gradient in float32,
     and a few times the Gram matrices of one batch. float32 products run in full precision even where TF32 is on.
@@ -238,9 +238,9 @@ def _orthogonalize_batch_(entries: list[tuple[Tensor, Tensor, bool]], relative_f
     if not _uses_newton_schulz(gram.device):
         gram = gram.cpu()  # eigh runs on the CPU (and not every accelerator has float64)
     gram = gram.double()
-    finite = torch.isfinite(gram).all(dim=-1).all(dim=-1)
-    inverse_sqrt = _damped_inverse_sqrt(torch.where(finite[:, None, None], gram, 0.0), relative_floor)
-    inverse_sqrt = torch.where(finite[:, None, None], inverse_sqrt, math.nan)
+    not_finite = ~torch.isfinite(gram).all(dim=-1).all(dim=-1)[:, None, None]
+    inverse_sqrt = _damped_inverse_sqrt_(gram.masked_fill_(not_finite, 0.0), relative_floor)
+    inverse_sqrt.masked_fill_(not_finite, math.nan)
     for (grad, matrix, wide), factor in zip(entries, inverse_sqrt.unbind(0)):
         work = in_work_dtype(matrix)
         factor = factor.to(device=work.device, dtype=work.dtype)
@@ -249,31 +249,31 @@ def _orthogonalize_batch_(entries: list[tuple[Tensor, Tensor, bool]], relative_f
 
 
 def _uses_newton_schulz(device: torch.device) -> bool:
-    """Whether :func:`_damped_inverse_sqrt` iterates (CUDA) rather than calling ``eigh`` (on the CPU)."""
+    """Whether :func:`_damped_inverse_sqrt_` iterates (CUDA) rather than calling ``eigh`` (on the CPU)."""
     return device.type == "cuda"
 
 
-def _damped_inverse_sqrt(gram: Tensor, relative_floor: float) -> Tensor:
+def _damped_inverse_sqrt_(gram: Tensor, relative_floor: float) -> Tensor:
     """``(A + δ I)^(-1/2)``, ``δ = relative_floor² ‖A‖_F``, of each float64 Gram matrix ``A`` of a batch; zero where
-    ``A`` is zero.
+    ``A`` is zero. ``gram`` is overwritten (with ``A + δ I``), so the temporaries stay a few times its size.
 
     On CUDA by Newton-Schulz steps (:func:`_inverse_sqrt_newton_schulz`): batched matrix products, no host
     synchronization. torch's CUDA ``eigh`` synchronizes, and has decomposed matrices larger than 32 × 32 one at a
     time (pytorch/pytorch#175585). Elsewhere exactly, by ``eigh`` (the caller moves those Gram matrices to the CPU).
     """
     damping = relative_floor**2 * torch.linalg.matrix_norm(gram)
-    damped = gram + damping[:, None, None] * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    gram.diagonal(dim1=-2, dim2=-1).add_(damping[:, None])
     if _uses_newton_schulz(gram.device):
-        inverse_sqrt = _inverse_sqrt_newton_schulz(damped)
+        inverse_sqrt = _inverse_sqrt_newton_schulz(gram)
     else:
-        values, vectors = torch.linalg.eigh(damped)
+        values, vectors = torch.linalg.eigh(gram)
         inverse_sqrt = (vectors * values.clamp_min(damping[:, None]).rsqrt()[:, None, :]) @ vectors.mT
-    return torch.where((damping > 0)[:, None, None], inverse_sqrt, 0.0)
+    return inverse_sqrt.masked_fill_((damping == 0)[:, None, None], 0.0)
 
 
 def _inverse_sqrt_newton_schulz(matrices: Tensor) -> Tensor:
     """``A^(-1/2)`` of each symmetric positive definite ``A`` of a batch whose eigenvalues are at least 1e-6 times
-    its Frobenius norm (as :func:`_damped_inverse_sqrt` makes them).
+    its Frobenius norm (as :func:`_damped_inverse_sqrt_` makes them).
 
     With ``X0`` any matrix such that ``X0 X0ᵀ = A / ‖A‖_F``, the steps act on ``X = M X0`` as odd polynomials of
     its singular values, which start within [1e-3, 1] and end at 1, so ``M`` ends at ``(A / ‖A‖_F)^(-1/2)``. Each
