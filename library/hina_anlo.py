@@ -190,10 +190,11 @@ def _orthogonalize_(grads: list[Tensor], relative_floor: float = _ORTHOGONAL_FLO
     ``(A + δ I)^(-1/2) G`` with ``δ = relative_floor² ‖A‖_F``, which maps each singular value ``s`` to
     ``s / sqrt(s² + δ)``: 1 for all but those below about ``relative_floor`` times the largest, which are scaled
     down instead of raised to 1. The Gram matrices of the gradients with the same ``k`` are handled together, at
-    most ``_ORTHOGONAL_BATCH_BYTES`` of them (in float64) at a time (:func:`_damped_inverse_sqrt_`). A gradient whose
-    float32 Gram matrix is zero (a zero gradient, or one with every entry below about 1e-19) becomes zero; one
-    with a non-finite entry becomes all NaN, so the step that follows skips. Temporaries: one gradient in float32,
-    and a few times the Gram matrices of one batch. float32 products run in full precision even where TF32 is on.
+    most ``_ORTHOGONAL_BATCH_BYTES`` of them (counted in float64) at a time (:func:`_damped_inverse_sqrt_`). A
+    gradient whose float32 Gram matrix is zero (a zero gradient, or one with every entry below about 1e-19) becomes
+    zero; one with a non-finite entry becomes all NaN, so the step that follows skips. Temporaries: one gradient in
+    float32, and a few times the Gram matrices of one batch. float32 products run in full precision even where
+    TF32 is on.
     """
     by_side: dict[tuple[int, torch.device], list[tuple[Tensor, Tensor, bool]]] = {}
     for grad in grads:
@@ -204,8 +205,8 @@ def _orthogonalize_(grads: list[Tensor], relative_floor: float = _ORTHOGONAL_FLO
         by_side.setdefault((min(matrix.shape), grad.device), []).append((grad, matrix, wide))
     with _full_precision_float32_matmuls():
         for (side, _), all_entries in by_side.items():
-            # At most _ORTHOGONAL_BATCH_BYTES of float64 Gram matrices at a time: the temporaries of one batch are a
-            # few times that, whatever the rank and the number of tensors.
+            # At most _ORTHOGONAL_BATCH_BYTES of Gram matrices (counted in float64) at a time: the temporaries of one
+            # batch are a few times that, whatever the rank and the number of tensors.
             per_batch = max(1, _ORTHOGONAL_BATCH_BYTES // (8 * side * side))
             for start in range(0, len(all_entries), per_batch):
                 _orthogonalize_batch_(all_entries[start : start + per_batch], relative_floor)
@@ -234,10 +235,9 @@ def _orthogonalize_batch_(entries: list[tuple[Tensor, Tensor, bool]], relative_f
     for _, matrix, wide in entries:
         short = in_work_dtype(matrix if wide else matrix.T)
         grams.append(short @ short.T)
-    gram = torch.stack(grams)
-    if not _uses_newton_schulz(gram.device):
-        gram = gram.cpu()  # eigh runs on the CPU (and not every accelerator has float64)
-    gram = gram.double()
+    gram = torch.stack(grams)  # float32, or float64 for float64 gradients
+    if not _uses_newton_schulz(gram.device):  # eigh in float64, on the CPU (not every accelerator has float64)
+        gram = gram.cpu().double()
     not_finite = ~torch.isfinite(gram).all(dim=-1).all(dim=-1)[:, None, None]
     inverse_sqrt = _damped_inverse_sqrt_(gram.masked_fill_(not_finite, 0.0), relative_floor)
     inverse_sqrt.masked_fill_(not_finite, math.nan)
@@ -254,10 +254,11 @@ def _uses_newton_schulz(device: torch.device) -> bool:
 
 
 def _damped_inverse_sqrt_(gram: Tensor, relative_floor: float) -> Tensor:
-    """``(A + δ I)^(-1/2)``, ``δ = relative_floor² ‖A‖_F``, of each float64 Gram matrix ``A`` of a batch; zero where
-    ``A`` is zero. ``gram`` is overwritten (with ``A + δ I``), so the temporaries stay a few times its size.
+    """``(A + δ I)^(-1/2)``, ``δ = relative_floor² ‖A‖_F``, of each Gram matrix ``A`` of a batch; zero where ``A`` is
+    zero. ``gram`` is overwritten (with ``A + δ I``), so the temporaries stay a few times its size.
 
-    On CUDA by Newton-Schulz steps (:func:`_inverse_sqrt_newton_schulz`): batched matrix products, no host
+    On CUDA by Newton-Schulz steps (:func:`_inverse_sqrt_newton_schulz`) in the Gram matrices' dtype, float32 for
+    float32 gradients (consumer GPUs run float64 at 1/64 of the rate): batched matrix products, no host
     synchronization. torch's CUDA ``eigh`` synchronizes, and has decomposed matrices larger than 32 × 32 one at a
     time (pytorch/pytorch#175585). Elsewhere exactly, by ``eigh`` (the caller moves those Gram matrices to the CPU).
     """
