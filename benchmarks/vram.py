@@ -1,7 +1,8 @@
-"""Memory of one LoRA training step: ANLO vs AdamW vs AdamW8bit on SD 1.5- and SDXL-sized U-Nets.
+"""Memory and time of one LoRA training step: ANLO (also with ``orthogonalize=True``) vs AdamW vs AdamW8bit on
+SD 1.5- and SDXL-sized U-Nets.
 
-On a GPU it measures ``torch.cuda.max_memory_allocated`` over full training steps (forward, backward,
-optimizer step, zero_grad) of a randomly initialised U-Net with the real SD 1.5 / SDXL base architecture
+On a GPU it measures ``torch.cuda.max_memory_allocated`` and the median time of the training steps after the first
+(forward, backward, optimizer step, zero_grad) of a randomly initialised U-Net with the real SD 1.5 / SDXL base architecture
 (configs below), frozen in fp16 or bf16, with gradient checkpointing, a ``networks.lora`` LoRA (fp32 weights,
 autocast compute) at rank 32 and 128, batch 1 at 512² (64×64 latents) / 1024² (128×128 latents)::
 
@@ -23,6 +24,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -53,7 +55,7 @@ MODELS: dict[str, dict[str, Any]] = {"SD1.5": SD15_UNET, "SDXL": SDXL_UNET}
 TINY_MODELS: dict[str, dict[str, Any]] = {"tiny-sd": TINY_SD1_UNET, "tiny-sdxl": TINY_SDXL_UNET}
 GPU_RANKS = (32, 128)
 TINY_RANK = 8
-OPTIMIZERS = ("ANLO", "AdamW", "AdamW8bit")
+OPTIMIZERS = ("ANLO", "ANLO+orthogonalize", "AdamW", "AdamW8bit")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 CPU_DTYPES = {"fp32": torch.float32}  # CPU mode: half-precision CPU kernels are slow and prove nothing more
 TOKENS = 77
@@ -61,9 +63,11 @@ MIB = 2**20
 
 
 def build_optimizer(name: str, groups: list[dict[str, Any]], lr: float = 1e-4) -> torch.optim.Optimizer:
-    """ANLO, torch AdamW or bitsandbytes AdamW8bit over ``groups``."""
+    """ANLO (defaults, or ``orthogonalize=True``), torch AdamW or bitsandbytes AdamW8bit over ``groups``."""
     if name == "ANLO":
         return ANLO(groups, lr=lr)
+    if name == "ANLO+orthogonalize":
+        return ANLO(groups, lr=lr, orthogonalize=True)
     plain = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
     if name == "AdamW":
         return torch.optim.AdamW(plain, lr=lr)
@@ -125,6 +129,7 @@ class Measurement:
     loss: float
     lora_changed: bool
     seconds: float
+    step_ms: float | None = None  # median wall time of the steps after the first (synchronized on CUDA)
 
     @property
     def state_bytes_per_param(self) -> float:
@@ -161,19 +166,23 @@ def measure(
         torch.cuda.reset_peak_memory_stats(device)
     weights_mib = torch.cuda.memory_allocated(device) / MIB if device.type == "cuda" else 0.0
     loss_value = float("nan")
+    step_seconds = []
     for _ in range(steps):
+        step_started = time.perf_counter()
         with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32):
             prediction = unet(**inputs).sample
         loss = F.mse_loss(prediction.float(), noise)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_value = loss.item()
+        loss_value = loss.item()  # waits for the step to finish
+        step_seconds.append(time.perf_counter() - step_started)
     peak_mib = torch.cuda.max_memory_allocated(device) / MIB if device.type == "cuda" else None
     changed = any(not torch.equal(p.detach().cpu(), b) for p, b in zip(params, before))
     result = Measurement(
         model, latent, rank, optimizer_name, dtype_name, sum(p.numel() for p in params),
         optimizer_state_bytes(optimizer), weights_mib, peak_mib, loss_value, changed, time.perf_counter() - started,
+        1e3 * statistics.median(step_seconds[1:]) if steps > 1 else None,
     )
     del unet, network, optimizer, params, before, inputs, noise
     gc.collect()
@@ -224,7 +233,7 @@ def check(results: list[Measurement]) -> list[str]:
             problems.append(f"{where}: loss {r.loss} is not finite")
         if not r.lora_changed:
             problems.append(f"{where}: the optimizer step left every LoRA weight unchanged")
-        expected = {"ANLO": 0.0, "AdamW": 8.0}.get(r.optimizer)
+        expected = {"ANLO": 0.0, "ANLO+orthogonalize": 0.0, "AdamW": 8.0}.get(r.optimizer)
         if expected is not None and r.state_bytes_per_param != expected:
             problems.append(f"{where}: {r.state_bytes_per_param:.3f} bytes of state per parameter, expected {expected:g}")
         if r.optimizer == "AdamW8bit" and r.state_bytes_per_param > 8.0:
@@ -236,15 +245,16 @@ def markdown_table(results: list[Measurement]) -> str:
     """The measurements as a markdown table."""
     lines = [
         "| model | latent | rank | LoRA params | optimizer | dtype | optimizer state | state bytes/param "
-        "| allocated before step | peak during steps |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| allocated before step | peak during steps | step time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         peak = "–" if r.peak_mib is None else f"{r.peak_mib:,.0f} MiB"
         before = "–" if r.peak_mib is None else f"{r.weights_mib:,.0f} MiB"
+        step = "–" if r.step_ms is None else f"{r.step_ms:,.1f} ms"
         lines.append(
             f"| {r.model} | {r.latent}×{r.latent} | {r.rank} | {r.lora_params / 1e6:.2f} M | {r.optimizer} | {r.dtype} "
-            f"| {r.state_bytes / MIB:,.1f} MiB | {r.state_bytes_per_param:.2f} | {before} | {peak} |"
+            f"| {r.state_bytes / MIB:,.1f} MiB | {r.state_bytes_per_param:.2f} | {before} | {peak} | {step} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -314,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Measurement] = []
     for model, config, rank, dtype in plan:
         for name in args.optimizers:
-            results.append(measure(model, config, rank, name, dtype, device, steps=3 if gpu else 2))
+            results.append(measure(model, config, rank, name, dtype, device, steps=5 if gpu else 2))
             r = results[-1]
             peak = "" if r.peak_mib is None else f", peak {r.peak_mib:,.0f} MiB"
             print(f"{model} rank {rank} {name} {dtype}: state {r.state_bytes_per_param:.2f} B/param{peak} "
