@@ -175,11 +175,13 @@ REFERENCE_PAIR = ("AdamW", "ANLO")  # always run with --seeds; the other variant
 # --------------------------------------------------------------------------------------------------- LoRA
 
 
-def attach_lora(unet: UNet2DConditionModel, seed: int) -> LoRANetwork:
-    """Freeze ``unet`` and attach a LoRA (rank ``NETWORK_DIM``, alpha ``NETWORK_ALPHA``) seeded by ``seed``."""
+def attach_lora(
+    unet: UNet2DConditionModel, seed: int, rank: int = NETWORK_DIM, alpha: float = NETWORK_ALPHA
+) -> LoRANetwork:
+    """Freeze ``unet`` and attach a LoRA of ``rank`` and ``alpha``, seeded by ``seed``."""
     unet.requires_grad_(False)
     torch.manual_seed(seed)
-    network = create_network(1.0, NETWORK_DIM, NETWORK_ALPHA, None, None, unet)
+    network = create_network(1.0, rank, alpha, None, None, unet)
     network.apply_to(None, unet, apply_text_encoder=False, apply_unet=True)
     return network
 
@@ -255,13 +257,15 @@ class RunResult:
 
 
 def train_run(
-    setup: Setup, spec: OptimizerSpec, lr: float, seed: int, steps: int, eval_every: int, initial_loss: float
+    setup: Setup, spec: OptimizerSpec, lr: float, seed: int, steps: int, eval_every: int, initial_loss: float,
+    rank: int = NETWORK_DIM, alpha: float = NETWORK_ALPHA,
 ) -> tuple[RunResult, UNet2DConditionModel]:
-    """Train a fresh LoRA on the nines with ``spec`` at ``lr``; the batches, noise and timesteps depend only on
-    ``seed``, so every optimizer sees the same data. Returns the curve and the trained (LoRA-applied) U-Net."""
+    """Train a fresh LoRA (``rank``, ``alpha``) on the nines with ``spec`` at ``lr``; the batches, noise and timesteps
+    depend only on ``seed``, so every optimizer sees the same data. Returns the curve and the trained (LoRA-applied)
+    U-Net."""
     start = time.perf_counter()
     unet = copy.deepcopy(setup.base)
-    network = attach_lora(unet, seed)
+    network = attach_lora(unet, seed, rank, alpha)
     groups, _ = network.prepare_optimizer_params(None, lr, lr)
     if not spec.named_groups:
         groups = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
@@ -460,6 +464,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=150, help="LoRA training steps per run")
     parser.add_argument("--eval_every", type=int, default=25, help="steps between validation evaluations")
     parser.add_argument("--draws", type=int, default=4, help="validation draws (noise, timestep) per held-out image")
+    parser.add_argument("--rank", type=int, default=NETWORK_DIM, help=f"LoRA rank (default {NETWORK_DIM})")
+    parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: half the rank)")
     parser.add_argument("--lrs", nargs="+", type=float, default=list(LR_GRID),
                         help=f"the learning-rate grid (default: {' '.join(f'{lr:g}' for lr in LR_GRID)})")
     others = [label for label in optimizer_specs() if label not in MAIN_OPTIMIZERS]
@@ -478,14 +484,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--lrs: expected positive learning rates, got {args.lrs}")
     if args.variant_seeds is None:
         args.variant_seeds = args.seeds
-    for name in ("seeds", "variant_seeds", "steps", "eval_every", "draws"):
+    for name in ("seeds", "variant_seeds", "steps", "eval_every", "draws", "rank"):
         if getattr(args, name) < 1:
             parser.error(f"--{name}: expected a positive integer, got {getattr(args, name)}")
+    if args.alpha is None:
+        args.alpha = args.rank / 2
+    if not args.alpha > 0:
+        parser.error(f"--alpha: expected a positive number, got {args.alpha:g}")
     return args
 
 
 def run_benchmark(
-    setup: Setup, labels: list[str], lrs: tuple[float, ...], seeds: dict[str, int], steps: int, eval_every: int
+    setup: Setup, labels: list[str], lrs: tuple[float, ...], seeds: dict[str, int], steps: int, eval_every: int,
+    rank: int = NETWORK_DIM, alpha: float = NETWORK_ALPHA,
 ) -> tuple[list[RunResult], dict[str, UNet2DConditionModel]]:
     """Every (optimizer, lr, seed) run, ``seeds[label]`` seeds per optimizer. Also returns, for the noise check,
     the seed-0 models of the first two optimizers at the lowest lr of the grid."""
@@ -497,7 +508,7 @@ def run_benchmark(
     for label in labels:
         for lr in lrs:
             for seed in range(seeds[label]):
-                result, unet = train_run(setup, specs[label], lr, seed, steps, eval_every, initial)
+                result, unet = train_run(setup, specs[label], lr, seed, steps, eval_every, initial, rank, alpha)
                 results.append(result)
                 print(f"{label:24s} lr {lr:.0e} seed {seed}: final {result.losses[-1]:.5f} ({result.seconds:.1f} s)",
                       flush=True)
@@ -559,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     setup = make_setup(config, cache_dir, draws)
     seeds_per_label = {label: seeds if label in REFERENCE_PAIR else variant_seeds for label in labels}
-    results, kept = run_benchmark(setup, labels, lrs, seeds_per_label, steps, eval_every)
+    results, kept = run_benchmark(setup, labels, lrs, seeds_per_label, steps, eval_every, args.rank, args.alpha)
     noise = validation_noise(setup, kept, draws, sets=2 if args.smoke else 5)
     rows = summarize(results, lrs)
     table = markdown_table(rows)
@@ -573,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {env['cpu']}, {env['torch_threads']} torch thread(s); torch {env['torch']}, "
         f"diffusers {env['diffusers']}; {env['date']}; wall time {wall / 60:.1f} min  \n"
         f"Setup: {len(setup.train_images)} training / {len(setup.val_images) // draws} held-out 9s, "
-        f"{setup.config.image_size}² px, LoRA rank {NETWORK_DIM} alpha {NETWORK_ALPHA:g}, batch {BATCH_SIZE}, "
+        f"{setup.config.image_size}² px, LoRA rank {args.rank} alpha {args.alpha:g}, batch {BATCH_SIZE}, "
         f"{steps} steps, {seeds} seed(s) for {' and '.join(REFERENCE_PAIR)}, {variant_seeds} for the others, "
         f"lr grid {', '.join(f'{lr:.0e}' for lr in lrs)}; "
         f"validation: {len(setup.val_images)} fixed draws, evaluated every {eval_every} steps.  \n"

@@ -79,6 +79,26 @@ def test_variant_seeds_default_to_seeds_and_must_be_positive(capsys: pytest.Capt
     assert "--variant_seeds: expected a positive integer, got 0" in capsys.readouterr().err
 
 
+def test_rank_and_alpha_default_to_the_table_and_alpha_to_half_a_given_rank(capsys: pytest.CaptureFixture[str]) -> None:
+    args = lq.parse_args([])
+    assert (args.rank, args.alpha) == (lq.NETWORK_DIM, lq.NETWORK_ALPHA)
+    args = lq.parse_args(["--rank", "32"])
+    assert (args.rank, args.alpha) == (32, 16.0)
+    assert lq.parse_args(["--rank", "32", "--alpha", "32"]).alpha == 32.0
+    with pytest.raises(SystemExit):
+        lq.parse_args(["--rank", "0"])
+    assert "--rank: expected a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_attach_lora_builds_the_requested_rank_and_alpha() -> None:
+    from benchmarks.digits_unet import DigitsConfig, build_unet
+
+    network = lq.attach_lora(build_unet(DigitsConfig()), seed=0, rank=5, alpha=2.5)
+    assert network.unet_loras and all(
+        lora.lora_down.weight.shape[0] == 5 and lora.scale == 0.5 for lora in network.unet_loras
+    )
+
+
 def _lora_groups(rank: int = 3) -> list[dict]:
     """Two kohya-named LoRA modules (a Linear and a 3×3 conv) with gradients; the conv's ``lora_up`` sits in a
     group of its own, as with LoRA+."""
