@@ -293,6 +293,11 @@ def train_run(
 # --------------------------------------------------------------------------------------------------- summary
 
 
+def lr_text(lr: float) -> str:
+    """``3e-03``, or ``1.5e-03`` where one digit would round the learning rate to another grid point."""
+    return f"{lr:.1e}".replace(".0e", "e")
+
+
 def steps_to_reach(steps: list[int], losses: list[float], target: float) -> int | None:
     """The first evaluated step whose loss is ≤ ``target``, or None if the curve never gets there."""
     for step, loss in zip(steps, losses):
@@ -359,7 +364,7 @@ def markdown_table(rows: list[Row], reference: str = "AdamW") -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lr = f"{r.best_lr:.0e}" + (" (grid edge)" if r.lr_at_grid_edge else "")
+        lr = lr_text(r.best_lr) + (" (grid edge)" if r.lr_at_grid_edge else "")
         change = 100.0 * (r.final_mean / ref.final_mean - 1.0)
         reach = "not reached" if r.steps_to_target is None else str(r.steps_to_target)
         ratio = "–" if r.ratio_to_adamw is None else f"{r.ratio_to_adamw:.2f}"
@@ -383,7 +388,7 @@ def plot(results: list[RunResult], rows: list[Row], lrs: tuple[float, ...], path
         steps, mean, std = curves[(row.label, row.best_lr)]
         low = [m - s for m, s in zip(mean, std)]
         high = [m + s for m, s in zip(mean, std)]
-        (line,) = left.plot(steps, mean, label=f"{row.label} (lr {row.best_lr:.0e})")
+        (line,) = left.plot(steps, mean, label=f"{row.label} (lr {lr_text(row.best_lr)})")
         left.fill_between(steps, low, high, color=line.get_color(), alpha=0.15)
         finals = [(lr, curves[(row.label, lr)][1][-1]) for lr in lrs if (row.label, lr) in curves]
         right.plot(*zip(*finals), marker="o", color=line.get_color(), label=row.label)
@@ -510,7 +515,7 @@ def run_benchmark(
             for seed in range(seeds[label]):
                 result, unet = train_run(setup, specs[label], lr, seed, steps, eval_every, initial, rank, alpha)
                 results.append(result)
-                print(f"{label:24s} lr {lr:.0e} seed {seed}: final {result.losses[-1]:.5f} ({result.seconds:.1f} s)",
+                print(f"{label:24s} lr {lr_text(lr)} seed {seed}: final {result.losses[-1]:.5f} ({result.seconds:.1f} s)",
                       flush=True)
                 if label in labels[:2] and lr == noise_lr and seed == 0:
                     kept[label] = unet
@@ -586,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Setup: {len(setup.train_images)} training / {len(setup.val_images) // draws} held-out 9s, "
         f"{setup.config.image_size}² px, LoRA rank {args.rank} alpha {args.alpha:g}, batch {BATCH_SIZE}, "
         f"{steps} steps, {seeds} seed(s) for {' and '.join(REFERENCE_PAIR)}, {variant_seeds} for the others, "
-        f"lr grid {', '.join(f'{lr:.0e}' for lr in lrs)}; "
+        f"lr grid {', '.join(lr_text(lr) for lr in lrs)}; "
         f"validation: {len(setup.val_images)} fixed draws, evaluated every {eval_every} steps.  \n"
         f"{noise_line(noise)}\n\n"
     )

@@ -48,6 +48,10 @@ def _run(label: str, lr: float, seed: int, losses: list[float]) -> lq.RunResult:
     return lq.RunResult(label, lr, seed, [0, 10, 20, 30], losses, 0.0)
 
 
+def test_lr_text_keeps_the_digit_that_tells_grid_points_apart() -> None:
+    assert [lq.lr_text(lr) for lr in (3e-3, 1.5e-3, 2e-3, 7e-4)] == ["3e-03", "1.5e-03", "2e-03", "7e-04"]
+
+
 def test_summary_picks_best_lr_by_final_loss_and_counts_steps_to_adamw_best() -> None:
     results = [
         _run("AdamW", 1e-4, 0, [1.0, 0.9, 0.8, 0.7]),
