@@ -515,8 +515,8 @@ def run_benchmark(
             for seed in range(seeds[label]):
                 result, unet = train_run(setup, specs[label], lr, seed, steps, eval_every, initial, rank, alpha)
                 results.append(result)
-                print(f"{label:24s} lr {lr_text(lr)} seed {seed}: final {result.losses[-1]:.5f} ({result.seconds:.1f} s)",
-                      flush=True)
+                final = result.losses[-1]
+                print(f"{label:24s} lr {lr_text(lr)} seed {seed}: final {final:.5f} ({result.seconds:.1f} s)", flush=True)
                 if label in labels[:2] and lr == noise_lr and seed == 0:
                     kept[label] = unet
     return results, kept

@@ -2,9 +2,9 @@
 SD 1.5- and SDXL-sized U-Nets.
 
 On a GPU it measures ``torch.cuda.max_memory_allocated`` and the median time of the training steps after the first
-(forward, backward, optimizer step, zero_grad) of a randomly initialised U-Net with the real SD 1.5 / SDXL base architecture
-(configs below), frozen in fp16 or bf16, with gradient checkpointing, a ``networks.lora`` LoRA (fp32 weights,
-autocast compute) at rank 32 and 128, batch 1 at 512² (64×64 latents) / 1024² (128×128 latents)::
+(forward, backward, optimizer step, zero_grad) of a randomly initialised U-Net with the real SD 1.5 / SDXL base
+architecture (configs below), frozen in fp16 or bf16, with gradient checkpointing, a ``networks.lora`` LoRA (fp32
+weights, autocast compute) at rank 32 and 128, batch 1 at 512² (64×64 latents) / 1024² (128×128 latents)::
 
     python -m benchmarks.vram --out benchmarks/results           # GPU: the full table
 
