@@ -188,11 +188,12 @@ def _orthogonalize_(grads: list[Tensor], relative_floor: float = _ORTHOGONAL_FLO
 
     From the small ``k × k`` Gram matrix ``A = G Gᵀ`` of the short side (``k`` is the rank for a LoRA factor):
     ``(A + δ I)^(-1/2) G`` with ``δ = relative_floor² ‖A‖_F``, which maps each singular value ``s`` to
-    ``s / sqrt(s² + δ)``: 1 for all but those below about ``relative_floor`` times the largest, which are scaled
-    down instead of raised to 1. The Gram matrices of the gradients with the same ``k`` are handled together, at
-    most ``_ORTHOGONAL_BATCH_BYTES`` of them (counted in float64) at a time (:func:`_damped_inverse_sqrt_`). A
-    gradient whose float32 Gram matrix is zero (a zero gradient, or one with every entry below about 1e-19) becomes
-    zero; one with a non-finite entry becomes all NaN, so the step that follows skips. Temporaries: one gradient in
+    ``s / sqrt(s² + δ)``: 1 for all but those below about ``relative_floor`` times ``‖A‖_F^(1/2)`` (which lies
+    between the largest singular value and ``k^(1/4)`` times it), which are scaled down instead of raised to 1.
+    The Gram matrices of the gradients with the same ``k`` are handled together, at most
+    ``_ORTHOGONAL_BATCH_BYTES`` of them (counted in float64) at a time (:func:`_damped_inverse_sqrt_`). A gradient
+    whose float32 Gram matrix is zero (a zero gradient, or one with every entry below about 1e-19) becomes zero;
+    one with a non-finite entry becomes all NaN, so the step that follows skips. Temporaries: one gradient in
     float32, and a few times the Gram matrices of one batch. float32 products run in full precision even where
     TF32 is on.
     """
@@ -531,9 +532,10 @@ class ANLO(torch.optim.Optimizer):
             per-tensor loops made a CPU step about 3.7x slower. (default: 0)
         orthogonalize: before normalizing (after SinkGD), replace every >= 2-D gradient, in place in
             ``p.grad``, by its orthogonal polar factor: every singular value set to 1 (SWAN's whitening,
-            arXiv 2412.13148; Muon without momentum). Exact, from each gradient's small Gram matrix
-            (rank x rank for a LoRA factor). In the LoRA benchmark it ended about 1 % below AdamW, but it
-            made a CPU step about 10x as long, and its ``eigh`` synchronizes a GPU once per step. (default: False)
+            arXiv 2412.13148; Muon without momentum), singular values far below the largest damped instead.
+            From each gradient's small Gram matrix (rank x rank for a LoRA factor): by ``eigh`` on the CPU,
+            by Newton-Schulz steps without host synchronization on CUDA. In the LoRA benchmark it ended about
+            1 % below AdamW, but it made a CPU step about 10x as long. (default: False)
         stochastic_rounding: update bfloat16 parameters in float32 and round stochastically, so tiny
             updates are not lost to round-to-nearest. Other dtypes are unaffected. (default: True)
         foreach: use the multi-tensor (``torch._foreach_*``) implementation; False runs a plain loop
