@@ -290,10 +290,10 @@ def get_optimizer(args: Any, trainable_params: Iterable[Any]) -> tuple[str, str,
     class_path = f"{optimizer_class.__module__}.{optimizer_class.__name__}"
     try:
         optimizer = optimizer_class(params, lr=lr, **constructor_kwargs, **kwargs)
-    except TypeError as error:
+    except (TypeError, ValueError, IndexError, KeyError) as error:  # an unknown keyword, or a value of a wrong shape
         raise TypeError(
             f"--optimizer_type {optimizer_type}: {class_path} rejected its arguments "
-            f"(--optimizer_args {_format_kwargs(kwargs) or '(none)'}): {error}"
+            f"(--optimizer_args {_format_kwargs(kwargs) or '(none)'}): {type(error).__name__}: {error}"
         ) from error
     if is_schedulefree(optimizer):
         optimizer.train()

@@ -29,7 +29,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm import tqdm
 
-from library import diffusion, metadata as ss_metadata, resume
+from library import diffusion, metadata as ss_metadata, preflight, resume
 from library.dataset import build_dataset
 from library.errors import LossNotFinite, UserInputError, reported_as_user_input
 from library.latents import LATENT_DOWNSCALE, encode_latents
@@ -293,6 +293,7 @@ class NetworkTrainer:
             args.seed = random.randint(0, 2**32)
         set_seed(args.seed)
         self.args = args
+        preflight.check_before_models(args)  # seconds, not the minutes a model load and latent cache take
 
         accelerator = self.accelerator = make_accelerator(args)
         check_output_dir(args.output_dir)
