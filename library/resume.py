@@ -9,9 +9,8 @@ scheduler's state dicts, the RNG states of every process) plus two small files o
   shapes, optimizer class and parameter-group sizes); ``--resume`` compares it with the current run before loading
   anything, so a state of another network or optimizer is refused with a message saying what differs.
 
-Folder names follow sd-scripts: ``{name}-{epoch:06d}-state``, ``{name}-step{step:08d}-state`` and, at the end of
-the run, ``{name}-state``. A state is written into ``<folder>.tmp`` and renamed into place, so a crash or a full
-disk while saving never leaves a half-written folder where a good one was.
+Folder names and retention are decided in ``library/checkpoints.py``. A state is written into ``<folder>.tmp`` and
+renamed into place, so a crash or a full disk while saving never leaves a half-written folder where a good one was.
 
 Ctrl-C: :class:`InterruptRequest` turns the first SIGINT into a request that the loop checks between steps (it
 then saves the state and stops); a second Ctrl-C interrupts at once.
@@ -41,10 +40,6 @@ logger = logging.getLogger(__name__)
 
 TRAIN_STATE_FILE = "train_state.json"
 FINGERPRINT_FILE = "fingerprint.json"
-# sd-scripts' default names when --output_name is not given (the same as for the LoRA files).
-DEFAULT_EPOCH_NAME = "epoch"
-DEFAULT_STEP_NAME = "at"
-DEFAULT_LAST_NAME = "last"
 
 
 class ResumeError(UserInputError):
@@ -64,35 +59,6 @@ class TrainState:
 
     epoch: int
     step: int
-
-
-def state_dir_name(args: argparse.Namespace, epoch: int | None = None, step: int | None = None) -> str:
-    """sd-scripts' state folder names: ``{name}-{epoch:06d}-state``, ``{name}-step{step:08d}-state``, ``{name}-state``."""
-    if epoch is not None:
-        return f"{args.output_name or DEFAULT_EPOCH_NAME}-{epoch:06d}-state"
-    if step is not None:
-        return f"{args.output_name or DEFAULT_STEP_NAME}-step{step:08d}-state"
-    return f"{args.output_name or DEFAULT_LAST_NAME}-state"
-
-
-def epoch_state_to_remove(args: argparse.Namespace, epoch: int) -> int | None:
-    """Under ``--save_last_n_epochs_state N`` (else ``--save_last_n_epochs``): the epoch state that falls out of
-    the kept window when the state of ``epoch`` is saved."""
-    keep = args.save_last_n_epochs_state or args.save_last_n_epochs
-    if keep is None or not args.save_every_n_epochs:
-        return None
-    old = epoch - args.save_every_n_epochs * keep
-    return old if old > 0 else None
-
-
-def step_state_to_remove(args: argparse.Namespace, step: int) -> int | None:
-    """Under ``--save_last_n_steps_state N`` (else ``--save_last_n_steps``): the step state now more than N steps old."""
-    keep = args.save_last_n_steps_state or args.save_last_n_steps
-    if keep is None or not args.save_every_n_steps:
-        return None
-    old = step - keep - 1
-    old -= old % args.save_every_n_steps
-    return old if old > 0 else None
 
 
 def fingerprint(args: argparse.Namespace, network: torch.nn.Module, optimizer: Any) -> dict[str, Any]:

@@ -1,10 +1,11 @@
 """``NetworkTrainer``: the LoRA training loop, compatible with sd-scripts' ``train_network.py``.
 
-The loop is written out in one place, in the order sd-scripts runs it, so that it reads top to bottom:
-
-    seed → accelerator → models → dataset (→ latent cache) → network → optimizer / scheduler → prepare
-    → for each epoch, for each batch: loss → backward → clip → optimizer.step → scheduler.step → zero_grad
-    → log → save every N steps / epochs → save the final LoRA
+``train(args)`` tells the run's story in a screenful: ``set_up`` (seed, accelerator, models, data and the latent
+cache, network, optimizer and schedule — one :class:`TrainingRun` that holds them), then for each epoch
+``train_epoch``: for each batch ``training_step`` (loss → backward → clip → ``optimizer.step`` → schedule),
+``record_loss`` and, after each optimizer step, ``after_optimizer_step`` (samples, checkpoints, validation when
+due); then ``end_epoch``; finally the last checkpoint. Outputs are named, saved and pruned by
+``library/checkpoints.py``.
 
 What differs between model families is behind a few small methods that a subclass (the SDXL trainer in
 ``library/sdxl.py``) overrides: ``load_models``, ``encode_text``, ``unet_forward``, ``latent_scale``,
@@ -21,6 +22,9 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -30,6 +34,7 @@ from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm import tqdm
 
 from library import diffusion, metadata as ss_metadata, preflight, resume
+from library.checkpoints import Checkpoints
 from library.dataset import build_dataset
 from library.errors import LossNotFinite, UserInputError, reported_as_user_input
 from library.latents import LATENT_DOWNSCALE, encode_latents
@@ -54,15 +59,10 @@ from library.validation import (
 )
 
 DEFAULT_NETWORK_MODULE = "networks.lora"
-# sd-scripts' file names when --output_name is not given.
-DEFAULT_LAST_OUTPUT_NAME = "last"
-DEFAULT_EPOCH_NAME = "epoch"
-DEFAULT_STEP_NAME = "at"
-SAVE_PRECISIONS = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 logger = logging.getLogger(__name__)
 
 MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# get_normalization_stats() of a stateful optimizer (ANLO) may synchronise with the device: read it this rarely.
+# An optimizer's statistics (get_normalization_stats()) may synchronise with the device: read them this rarely.
 OPTIMIZER_STATS_EVERY_N_STEPS = 10
 
 
@@ -115,33 +115,6 @@ def first_text_encoder_lr(text_encoder_lr: float | list[float] | None) -> float 
     if text_encoder_lr is None or isinstance(text_encoder_lr, (int, float)):
         return text_encoder_lr
     return text_encoder_lr[0] if len(text_encoder_lr) > 0 else None
-
-
-def checkpoint_name(args: argparse.Namespace, epoch: int | None = None, step: int | None = None) -> str:
-    """sd-scripts' file names: ``{name}-{epoch:06d}.ext``, ``{name}-step{step:08d}.ext``, final ``{name}.ext``."""
-    extension = "." + args.save_model_as
-    if epoch is not None:
-        return f"{args.output_name or DEFAULT_EPOCH_NAME}-{epoch:06d}{extension}"
-    if step is not None:
-        return f"{args.output_name or DEFAULT_STEP_NAME}-step{step:08d}{extension}"
-    return f"{args.output_name or DEFAULT_LAST_OUTPUT_NAME}{extension}"
-
-
-def epoch_to_remove(args: argparse.Namespace, epoch: int) -> int | None:
-    """Under ``--save_last_n_epochs N``: the epoch file that falls out of the kept window when ``epoch`` is saved."""
-    if args.save_last_n_epochs is None:
-        return None
-    old = epoch - args.save_every_n_epochs * args.save_last_n_epochs
-    return old if old > 0 else None
-
-
-def step_to_remove(args: argparse.Namespace, step: int) -> int | None:
-    """Under ``--save_last_n_steps N``: the saved step that is now more than N steps old (if any)."""
-    if args.save_last_n_steps is None:
-        return None
-    old = step - args.save_last_n_steps - 1
-    old -= old % args.save_every_n_steps
-    return old if old > 0 else None
 
 
 class NetworkTrainer:
@@ -287,6 +260,30 @@ class NetworkTrainer:
 
     def train(self, args: argparse.Namespace) -> str:
         """Train the network described by ``args`` (see ``library/config.py``); returns the final LoRA's path."""
+        try:
+            run = self.set_up(args)
+        except KeyboardInterrupt:
+            raise resume.TrainingInterrupted(
+                "interrupted before training started (while loading the models or caching latents); nothing was "
+                "trained, and latents already cached to disk are complete"
+            ) from None
+        self.print_summary(run)
+        interrupt = resume.InterruptRequest().install()  # first Ctrl-C: save after this step, then stop
+        try:
+            for epoch in range(run.first_epoch, run.num_epochs):
+                self.train_epoch(run, epoch, interrupt)
+        finally:
+            interrupt.restore()
+            run.progress_bar.close()
+        self.output_file = run.checkpoints.at_end(run.num_epochs, run.global_step)
+        if self.output_file is not None:
+            print_how_to_use(run.accelerator, self.output_file)
+        run.accelerator.end_training()  # closes the trackers and the process group, so it comes after the last save
+        return self.output_file
+
+    def set_up(self, args: argparse.Namespace) -> TrainingRun:
+        """Everything before the first step, in sd-scripts' order: seed, accelerator, models, data (and the latent
+        cache), network, optimizer and schedule, accelerate's prepare, metadata, ``--resume``, trackers."""
         session_id = random.randint(0, 2**32)
         training_started_at = time.time()
         if args.seed is None:
@@ -298,40 +295,162 @@ class NetworkTrainer:
         accelerator = self.accelerator = make_accelerator(args)
         check_output_dir(args.output_dir)
         weight_dtype = MIXED_PRECISION_DTYPES[args.mixed_precision]
-        save_dtype = SAVE_PRECISIONS[args.save_precision]
-        vae_dtype = torch.float32 if args.no_half_vae else weight_dtype
+        models = self.set_up_models(args)
+        dataset, validation_dataset = self.set_up_data(args, weight_dtype)
+        network, network_kwargs, train_text_encoder = self.set_up_network(args)
 
-        # models, frozen; the network's own parameters are the only ones trained
+        with reported_as_user_input():  # learning rates, --optimizer_type, --optimizer_args
+            text_encoder_lr = self.text_encoder_lr(args, network)
+            param_groups, lr_descriptions = network.prepare_optimizer_params(
+                text_encoder_lr, args.unet_lr, args.learning_rate
+            )
+            param_groups = with_param_names(param_groups, network.named_parameters())  # LyCORIS gives none
+            optimizer_name, optimizer_args, optimizer = get_optimizer(args, param_groups)
+        dataloader = make_dataloader(args, dataset)
+        if args.max_train_epochs is not None:
+            args.max_train_steps = args.max_train_epochs * math.ceil(
+                len(dataloader) / accelerator.num_processes / args.gradient_accumulation_steps
+            )
+            accelerator.print(f"--max_train_epochs {args.max_train_epochs}: {args.max_train_steps} steps")
+        dataset.set_max_train_steps(args.max_train_steps)
+        with reported_as_user_input():  # --lr_scheduler, --lr_scheduler_args, warm-up and decay steps
+            lr_scheduler = get_scheduler(args, optimizer, accelerator.num_processes)
+
+        if args.full_fp16 or args.full_bf16:
+            network.to(weight_dtype)
+        models.unet.to(accelerator.device, dtype=weight_dtype)
+        self.prepare_text_encoders(dataset, weight_dtype)
+        network, optimizer, dataloader, lr_scheduler = accelerator.prepare(network, optimizer, dataloader, lr_scheduler)
+        if args.full_fp16:
+            _allow_fp16_gradient_unscaling(accelerator)
+        # train mode only where it matters: gradient checkpointing is active in train mode only
+        models.unet.train(args.gradient_checkpointing)
+        for encoder in models.text_encoders:
+            encoder.train(args.gradient_checkpointing and train_text_encoder)
+        accelerator.unwrap_model(network).prepare_grad_etc(self.text_encoder_argument, models.unet)
+
+        steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+        num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+        if args.save_n_epoch_ratio:  # as sd-scripts: about that many epoch saves over the run
+            args.save_every_n_epochs = math.floor(num_epochs / args.save_n_epoch_ratio) or 1
+
+        run_metadata = ss_metadata.training_metadata(
+            args,
+            session_id=session_id,
+            training_started_at=training_started_at,
+            model_version=self.model_version,
+            text_encoder_lr=text_encoder_lr,
+            optimizer=optimizer_metadata_string(optimizer_name, optimizer_args),
+            num_train_images=dataset.num_train_images,
+            num_reg_images=dataset.num_reg_images,
+            num_batches_per_epoch=len(dataloader),
+            num_epochs=num_epochs,
+            network_kwargs=network_kwargs,
+        )
+        total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+        run_metadata.update(ss_metadata.dataset_metadata(args, dataset, total_batch_size))
+        run_metadata.update(ss_metadata.base_model_metadata(args))
+        run_metadata.update(self.metadata_extras(args))
+        model_spec = self.model_spec(args, training_started_at)
+
+        def file_metadata(steps: int, epoch: int) -> dict[str, str]:
+            return ss_metadata.metadata_for_save(
+                run_metadata, steps=steps, epoch=epoch, no_metadata=args.no_metadata, model_spec=model_spec
+            )
+
+        run_fingerprint = resume.fingerprint(args, accelerator.unwrap_model(network), optimizer)
+        run = TrainingRun(
+            accelerator=accelerator,
+            dataset=dataset,
+            validation_dataset=validation_dataset,
+            network=network,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            dataloader=dataloader,
+            lr_descriptions=lr_descriptions,
+            weight_dtype=weight_dtype,
+            train_text_encoder=train_text_encoder,
+            run_metadata=run_metadata,
+            checkpoints=Checkpoints(
+                args, accelerator, network, file_metadata, run_fingerprint, lambda: averaged_weights(optimizer)
+            ),
+            num_epochs=num_epochs,
+            steps_per_epoch=steps_per_epoch,
+        )
+        if args.resume:
+            state = resume.load_state(accelerator, args.resume, run_fingerprint)
+            run.global_step = state.step
+            run.first_epoch, run.batches_to_skip = resume.resume_position(
+                state.step, steps_per_epoch, args.gradient_accumulation_steps
+            )
+            accelerator.print(f"resumed from {args.resume} at step {run.global_step} (epoch {run.first_epoch + 1})")
+
+        accelerator.init_trackers(
+            args.log_tracker_name or "network_train",
+            config=_tracker_config(args) if args.log_config else None,
+            init_kwargs={"wandb": {"name": args.wandb_run_name}} if args.wandb_run_name else {},
+        )
+        run.is_tracking = len(accelerator.trackers) > 0
+        run.trainable_params = accelerator.unwrap_model(network).get_trainable_params()
+        self.skipped_steps = 0  # optimizer steps not taken because a gradient was inf/NaN
+        # before the progress bar: this call also reads --sample_prompts, so a bad file fails on a line of its own
+        self.sample(run, epoch=0, is_epoch_end=False)
+        run.progress_bar = tqdm(
+            range(args.max_train_steps),
+            initial=run.global_step,
+            smoothing=0,
+            disable=not accelerator.is_local_main_process,
+            desc="steps",
+        )
+        return run
+
+    def set_up_models(self, args: argparse.Namespace) -> ModelBundle:
+        """The frozen base model; the network's own parameters are the only ones trained."""
         with reported_as_user_input():
             models = self.models = self.load_models(args)
-        unet, vae, text_encoders = models.unet, models.vae, models.text_encoders
-        for model in (unet, vae, *text_encoders):
+        for model in (models.unet, models.vae, *models.text_encoders):
             model.requires_grad_(False)
         if args.zero_terminal_snr:
             diffusion.fix_betas_for_zero_terminal_snr(models.noise_scheduler)
+        return models
 
-        # data
+    def set_up_data(self, args: argparse.Namespace, weight_dtype: torch.dtype) -> tuple[Any, Any]:
+        """The training dataset and the ``--validation_split`` part (or None), with their latents cached (and the
+        VAE moved off the device) under ``--cache_latents``."""
+        vae = self.models.vae
         with reported_as_user_input():
             dataset = build_dataset(args)
-            dataset.verify_bucket_reso_steps(latent_size_multiple(unet) * LATENT_DOWNSCALE)
+            dataset.verify_bucket_reso_steps(latent_size_multiple(self.models.unet) * LATENT_DOWNSCALE)
         validation_dataset = None
         if args.validation_split:
             dataset, validation_dataset = split_dataset(dataset, args.validation_split, validation_seed(args))
+        vae_dtype = torch.float32 if args.no_half_vae else weight_dtype
         vae.eval()
         if args.cache_latents:
             for part in (dataset, validation_dataset):
                 if part is not None:
-                    part.cache_latents(vae, args.cache_latents_to_disk, accelerator.device, vae_dtype, args.vae_batch_size)
+                    part.cache_latents(
+                        vae, args.cache_latents_to_disk, self.accelerator.device, vae_dtype, args.vae_batch_size
+                    )
             vae.to("cpu")  # not needed any more
-            accelerator.wait_for_everyone()
+            self.accelerator.wait_for_everyone()
         else:
-            vae.to(accelerator.device, dtype=vae_dtype)
+            vae.to(self.accelerator.device, dtype=vae_dtype)
+        return dataset, validation_dataset
 
-        # network
+    @property
+    def text_encoder_argument(self) -> Any:
+        """What sd-scripts' network interface takes as ``text_encoder``: the module, or a list of them (SDXL)."""
+        text_encoders = self.models.text_encoders
+        return text_encoders[0] if len(text_encoders) == 1 else text_encoders
+
+    def set_up_network(self, args: argparse.Namespace) -> tuple[Any, dict[str, str], bool]:
+        """The network from ``--network_module`` / ``--network_args``, applied to the model, with
+        ``--network_weights`` loaded; returns it, its keyword arguments and whether the text encoders train."""
+        unet, vae, text_encoder = self.models.unet, self.models.vae, self.text_encoder_argument
         args.network_module = args.network_module or DEFAULT_NETWORK_MODULE
         network_module = import_network_module(args.network_module)
         network_kwargs = parse_network_args(args.network_args)
-        text_encoder = text_encoders[0] if len(text_encoders) == 1 else text_encoders
         with reported_as_user_input():  # --network_args, --network_dim / --dim_from_weights
             if args.dim_from_weights:
                 network, _ = network_module.create_network_from_weights(
@@ -355,295 +474,224 @@ class NetworkTrainer:
         if args.network_weights is not None and not args.dim_from_weights:
             with reported_as_user_input():  # a missing or unreadable file
                 info = network.load_weights(args.network_weights)
-            accelerator.print(f"loaded network weights from {args.network_weights}: {info}")
+            self.accelerator.print(f"loaded network weights from {args.network_weights}: {info}")
 
         if args.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
             if train_text_encoder:
-                for encoder in text_encoders:
+                for encoder in self.models.text_encoders:
                     encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(network, "enable_gradient_checkpointing"):
                 network.enable_gradient_checkpointing()
+        return network, network_kwargs, train_text_encoder
 
-        # optimizer, data loader, schedule
-        with reported_as_user_input():  # learning rates, --optimizer_type, --optimizer_args
-            text_encoder_lr = self.text_encoder_lr(args, network)
-            param_groups, lr_descriptions = network.prepare_optimizer_params(
-                text_encoder_lr, args.unet_lr, args.learning_rate
+    def print_summary(self, run: TrainingRun) -> None:
+        """The run's size, as sd-scripts prints it before the first step."""
+        print_ = run.accelerator.print
+        print_("running training")
+        print_(f"  num train images * repeats: {run.dataset.num_train_images}")
+        print_(f"  num reg images: {run.dataset.num_reg_images}")
+        print_(f"  num batches per epoch: {len(run.dataloader)}")
+        print_(f"  num epochs: {run.num_epochs}")
+        print_(f"  gradient accumulation steps: {self.args.gradient_accumulation_steps}")
+        print_(f"  total optimization steps: {self.args.max_train_steps}")
+
+    # ------------------------------------------------------------------ the loop
+
+    def train_epoch(self, run: TrainingRun, epoch: int, interrupt: resume.InterruptRequest) -> None:
+        """One epoch (0-based ``epoch``): every batch, then what is due at the epoch's end."""
+        args, accelerator = self.args, run.accelerator
+        accelerator.print(f"\nepoch {epoch + 1}/{run.num_epochs}")
+        run.dataset.set_current_epoch(epoch + 1)
+        run.run_metadata["ss_epoch"] = str(epoch + 1)
+        accelerator.unwrap_model(run.network).on_epoch_start(self.text_encoder_argument, self.models.unet)
+        schedulefree_train(run.optimizer)
+
+        skip = run.batches_to_skip if epoch == run.first_epoch else 0
+        batches = accelerator.skip_first_batches(run.dataloader, skip) if skip else run.dataloader
+        for step, batch in enumerate(batches, start=skip):
+            run.dataset.set_current_step(run.global_step)
+            loss = self.training_step(run, batch)
+            logs = self.record_loss(run, epoch, step, loss)
+            if accelerator.sync_gradients:
+                run.global_step += 1
+                run.progress_bar.update(1)
+                self.after_optimizer_step(run, epoch)
+            if run.is_tracking:
+                if self.skipped_steps:
+                    logs["loss/skipped_steps"] = self.skipped_steps
+                if run.global_step % OPTIMIZER_STATS_EVERY_N_STEPS == 0:
+                    logs.update(optimizer_stats_logs(run.optimizer))
+                accelerator.log(logs, step=run.global_step)
+            if accelerator.sync_gradients and interrupt.requested_anywhere(accelerator):
+                raise resume.TrainingInterrupted(run.checkpoints.on_interrupt(epoch + 1, run.global_step))
+            if run.global_step >= args.max_train_steps:
+                break
+        self.end_epoch(run, epoch)
+
+    def training_step(self, run: TrainingRun, batch: dict) -> torch.Tensor:
+        """Forward and backward of one micro-batch; at the end of an accumulation: all-reduce, clip, skip a step
+        whose gradients are not finite, ``optimizer.step()``, the schedule. Returns the loss."""
+        args, accelerator = self.args, run.accelerator
+        with accelerator.accumulate(run.network):
+            loss = self.compute_loss(batch, run.train_text_encoder, run.weight_dtype)
+            accelerator.backward(loss)
+            gradients_finite = True
+            if accelerator.sync_gradients:
+                if accelerator.num_processes > 1:
+                    _all_reduce_gradients(accelerator, run.trainable_params)
+                grad_norm = None
+                if args.max_grad_norm != 0.0:
+                    grad_norm = accelerator.clip_grad_norm_(run.trainable_params, args.max_grad_norm)
+                if accelerator.scaler is None:  # fp16's grad scaler skips non-finite steps itself
+                    if grad_norm is None:
+                        grad_norm = _gradient_norm(run.trainable_params)
+                    gradients_finite = bool(torch.isfinite(grad_norm))
+                if not gradients_finite:
+                    self.skipped_steps += 1
+                    logger.warning("step %d skipped: non-finite gradients (%d skipped so far)",
+                                   run.global_step + 1, self.skipped_steps)  # fmt: skip
+            if gradients_finite:
+                run.optimizer.step()
+            run.lr_scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def record_loss(self, run: TrainingRun, epoch: int, step: int, loss: torch.Tensor) -> dict[str, float]:
+        """After each micro-batch: ``--scale_weight_norms``, the loss history and average, ``--nan_abort_steps``,
+        the progress bar; returns the step's tracker values."""
+        args = self.args
+        logs: dict[str, float] = {}
+        if args.scale_weight_norms:
+            keys_scaled, mean_norm, max_norm = run.accelerator.unwrap_model(run.network).apply_max_norm_regularization(
+                args.scale_weight_norms, run.accelerator.device
             )
-            param_groups = with_param_names(param_groups, network.named_parameters())  # LyCORIS gives none
-            optimizer_name, optimizer_args, optimizer = get_optimizer(args, param_groups)
+            logs = {"max_norm/keys_scaled": keys_scaled, "max_norm/max_key_norm": max_norm,
+                    "norm/avg_key_norm": mean_norm}  # fmt: skip
 
-        n_workers = min(args.max_data_loader_n_workers, os.cpu_count() or 1)
-        dataloader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=1,
-            shuffle=False,  # the dataset shuffles its batches itself, per epoch, from --seed
-            collate_fn=_single_batch,
-            num_workers=n_workers,
-            persistent_workers=args.persistent_data_loader_workers and n_workers > 0,
-            # its own generator: starting an epoch's iterator then draws no number from the global RNG, so a run
-            # resumed mid-epoch draws the same noise as the run it continues
-            generator=torch.Generator().manual_seed(args.seed),
+        current_loss = loss.detach().item()
+        self.loss_history.append(current_loss)
+        run.non_finite_losses = 0 if math.isfinite(current_loss) else run.non_finite_losses + 1
+        if args.nan_abort_steps and run.non_finite_losses >= args.nan_abort_steps:
+            raise LossNotFinite(
+                f"the loss was not finite for {run.non_finite_losses} batches in a row (step {run.global_step}); "
+                "stopping (--nan_abort_steps). Try a lower --learning_rate, --max_grad_norm 1.0, or "
+                "--mixed_precision bf16 / --no_half_vae instead of fp16"
+            )
+        run.loss_recorder.add(epoch=epoch, step=step, loss=current_loss)
+        average_loss = run.loss_recorder.moving_average
+        postfix = {"loss": f"{current_loss:.4f}", "avr_loss": f"{average_loss:.4f}"}
+        if run.validation_loss is not None:
+            postfix["val_loss"] = f"{run.validation_loss:.4f}"
+        run.progress_bar.set_postfix(postfix)
+        return step_logs(current_loss, average_loss, run.lr_scheduler, run.lr_descriptions) | logs
+
+    def after_optimizer_step(self, run: TrainingRun, epoch: int) -> None:
+        """What may be due after an optimizer step: samples, checkpoints, a validation pass."""
+        self.sample(run, epoch + 1, is_epoch_end=False)
+        run.checkpoints.after_step(run.global_step, epoch + 1)
+        if run.validation_dataset is not None and is_validation_step(self.args, run.global_step):
+            self.log_validation(run, run.validation_recorder.step_logs(self.validate(run)))
+
+    def end_epoch(self, run: TrainingRun, epoch: int) -> None:
+        """At an epoch's end: its average loss, a validation pass, checkpoints and samples when due."""
+        args, accelerator = self.args, run.accelerator
+        if run.is_tracking:
+            accelerator.log({"loss/epoch_average": run.loss_recorder.moving_average}, step=epoch + 1)
+        if run.validation_dataset is not None and is_validation_epoch(args, epoch + 1):
+            self.log_validation(run, run.validation_recorder.epoch_logs(self.validate(run)))
+            accelerator.print(f"epoch {epoch + 1}: validation loss {run.validation_loss:.4f}")
+        accelerator.wait_for_everyone()
+        run.checkpoints.after_epoch(epoch + 1, run.num_epochs, run.global_step)
+        self.sample(run, epoch + 1, is_epoch_end=True)
+
+    def validate(self, run: TrainingRun) -> float:
+        """The held-out loss at fixed noise and timesteps (``library/validation.py``)."""
+        loader = torch.utils.data.DataLoader(run.validation_dataset, batch_size=1, collate_fn=_single_batch)
+        run.validation_loss = validation_loss(
+            run.accelerator,
+            run.accelerator.unwrap_model(run.network),
+            loader,
+            lambda batch: self.compute_loss(batch, False, run.weight_dtype),
+            validation_seed(self.args),
+            self.args.max_validation_steps,
         )
-        if args.max_train_epochs is not None:
-            args.max_train_steps = args.max_train_epochs * math.ceil(
-                len(dataloader) / accelerator.num_processes / args.gradient_accumulation_steps
-            )
-            accelerator.print(f"--max_train_epochs {args.max_train_epochs}: {args.max_train_steps} steps")
-        dataset.set_max_train_steps(args.max_train_steps)
-        with reported_as_user_input():  # --lr_scheduler, --lr_scheduler_args, warm-up and decay steps
-            lr_scheduler = get_scheduler(args, optimizer, accelerator.num_processes)
+        return run.validation_loss
 
-        if args.full_fp16 or args.full_bf16:
-            network.to(weight_dtype)
-        unet.to(accelerator.device, dtype=weight_dtype)
-        self.prepare_text_encoders(dataset, weight_dtype)
-        network, optimizer, dataloader, lr_scheduler = accelerator.prepare(network, optimizer, dataloader, lr_scheduler)
-        if args.full_fp16:
-            _allow_fp16_gradient_unscaling(accelerator)
+    def log_validation(self, run: TrainingRun, logs: dict[str, float]) -> None:
+        if run.is_tracking:
+            run.accelerator.log(logs, step=run.global_step)
 
-        # train mode only where it matters: gradient checkpointing is active in train mode only
-        unet.train(args.gradient_checkpointing)
-        for encoder in text_encoders:
-            encoder.train(args.gradient_checkpointing and train_text_encoder)
-        accelerator.unwrap_model(network).prepare_grad_etc(text_encoder, unet)
+    def sample(self, run: TrainingRun, epoch: int, is_epoch_end: bool) -> None:
+        """Sample images when ``--sample_every_n_*`` says so (``library/sampling.py``)."""
+        sample_during_training(
+            run.accelerator, self.args, self.models, run.network, run.optimizer, run.global_step, epoch,
+            is_epoch_end, run.weight_dtype,
+        )  # fmt: skip
 
-        num_update_steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
-        num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
-        if args.save_n_epoch_ratio:  # as sd-scripts: about that many epoch saves over the run
-            args.save_every_n_epochs = math.floor(num_train_epochs / args.save_n_epoch_ratio) or 1
 
-        accelerator.print("running training")
-        accelerator.print(f"  num train images * repeats: {dataset.num_train_images}")
-        accelerator.print(f"  num reg images: {dataset.num_reg_images}")
-        accelerator.print(f"  num batches per epoch: {len(dataloader)}")
-        accelerator.print(f"  num epochs: {num_train_epochs}")
-        accelerator.print(f"  gradient accumulation steps: {args.gradient_accumulation_steps}")
-        accelerator.print(f"  total optimization steps: {args.max_train_steps}")
+@dataclass
+class TrainingRun:
+    """What a run holds between its steps: built by ``NetworkTrainer.set_up``, advanced by the loop."""
 
-        run_metadata = ss_metadata.training_metadata(
-            args,
-            session_id=session_id,
-            training_started_at=training_started_at,
-            model_version=self.model_version,
-            text_encoder_lr=text_encoder_lr,
-            optimizer=optimizer_metadata_string(optimizer_name, optimizer_args),
-            num_train_images=dataset.num_train_images,
-            num_reg_images=dataset.num_reg_images,
-            num_batches_per_epoch=len(dataloader),
-            num_epochs=num_train_epochs,
-            network_kwargs=network_kwargs,
-        )
-        total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-        run_metadata.update(ss_metadata.dataset_metadata(args, dataset, total_batch_size))
-        run_metadata.update(ss_metadata.base_model_metadata(args))
-        run_metadata.update(self.metadata_extras(args))
-        model_spec = self.model_spec(args, training_started_at)
+    accelerator: Accelerator
+    dataset: Any
+    validation_dataset: Any
+    network: Any
+    optimizer: Any
+    lr_scheduler: Any
+    dataloader: Any
+    lr_descriptions: list[str] | None
+    weight_dtype: torch.dtype
+    train_text_encoder: bool
+    run_metadata: dict[str, str]
+    checkpoints: Checkpoints
+    num_epochs: int
+    steps_per_epoch: int
+    global_step: int = 0
+    first_epoch: int = 0
+    batches_to_skip: int = 0  # batches of the first epoch already trained (--resume)
+    is_tracking: bool = False
+    trainable_params: list[torch.nn.Parameter] = field(default_factory=list)
+    loss_recorder: LossRecorder = field(default_factory=LossRecorder)
+    validation_recorder: ValidationRecorder = field(default_factory=ValidationRecorder)
+    validation_loss: float | None = None  # the latest held-out loss, shown on the progress bar
+    non_finite_losses: int = 0  # in a row, for --nan_abort_steps
+    progress_bar: Any = None
 
-        def save(file_name: str, steps: int, epoch: int) -> str:
-            os.makedirs(args.output_dir, exist_ok=True)
-            path = os.path.join(args.output_dir, file_name)
-            accelerator.print(f"\nsaving checkpoint: {path}")
-            file_metadata = ss_metadata.metadata_for_save(
-                run_metadata, steps=steps, epoch=epoch, no_metadata=args.no_metadata, model_spec=model_spec
-            )
-            accelerator.unwrap_model(network).save_weights(path, save_dtype, file_metadata)
-            return path
 
-        def remove(file_name: str) -> None:
-            path = os.path.join(args.output_dir, file_name)
-            if os.path.exists(path):
-                accelerator.print(f"removing old checkpoint: {path}")
-                os.remove(path)
+def make_dataloader(args: argparse.Namespace, dataset: Any) -> torch.utils.data.DataLoader:
+    """The loader over ``dataset``, whose items are whole batches from one bucket, shuffled by the dataset itself."""
+    n_workers = min(args.max_data_loader_n_workers, os.cpu_count() or 1)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=1,
+        shuffle=False,  # the dataset shuffles its batches itself, per epoch, from --seed
+        collate_fn=_single_batch,
+        num_workers=n_workers,
+        persistent_workers=args.persistent_data_loader_workers and n_workers > 0,
+        # its own generator: starting an epoch's iterator then draws no number from the global RNG, so a run
+        # resumed mid-epoch draws the same noise as the run it continues
+        generator=torch.Generator().manual_seed(args.seed),
+    )
 
-        run_fingerprint = resume.fingerprint(args, accelerator.unwrap_model(network), optimizer)
 
-        def save_state(state_name: str, epoch: int, steps: int) -> str:
-            path = os.path.join(args.output_dir, state_name)
-            resume.save_state(accelerator, path, resume.TrainState(epoch=epoch, step=steps), run_fingerprint)
-            return path
+def print_how_to_use(accelerator: Accelerator, path: str) -> None:
+    """The run's last words: where the LoRA is and what to do with it."""
+    path = os.path.abspath(path)
+    accelerator.print(f"LoRA saved to {path}")
+    accelerator.print(f"  continue training from it: --network_weights {path}")
+    accelerator.print("  use it: ComfyUI (LoraLoader), A1111 (models/Lora) and diffusers (load_lora_weights) load it")
 
-        def validate(batches_seed: int) -> float:
-            loader = torch.utils.data.DataLoader(validation_dataset, batch_size=1, collate_fn=_single_batch)
-            return validation_loss(
-                accelerator,
-                accelerator.unwrap_model(network),
-                loader,
-                lambda batch: self.compute_loss(batch, False, weight_dtype),
-                batches_seed,
-                args.max_validation_steps,
-            )
 
-        global_step, first_epoch, batches_to_skip = 0, 0, 0
-        if args.resume:
-            state = resume.load_state(accelerator, args.resume, run_fingerprint)
-            global_step = state.step
-            first_epoch, batches_to_skip = resume.resume_position(
-                state.step, num_update_steps_per_epoch, args.gradient_accumulation_steps
-            )
-            accelerator.print(f"resumed from {args.resume} at step {global_step} (epoch {first_epoch + 1})")
-
-        accelerator.init_trackers(
-            args.log_tracker_name or "network_train",
-            config=_tracker_config(args) if args.log_config else None,
-            init_kwargs={"wandb": {"name": args.wandb_run_name}} if args.wandb_run_name else {},
-        )
-        is_tracking = len(accelerator.trackers) > 0
-        trainable_params = accelerator.unwrap_model(network).get_trainable_params()
-        loss_recorder = LossRecorder()
-        validation_recorder = ValidationRecorder()
-        non_finite_losses = 0  # in a row, for --nan_abort_steps
-        self.skipped_steps = 0  # optimizer steps not taken because a gradient was inf/NaN
-        # before the progress bar: this call also reads --sample_prompts, so a bad file fails on a line of its own
-        sample_during_training(accelerator, args, models, network, optimizer, global_step, 0, False, weight_dtype)
-        progress_bar = tqdm(
-            range(args.max_train_steps),
-            initial=global_step,
-            smoothing=0,
-            disable=not accelerator.is_local_main_process,
-            desc="steps",
-        )
-
-        interrupt = resume.InterruptRequest().install()  # first Ctrl-C: save the state after this step, then stop
-        try:
-            for epoch in range(first_epoch, num_train_epochs):
-                accelerator.print(f"\nepoch {epoch + 1}/{num_train_epochs}")
-                dataset.set_current_epoch(epoch + 1)
-                run_metadata["ss_epoch"] = str(epoch + 1)
-                accelerator.unwrap_model(network).on_epoch_start(text_encoder, unet)  # train mode
-                schedulefree_train(optimizer)
-
-                epoch_batches = dataloader
-                if epoch == first_epoch and batches_to_skip:
-                    epoch_batches = accelerator.skip_first_batches(dataloader, batches_to_skip)
-                for step, batch in enumerate(epoch_batches, start=batches_to_skip if epoch == first_epoch else 0):
-                    dataset.set_current_step(global_step)
-                    with accelerator.accumulate(network):
-                        loss = self.compute_loss(batch, train_text_encoder, weight_dtype)
-                        accelerator.backward(loss)
-                        gradients_finite = True
-                        if accelerator.sync_gradients:
-                            if accelerator.num_processes > 1:
-                                _all_reduce_gradients(accelerator, trainable_params)
-                            grad_norm = None
-                            if args.max_grad_norm != 0.0:
-                                grad_norm = accelerator.clip_grad_norm_(trainable_params, args.max_grad_norm)
-                            # fp16's grad scaler skips non-finite steps itself (and lowers its scale)
-                            if accelerator.scaler is None:
-                                if grad_norm is None:
-                                    grad_norm = _gradient_norm(trainable_params)
-                                gradients_finite = bool(torch.isfinite(grad_norm))
-                            if not gradients_finite:
-                                self.skipped_steps += 1
-                                logger.warning("step %d skipped: non-finite gradients (%d skipped so far)",
-                                               global_step + 1, self.skipped_steps)
-                        if gradients_finite:
-                            optimizer.step()
-                        lr_scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
-
-                    max_norm_logs = {}
-                    if args.scale_weight_norms:
-                        keys_scaled, mean_norm, max_norm = accelerator.unwrap_model(
-                            network
-                        ).apply_max_norm_regularization(args.scale_weight_norms, accelerator.device)
-                        max_norm_logs = {"max_norm/keys_scaled": keys_scaled, "max_norm/max_key_norm": max_norm,
-                                         "norm/avg_key_norm": mean_norm}
-
-                    current_loss = loss.detach().item()
-                    self.loss_history.append(current_loss)
-                    non_finite_losses = 0 if math.isfinite(current_loss) else non_finite_losses + 1
-                    if args.nan_abort_steps and non_finite_losses >= args.nan_abort_steps:
-                        raise LossNotFinite(
-                            f"the loss was not finite for {non_finite_losses} batches in a row (step {global_step}); "
-                            "stopping (--nan_abort_steps). Try a lower --learning_rate, --max_grad_norm 1.0, or "
-                            "--mixed_precision bf16 / --no_half_vae instead of fp16"
-                        )
-                    loss_recorder.add(epoch=epoch, step=step, loss=current_loss)
-                    average_loss = loss_recorder.moving_average
-                    progress_bar.set_postfix(loss=f"{current_loss:.4f}", avr_loss=f"{average_loss:.4f}")
-
-                    if accelerator.sync_gradients:
-                        progress_bar.update(1)
-                        global_step += 1
-                        sample_during_training(
-                            accelerator, args, models, network, optimizer, global_step, epoch + 1, False, weight_dtype
-                        )
-                        if args.save_every_n_steps and global_step % args.save_every_n_steps == 0:
-                            accelerator.wait_for_everyone()
-                            schedulefree_eval(optimizer)
-                            if accelerator.is_main_process:
-                                save(checkpoint_name(args, step=global_step), global_step, epoch + 1)
-                                old_step = step_to_remove(args, global_step)
-                                if old_step is not None:
-                                    remove(checkpoint_name(args, step=old_step))
-                            if args.save_state:
-                                save_state(resume.state_dir_name(args, step=global_step), epoch + 1, global_step)
-                                old_step = resume.step_state_to_remove(args, global_step)
-                                if old_step is not None:
-                                    resume.remove_state(
-                                        accelerator, os.path.join(args.output_dir, resume.state_dir_name(args, step=old_step))
-                                    )
-                            schedulefree_train(optimizer)
-                        if validation_dataset is not None and is_validation_step(args, global_step):
-                            validation_logs = validation_recorder.step_logs(validate(validation_seed(args)))
-                            if is_tracking:
-                                accelerator.log(validation_logs, step=global_step)
-
-                    if is_tracking:
-                        logs = step_logs(current_loss, average_loss, lr_scheduler, lr_descriptions) | max_norm_logs
-                        if self.skipped_steps:
-                            logs["loss/skipped_steps"] = self.skipped_steps
-                        if global_step % OPTIMIZER_STATS_EVERY_N_STEPS == 0:
-                            logs.update(optimizer_stats_logs(optimizer))
-                        accelerator.log(logs, step=global_step)
-
-                    if accelerator.sync_gradients and interrupt.requested_anywhere(accelerator):
-                        path = save_state(resume.state_dir_name(args, step=global_step), epoch + 1, global_step)
-                        raise resume.TrainingInterrupted(
-                            f"interrupted at step {global_step}; state saved to {path} (continue with --resume {path})"
-                        )
-                    if global_step >= args.max_train_steps:
-                        break
-
-                if is_tracking:
-                    accelerator.log({"loss/epoch_average": loss_recorder.moving_average}, step=epoch + 1)
-                if validation_dataset is not None and is_validation_epoch(args, epoch + 1):
-                    validation_logs = validation_recorder.epoch_logs(validate(validation_seed(args)))
-                    if is_tracking:
-                        accelerator.log(validation_logs, step=global_step)
-                accelerator.wait_for_everyone()
-                saving_epoch = args.save_every_n_epochs and (epoch + 1) % args.save_every_n_epochs == 0
-                if saving_epoch and epoch + 1 < num_train_epochs:
-                    schedulefree_eval(optimizer)
-                    if accelerator.is_main_process:
-                        save(checkpoint_name(args, epoch=epoch + 1), global_step, epoch + 1)
-                        old_epoch = epoch_to_remove(args, epoch + 1)
-                        if old_epoch is not None:
-                            remove(checkpoint_name(args, epoch=old_epoch))
-                    if args.save_state:
-                        save_state(resume.state_dir_name(args, epoch=epoch + 1), epoch + 1, global_step)
-                        old_epoch = resume.epoch_state_to_remove(args, epoch + 1)
-                        if old_epoch is not None:
-                            resume.remove_state(
-                                accelerator, os.path.join(args.output_dir, resume.state_dir_name(args, epoch=old_epoch))
-                            )
-                sample_during_training(
-                    accelerator, args, models, network, optimizer, global_step, epoch + 1, True, weight_dtype
-                )
-        finally:
-            interrupt.restore()
-            progress_bar.close()
-
-        schedulefree_eval(optimizer)
-        if args.save_state or args.save_state_on_train_end:
-            save_state(resume.state_dir_name(args), num_train_epochs, global_step)
-        if accelerator.is_main_process:
-            self.output_file = save(checkpoint_name(args), global_step, num_train_epochs)
-            accelerator.print(f"LoRA saved to {os.path.abspath(self.output_file)}")
-        accelerator.end_training()  # closes the trackers and the process group, so it comes after the last save
-        return self.output_file
+@contextmanager
+def averaged_weights(optimizer: Any) -> Iterator[None]:
+    """A schedule-free optimizer's averaged weights in the network for the block (what is saved or sampled)."""
+    schedulefree_eval(optimizer)
+    try:
+        yield
+    finally:
+        schedulefree_train(optimizer)
 
 
 def schedulefree_train(optimizer: Any) -> None:
@@ -722,8 +770,8 @@ def step_logs(current_loss: float, average_loss: float, lr_scheduler: Any, lr_de
 
 
 def optimizer_stats_logs(optimizer: Any) -> dict[str, float]:
-    """Numeric entries of ``optimizer.get_normalization_stats()`` (ANLO) as ``optimizer/<key>``; the current
-    normalization mode (a string) is logged as ``optimizer/global_mode`` = 1 (global) or 0 (layer)."""
+    """The numeric top-level entries of an optimizer's ``get_normalization_stats()`` (if it has one) as
+    ``optimizer/<key>``; booleans as 0 / 1, one-element tensors as numbers, anything else left out."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
     if not hasattr(inner, "get_normalization_stats"):
         return {}
@@ -731,12 +779,8 @@ def optimizer_stats_logs(optimizer: Any) -> dict[str, float]:
     for key, value in inner.get_normalization_stats().items():
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()
-        if isinstance(value, bool):
+        if isinstance(value, (bool, int, float)):
             logs[f"optimizer/{key}"] = float(value)
-        elif isinstance(value, (int, float)):
-            logs[f"optimizer/{key}"] = float(value)
-        elif isinstance(value, str) and value in ("global", "layer"):
-            logs[f"optimizer/{key}_is_global"] = 1.0 if value == "global" else 0.0
     return logs
 
 

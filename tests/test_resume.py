@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import train_network
@@ -147,8 +148,10 @@ def test_resume_position_skips_the_consumed_batches():
     assert resume.resume_position(13, 6, 2) == (2, 2)
 
 
-def test_ctrl_c_saves_the_state_and_stops(workspace, monkeypatch):
-    """SIGINT during step 3: the step finishes, the state is saved, the run stops with a clear error."""
+@pytest.mark.parametrize("save_state", [["--save_state"], []], ids=["save_state", "no_save_state"])
+def test_ctrl_c_saves_the_lora_and_the_state_and_stops(save_state, workspace, monkeypatch):
+    """SIGINT during step 3: the step finishes, the LoRA as trained so far and the state are saved (with or
+    without --save_state), and the run stops with a message saying where both are."""
     from library import trainer as trainer_module
 
     compute_loss = NetworkTrainer.compute_loss
@@ -162,9 +165,16 @@ def test_ctrl_c_saves_the_state_and_stops(workspace, monkeypatch):
 
     handler_before = signal.getsignal(signal.SIGINT)
     monkeypatch.setattr(trainer_module.NetworkTrainer, "compute_loss", interrupting_compute_loss)
-    with pytest.raises(resume.TrainingInterrupted, match=r"interrupted at step 3; state saved to .*ctrlc-step00000003-state"):
-        train(base_args(workspace, "ctrlc", "--save_state"))
-    state = json.loads((workspace / "out" / "ctrlc-step00000003-state" / "train_state.json").read_text())
+    out = workspace / "out"
+    lora_file, state_dir = out / "ctrlc-step00000003.safetensors", out / "ctrlc-step00000003-state"
+    with pytest.raises(
+        resume.TrainingInterrupted,
+        match=rf"interrupted at step 3; the LoRA as trained so far is {lora_file} and the state is {state_dir} "
+        rf"\(continue with --resume {state_dir}\)",
+    ):
+        train(base_args(workspace, "ctrlc", *save_state))
+    state = json.loads((state_dir / "train_state.json").read_text())
     assert state["current_step"] == 3
+    with safe_open(str(lora_file), framework="pt") as handle:
+        assert handle.metadata()["ss_steps"] == "3"
     assert signal.getsignal(signal.SIGINT) is handler_before
-

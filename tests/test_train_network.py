@@ -18,7 +18,8 @@ import train_network
 from library import hina_anlo
 from library import trainer as trainer_module
 from library.text_encoding import merge_chunks, split_into_chunks, tokenize
-from library.trainer import NetworkTrainer, checkpoint_name, step_to_remove
+from library.checkpoints import epoch_to_remove, lora_name, state_name, step_to_remove
+from library.trainer import NetworkTrainer
 from shape_images import write_shape_images  # tests/shape_images.py
 
 pytestmark = pytest.mark.slow
@@ -257,9 +258,9 @@ def test_anlo_runs_and_logs_its_normalization(workspace, monkeypatch):
     # read once, at the step the stats are due: after `steps` optimizer steps ANLO has counted them all
     assert scalars["optimizer/step_count"] == [float(steps)]
     assert scalars["optimizer/global_norm"][0] > 0
-    # The options outlived accelerate's prepare() (which reloads the optimizer's state dict): the last step was
-    # global, SinkGD rescaled the gradients with 1 iteration, and every step orthogonalized them.
-    assert scalars["optimizer/normalization_mode_is_global"] == [1.0]
+    assert not any(key.startswith("optimizer/groups") for key in scalars)  # only the top-level numbers
+    # The options outlived accelerate's prepare() (which reloads the optimizer's state dict): SinkGD rescaled the
+    # gradients with 1 iteration, and every step orthogonalized them.
     assert set(rescaled) == {1}
     assert len(orthogonalized) == steps and min(orthogonalized) > 0
 
@@ -342,13 +343,23 @@ def test_loss_options_run(workspace):
 
 def test_checkpoint_names_and_removal():
     class Args:
-        output_name, save_model_as, save_every_n_steps, save_last_n_steps = None, "safetensors", 10, 30
+        output_name, save_model_as = None, "safetensors"
 
-    assert checkpoint_name(Args, epoch=3) == "epoch-000003.safetensors"
-    assert checkpoint_name(Args, step=40) == "at-step00000040.safetensors"
-    assert checkpoint_name(Args) == "last.safetensors"
-    assert step_to_remove(Args, 50) == 10  # 20, 30, 40, 50 kept
-    assert step_to_remove(Args, 30) is None
+    assert lora_name(Args, epoch=3) == "epoch-000003.safetensors"
+    assert lora_name(Args, step=40) == "at-step00000040.safetensors"
+    assert lora_name(Args) == "last.safetensors"
+    assert state_name(Args, epoch=3) == "epoch-000003-state"
+    assert state_name(Args, step=40) == "at-step00000040-state"
+    assert state_name(Args) == "last-state"
+    Args.output_name = "mine"
+    assert (lora_name(Args, step=40), state_name(Args)) == ("mine-step00000040.safetensors", "mine-state")
+    # saves every 10 steps, the last 30 steps kept: at step 50, steps 20, 30, 40 and 50 are kept
+    assert step_to_remove(50, every=10, keep=30) == 10
+    assert step_to_remove(30, every=10, keep=30) is None
+    assert step_to_remove(30, every=10, keep=None) is None
+    # saves every 2 epochs, the last 3 kept: at epoch 8, epochs 4, 6, 8 are kept
+    assert epoch_to_remove(8, every=2, keep=3) == 2
+    assert epoch_to_remove(6, every=2, keep=3) is None
 
 
 def test_long_captions_are_encoded_in_75_token_windows():
