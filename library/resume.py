@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import shutil
 import signal
 import threading
@@ -32,6 +33,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError
 
 from library.atomic import atomic_output
 from library.errors import RunStopped, UserInputError
@@ -40,6 +42,11 @@ logger = logging.getLogger(__name__)
 
 TRAIN_STATE_FILE = "train_state.json"
 FINGERPRINT_FILE = "fingerprint.json"
+# What accelerate's save_state writes for one prepared network, optimizer and scheduler (one process).
+STATE_FILES = ("model.safetensors", "optimizer.bin")
+# What reading a truncated or overwritten state file raises (safetensors' header check, torch.load's unpickler).
+STATE_READ_ERRORS = (OSError, RuntimeError, KeyError, ValueError, IndexError, EOFError, pickle.UnpicklingError,
+                     SafetensorError)  # fmt: skip
 
 
 class ResumeError(UserInputError):
@@ -101,9 +108,14 @@ def save_state(accelerator: Accelerator, path: str, state: TrainState, run_finge
     temporary = path + ".tmp"
     main = accelerator.is_main_process
     _agree(accelerator, path, _attempt(lambda: _remove_dir(temporary)) if main else None)
-    _agree(accelerator, path, _attempt(lambda: accelerator.save_state(temporary)))
-    complete = lambda: _complete_and_rename(temporary, path, state, run_fingerprint)  # noqa: E731
-    _agree(accelerator, path, _attempt(complete) if main else None)
+    try:
+        _agree(accelerator, path, _attempt(lambda: accelerator.save_state(temporary)))
+        complete = lambda: _complete_and_rename(temporary, path, state, run_fingerprint)  # noqa: E731
+        _agree(accelerator, path, _attempt(complete) if main else None)
+    except ResumeError:
+        if main:
+            shutil.rmtree(temporary, ignore_errors=True)  # what was written before the disk filled up
+        raise
     logger.info("saved the training state to %s (epoch %d, step %d)", path, state.epoch, state.step)
 
 
@@ -161,10 +173,22 @@ def load_state(accelerator: Accelerator, path: str, run_fingerprint: dict[str, A
             raise ResumeError(f"--resume {path}: the state does not fit this run ({'; '.join(differences)})")
     else:
         logger.warning("--resume %s: no %s, cannot check that the state fits this run", path, FINGERPRINT_FILE)
+    missing = [name for name in STATE_FILES if not os.path.isfile(os.path.join(path, name))]
+    if missing:
+        raise ResumeError(
+            f"--resume {path}: the state is incomplete, {' and '.join(missing)} is missing; resume from another "
+            "state folder, or start again with --network_weights <a saved LoRA>"
+        )
     try:
         accelerator.load_state(path)
-    except (OSError, RuntimeError, KeyError, ValueError) as error:
-        raise ResumeError(f"--resume {path}: cannot load the state: {error}") from error
+    except STATE_READ_ERRORS as error:
+        reason = (str(error).strip().splitlines() or [""])[0]  # torch.load's messages run over many lines
+        if len(reason) > 120:
+            reason = reason[:120] + "..."
+        raise ResumeError(
+            f"--resume {path}: cannot load the state, a file in it is damaged ({type(error).__name__}: {reason}); "
+            "resume from another state folder"
+        ) from error
 
     train_state_path = os.path.join(path, TRAIN_STATE_FILE)
     if not os.path.exists(train_state_path):

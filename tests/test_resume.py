@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -129,6 +130,29 @@ def test_failed_state_save_keeps_the_previous_state(full_run, workspace, monkeyp
     with pytest.raises(ResumeError, match=r"could not save the training state to .*full-state: .*No space left"):
         resume.save_state(FailingAccelerator(), str(target), TrainState(3, 99), {})
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert not (workspace / "out" / "full-state.tmp").exists()  # the partial write is removed
+
+
+@pytest.mark.parametrize(
+    ("damage", "pattern"),
+    [
+        pytest.param(lambda state: (state / "model.safetensors").write_bytes(b"\x01\x02"),
+                     r"cannot load the state, a file in it is damaged \(SafetensorError: .*\); resume from another "
+                     r"state folder", id="truncated-model"),
+        pytest.param(lambda state: (state / "optimizer.bin").write_bytes(b"not a pickle"),
+                     r"cannot load the state, a file in it is damaged \(\w+: .*\); resume from another state folder",
+                     id="corrupt-optimizer"),
+        pytest.param(lambda state: (state / "model.safetensors").unlink(),
+                     r"the state is incomplete, model\.safetensors is missing; resume from another state folder, or "
+                     r"start again with --network_weights <a saved LoRA>", id="no-model-file"),
+    ],
+)
+def test_a_damaged_state_is_refused_naming_the_folder(damage, pattern, full_run, workspace, tmp_path):
+    state = tmp_path / "damaged-state"
+    shutil.copytree(workspace / "out" / "full-step00000004-state", state)
+    damage(state)
+    with pytest.raises(ResumeError, match=rf"--resume {state}: " + pattern):
+        train(base_args(workspace, "damaged", "--resume", str(state)))
 
 
 def test_fingerprint_differences_lists_each_changed_entry():
