@@ -12,31 +12,29 @@ State folders follow ``--save_last_n_epochs_state`` / ``--save_last_n_steps_stat
 files' settings.
 
 A save that fails (a full disk) leaves no partial file under the final name (LoRA files and states are written
-beside it and renamed) and stops the run with :class:`SaveFailed`, whose message names the newest complete LoRA.
+beside it and renamed) and raises :class:`~library.errors.OutputWriteError`;
+:meth:`Checkpoints.naming_the_newest_on_failure` adds which complete LoRA the run leaves.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 
 from library import resume
-from library.errors import RunStopped
+from library.errors import OutputWriteError
 
 # sd-scripts' names when --output_name is not given.
 DEFAULT_EPOCH_NAME = "epoch"
 DEFAULT_STEP_NAME = "at"
 DEFAULT_LAST_NAME = "last"
 SAVE_PRECISIONS = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class SaveFailed(RunStopped):
-    """A LoRA file or state could not be written (a full disk, a lost permission); nothing partial is left."""
 
 
 def stem(args: argparse.Namespace, epoch: int | None = None, step: int | None = None) -> str:
@@ -173,26 +171,27 @@ class Checkpoints:
         """Write the network's weights to ``--output_dir/file_name`` (main process only); returns the path."""
         path = self._path(file_name)
         self.accelerator.print(f"\nsaving checkpoint: {path}")
-        try:
-            self.accelerator.unwrap_model(self.network).save_weights(path, self.save_dtype, self.metadata(steps, epoch))
-        except OSError as error:
-            raise SaveFailed(f"could not write the LoRA {path}: {error.strerror or error}; {self._newest()}") from error
+        self.accelerator.unwrap_model(self.network).save_weights(path, self.save_dtype, self.metadata(steps, epoch))
         self.last_lora = path
         return path
 
     def save_state(self, folder: str, epoch: int, steps: int) -> str:
         """Write the training state to ``--output_dir/folder`` (every process takes part); returns the path."""
         path = self._path(folder)
-        try:
-            resume.save_state(self.accelerator, path, resume.TrainState(epoch=epoch, step=steps), self.run_fingerprint)
-        except resume.ResumeError as error:
-            raise SaveFailed(f"{error}; {self._newest()}") from error
+        resume.save_state(self.accelerator, path, resume.TrainState(epoch=epoch, step=steps), self.run_fingerprint)
         return path
 
-    def _newest(self) -> str:
-        if self.last_lora is None:
-            return "no LoRA file was completed before"
-        return f"the newest complete LoRA is {self.last_lora}"
+    @contextmanager
+    def naming_the_newest_on_failure(self) -> Iterator[None]:
+        """Add to an ``OutputWriteError`` from the block (a sample, a LoRA, a state) which complete LoRA file this
+        run leaves."""
+        try:
+            yield
+        except OutputWriteError as error:
+            newest = f"the newest complete LoRA of this run is {self.last_lora}" if self.last_lora else (
+                "this run completed no LoRA file"
+            )
+            raise OutputWriteError(f"{error}; {newest}") from error
 
     def _remove_file(self, file_name: str) -> None:
         path = self._path(file_name)

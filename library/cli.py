@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from library.errors import RunStopped, UserInputError
+from library.errors import INTERRUPTED_STATUS, RunStopped, UserInputError
 
 # Loggers that warn while optional backends the trainer never uses are imported: bitsandbytes' CPU 4-bit kernels
 # ("Failed to load CPU gemm_4bit_forward from kernels-community") and transformers' torchvision image
@@ -21,6 +21,8 @@ from library.errors import RunStopped, UserInputError
 IMPORT_TIME_LOGGERS = ("bitsandbytes.backends.cpu.ops", "transformers.utils.import_utils")
 # argparse's status for bad usage; the entry points use it for every error in the user's input.
 USER_ERROR_STATUS = 2
+# What is true of a run's files when Ctrl-C ends it outside the loop's own handling.
+INTERRUPTED = "interrupted (Ctrl-C); every file already in --output_dir is complete (outputs are written atomically)"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -38,8 +40,9 @@ def configure_logging(args: argparse.Namespace) -> None:
 @contextmanager
 def one_line_errors() -> Iterator[None]:
     """Turn a :class:`UserInputError` raised in the block into ``error: <message>`` on stderr and exit status 2,
-    and a :class:`RunStopped` into ``stopped: <message>`` and its own status (with ``--console_log_level DEBUG``
-    the traceback is logged first). Any other exception is a bug and keeps its traceback."""
+    a :class:`RunStopped` into ``stopped: <message>`` and its own status (with ``--console_log_level DEBUG``
+    the traceback is logged first), and Ctrl-C into ``stopped: interrupted ...`` and status 130. Any other
+    exception is a bug and keeps its traceback."""
     try:
         yield
     except UserInputError as error:
@@ -50,3 +53,6 @@ def one_line_errors() -> Iterator[None]:
         logging.getLogger(__name__).debug("where the run stopped", exc_info=True)
         print(f"stopped: {stop}", file=sys.stderr)
         raise SystemExit(stop.exit_status) from None
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the loop's own handling (e.g. the final save)
+        print(f"stopped: {INTERRUPTED}", file=sys.stderr)
+        raise SystemExit(INTERRUPTED_STATUS) from None

@@ -746,7 +746,7 @@ def parse_args(argv: Sequence[str] | None = None, sdxl: bool = False) -> argpars
             if not args.config_file:
                 raise ConfigError("--output_config needs --config_file, the path to write")
             path = save_config_file(args, parser, args.config_file)
-            logger.info("wrote the arguments to %s", path)
+            print(f"wrote the arguments to {path} (train with: --config_file {path})")  # before logging is set up
             raise SystemExit(0)
         if args.config_file:
             args = apply_config_file(parser, argv, args.config_file)

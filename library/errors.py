@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+# The shell's status for a program ended by Ctrl-C (SIGINT).
+INTERRUPTED_STATUS = 130
 # What the stages that read the user's input (models, data, network, optimizer) raise for bad input.
 INPUT_ERROR_TYPES: tuple[type[Exception], ...] = (ValueError, OSError, ImportError, TypeError)
 
@@ -26,6 +28,11 @@ class RunStopped(Exception):
     print the message as one line and exit with :attr:`exit_status`."""
 
     exit_status = 1
+
+
+class OutputWriteError(RunStopped):
+    """An output (a LoRA file, a state folder, a sample image, a cache file) could not be written: a full disk, a
+    lost permission. Nothing partial is left under its name; the message says which file and why."""
 
 
 class LossNotFinite(RunStopped, FloatingPointError):

@@ -36,7 +36,7 @@ from accelerate import Accelerator
 from safetensors import SafetensorError
 
 from library.atomic import atomic_output
-from library.errors import RunStopped, UserInputError
+from library.errors import INTERRUPTED_STATUS, OutputWriteError, RunStopped, UserInputError
 
 logger = logging.getLogger(__name__)
 
@@ -50,13 +50,13 @@ STATE_READ_ERRORS = (OSError, RuntimeError, KeyError, ValueError, IndexError, EO
 
 
 class ResumeError(UserInputError):
-    """A state folder cannot be saved or used: the message names the folder and what is wrong."""
+    """A state folder cannot be used: the message names the folder and what is wrong."""
 
 
 class TrainingInterrupted(RunStopped):
     """The run was stopped by Ctrl-C; the message says where its state was saved (if it was)."""
 
-    exit_status = 130  # the shell's status for a program ended by SIGINT
+    exit_status = INTERRUPTED_STATUS
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def save_state(accelerator: Accelerator, path: str, state: TrainState, run_finge
     existing ``path`` is replaced only when the new state is complete, and stays as it was if saving fails.
 
     Between the phases the processes agree on whether every one of them succeeded, so a failure on any process
-    raises ``ResumeError`` on all of them, instead of leaving the others waiting for it forever."""
+    raises ``OutputWriteError`` on all of them, instead of leaving the others waiting for it forever."""
     if accelerator.num_processes > 1 and not torch.distributed.is_initialized():
         raise RuntimeError(  # a bug in the caller, not an input the user can fix
             f"cannot save the training state to {path}: the {accelerator.num_processes} processes no longer form a "
@@ -112,33 +112,34 @@ def save_state(accelerator: Accelerator, path: str, state: TrainState, run_finge
         _agree(accelerator, path, _attempt(lambda: accelerator.save_state(temporary)))
         complete = lambda: _complete_and_rename(temporary, path, state, run_fingerprint)  # noqa: E731
         _agree(accelerator, path, _attempt(complete) if main else None)
-    except ResumeError:
+    except OutputWriteError:
         if main:
             shutil.rmtree(temporary, ignore_errors=True)  # what was written before the disk filled up
         raise
     logger.info("saved the training state to %s (epoch %d, step %d)", path, state.epoch, state.step)
 
 
-def _attempt(action: Callable[[], object]) -> OSError | None:
-    """Run ``action``; return the ``OSError`` it raised (a full disk, a missing permission), or None."""
+def _attempt(action: Callable[[], object]) -> Exception | None:
+    """Run ``action``; return the ``OSError`` / ``OutputWriteError`` it raised (a full disk, a missing permission),
+    or None."""
     try:
         action()
-    except OSError as error:
+    except (OSError, OutputWriteError) as error:
         return error
     return None
 
 
-def _agree(accelerator: Accelerator, path: str, failure: OSError | None) -> None:
-    """Wait for every process (a collective, so also a barrier) and raise ``ResumeError`` on all of them if saving
-    failed on any."""
+def _agree(accelerator: Accelerator, path: str, failure: Exception | None) -> None:
+    """Wait for every process (a collective, so also a barrier) and raise ``OutputWriteError`` on all of them if
+    saving failed on any."""
     failed = failure is not None
     if accelerator.num_processes > 1:
         flag = torch.tensor([1.0 if failed else 0.0], device=accelerator.device)
         failed = accelerator.reduce(flag, reduction="sum").item() > 0
     if failed:
         reason = failure if failure is not None else "it failed on another process"
-        raise ResumeError(f"could not save the training state to {path}: {reason}; earlier states are unchanged") \
-            from failure
+        message = f"could not save the training state to {path}: {reason}; earlier states are unchanged"
+        raise OutputWriteError(message) from failure
 
 
 def _remove_dir(path: str) -> None:

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from library import diffusion, metadata as ss_metadata, preflight, resume
 from library.checkpoints import Checkpoints
 from library.dataset import build_dataset
-from library.errors import LossNotFinite, UserInputError, reported_as_user_input
+from library.errors import LossNotFinite, OutputWriteError, UserInputError, reported_as_user_input
 from library.latents import LATENT_DOWNSCALE, encode_latents
 from library.lora_format import modelspec_metadata
 from library.models import ModelBundle, load_models
@@ -267,15 +267,18 @@ class NetworkTrainer:
                 "interrupted before training started (while loading the models or caching latents); nothing was "
                 "trained, and latents already cached to disk are complete"
             ) from None
+        except OutputWriteError as error:  # a full disk while caching latents or text-encoder outputs
+            raise OutputWriteError(f"{error}; nothing was trained") from error
         self.print_summary(run)
-        interrupt = resume.InterruptRequest().install()  # first Ctrl-C: save after this step, then stop
-        try:
-            for epoch in range(run.first_epoch, run.num_epochs):
-                self.train_epoch(run, epoch, interrupt)
-        finally:
-            interrupt.restore()
-            run.progress_bar.close()
-        self.output_file = run.checkpoints.at_end(run.num_epochs, run.global_step)
+        with run.checkpoints.naming_the_newest_on_failure():  # a full disk: say which LoRA the run leaves
+            interrupt = resume.InterruptRequest().install()  # first Ctrl-C: save after this step, then stop
+            try:
+                for epoch in range(run.first_epoch, run.num_epochs):
+                    self.train_epoch(run, epoch, interrupt)
+            finally:
+                interrupt.restore()
+                run.progress_bar.close()
+            self.output_file = run.checkpoints.at_end(run.num_epochs, run.global_step)
         if self.output_file is not None:
             print_how_to_use(run.accelerator, self.output_file)
         run.accelerator.end_training()  # closes the trackers and the process group, so it comes after the last save

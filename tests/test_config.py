@@ -262,7 +262,7 @@ def test_invalid_toml_names_the_file(tmp_path):
         read_config_file(config)
 
 
-def test_output_config_round_trip(tmp_path):
+def test_output_config_round_trip(tmp_path, capsys):
     argv = [
         "--pretrained_model_name_or_path", "tiny-sd1", "--network_dim", "8", "--network_alpha", "4",
         "--learning_rate", "3e-4", "--text_encoder_lr", "1e-5", "--optimizer_args", "weight_decay=0.01",
@@ -275,6 +275,8 @@ def test_output_config_round_trip(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         parse_args([*argv, "--output_config", "--config_file", str(out)])
     assert exit_info.value.code == 0
+    saved = tmp_path / "sub" / "saved.toml"
+    assert capsys.readouterr().out == f"wrote the arguments to {saved} (train with: --config_file {saved})\n"
 
     written = toml.load(tmp_path / "sub" / "saved.toml")
     assert written["additional_network_arguments"] == {"network_dim": 8, "network_alpha": 4.0}

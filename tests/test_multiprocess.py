@@ -37,6 +37,7 @@ import torch
 from safetensors import safe_open
 
 from library import resume
+from library.errors import OutputWriteError
 from shape_images import write_shape_images  # tests/shape_images.py
 
 pytestmark = pytest.mark.slow
@@ -212,7 +213,7 @@ def _save_state_on_two_ranks(rank: int, port: int, root: str) -> None:
                 state = resume.TrainState(epoch=1, step=2)
                 resume.save_state(_GlooAccelerator(rank, failing_rank), os.path.join(root, name), state, {"dim": 4})
                 outcomes.append("saved")
-            except resume.ResumeError as error:
+            except OutputWriteError as error:
                 outcomes.append(str(error))
     finally:
         torch.distributed.destroy_process_group()
@@ -240,6 +241,7 @@ def test_save_state_on_two_ranks_completes_or_fails_on_every_rank(tmp_path):
     assert rank0[1] == failed + "it failed on another process; earlier states are unchanged"
     assert sorted(p.name for p in previous.iterdir()) == ["train_state.json"]
     assert (previous / "train_state.json").read_text() == "previous"
+    assert not (tmp_path / "full-state.tmp").exists()  # the partial write of the failed save is removed
 
 
 # ---------------------------------------------------------------------- the script each process runs

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 import train_network
 from library import resume
+from library.errors import OutputWriteError
 from library.resume import ResumeError, TrainState
 from library.trainer import NetworkTrainer
 from shape_images import write_shape_images  # tests/shape_images.py
@@ -127,7 +128,7 @@ def test_failed_state_save_keeps_the_previous_state(full_run, workspace, monkeyp
             Path(path, "model.safetensors").write_bytes(b"partial")
             raise OSError(28, "No space left on device")
 
-    with pytest.raises(ResumeError, match=r"could not save the training state to .*full-state: .*No space left"):
+    with pytest.raises(OutputWriteError, match=r"could not save the training state to .*full-state: .*No space left"):
         resume.save_state(FailingAccelerator(), str(target), TrainState(3, 99), {})
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert not (workspace / "out" / "full-state.tmp").exists()  # the partial write is removed
