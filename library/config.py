@@ -229,9 +229,9 @@ def _add_network_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--scale_weight_norms", type=float, default=None,
                        help="rescale each module whose weight norm exceeds this (max-norm regularization)")
     group.add_argument("--base_weights", type=str, default=None, nargs="*",
-                       help=_not_supported("network files merged into the model before training"))
+                       help="LoRA files (kohya LoRA, LyCORIS LoCon/LoHa) merged into the model before training")
     group.add_argument("--base_weights_multiplier", type=float, default=None, nargs="*",
-                       help=_compat_only("Used only with --base_weights."))
+                       help="multiplier of each --base_weights file (1.0 for files without one)")
 
 
 def _add_optimizer_arguments(group: argparse._ArgumentGroup) -> None:

@@ -29,7 +29,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm import tqdm
 
-from library import diffusion, metadata as ss_metadata, resume
+from library import base_weights, diffusion, metadata as ss_metadata, resume
 from library.dataset import build_dataset
 from library.errors import LossNotFinite, UserInputError, reported_as_user_input
 from library.latents import LATENT_DOWNSCALE, encode_latents
@@ -301,9 +301,11 @@ class NetworkTrainer:
         vae_dtype = torch.float32 if args.no_half_vae else weight_dtype
 
         # models, frozen; the network's own parameters are the only ones trained
+        base_weights.check_args(args)  # before the models load
         with reported_as_user_input():
             models = self.models = self.load_models(args)
         unet, vae, text_encoders = models.unet, models.vae, models.text_encoders
+        base_weights.merge_base_weights(args, text_encoders, unet)
         for model in (unet, vae, *text_encoders):
             model.requires_grad_(False)
         if args.zero_terminal_snr:
