@@ -157,8 +157,11 @@ def _add_dataset_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--reg_data_dir", type=str, default=None, help="folder of regularization image folders")
     group.add_argument("--dataset_config", type=Path, default=None,
                        help="dataset TOML with [general], [[datasets]], [[datasets.subsets]]")
-    group.add_argument("--in_json", type=str, default=None, help="metadata JSON of a fine-tuning style dataset")
-    group.add_argument("--dataset_repeats", type=int, default=1, help="repeats of an --in_json dataset")
+    group.add_argument("--in_json", type=str, default=None,
+                       help="metadata JSON of a fine-tuning dataset (sd-scripts' finetune/ tools), images in "
+                            "--train_data_dir")
+    group.add_argument("--dataset_repeats", type=int, default=1,
+                       help="repeats of an --in_json dataset (and of --dataset_config subsets without num_repeats)")
     group.add_argument("--resolution", type=str, default=None, help="training resolution: 'SIZE' or 'WIDTH,HEIGHT'")
     group.add_argument("--enable_bucket", action="store_true", help="aspect-ratio buckets")
     group.add_argument("--min_bucket_reso", type=int, default=256, help="smallest bucket side")

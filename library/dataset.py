@@ -230,8 +230,8 @@ def _check_subset_kinds(subsets: list[dict], source: str, where: str) -> None:
     (``metadata_file``, with an optional ``image_dir``)."""
     kinds = {"metadata_file" in subset for subset in subsets}
     if len(kinds) > 1:
-        raise ValueError(f"{source}: {where} mixes subsets with and without metadata_file; put the fine-tuning (metadata_file) "
-                         "subsets and the DreamBooth (image_dir) subsets in separate [[datasets]]")
+        raise ValueError(f"{source}: {where} mixes subsets with and without metadata_file; put the fine-tuning "
+                         "(metadata_file) subsets and the DreamBooth (image_dir) subsets in separate [[datasets]]")
     for j, subset in enumerate(subsets):
         if "metadata_file" in subset:
             wrong = [key for key in _DREAMBOOTH_ONLY if key in subset]
@@ -595,7 +595,9 @@ class BucketedDataset:
             reg_items = _balance_regularization(reg_items, self.num_train_images)
         self.items = train_items + reg_items
         finetune_dataset.prepare_items(self, self.items, source)  # buckets / latents from the metadata
-        self.bucket_manager = self._make_bucket_manager(source)
+        # items bucketed by their metadata's train_resolution need no bucket manager (as in sd-scripts)
+        needs_buckets = any(item.bucket is None for item in self.items)
+        self.bucket_manager = self._make_bucket_manager(source) if needs_buckets else None
         self.buckets: dict[tuple[int, int], list[int]] = {}
         for index, item in enumerate(self.items):
             item.bucket = item.bucket or self.bucket_manager.select(*item.size)

@@ -176,7 +176,8 @@ def test_dreambooth_and_finetuning_datasets_in_one_config(tmp_path):
                      random_crop=False, shuffle_caption=False, keep_tokens=0)
     dataset = build_dataset(args)
     assert [len(d.items) for d in dataset.datasets] == [1, 1]
-    assert sorted(c for batch in all_batches(dataset) for c in batch["captions"]) == ["fine,tuned"] * 3 + ["sks dog"] * 2
+    captions = sorted(c for batch in all_batches(dataset) for c in batch["captions"])
+    assert captions == ["fine,tuned"] * 3 + ["sks dog"] * 2
     meta = dataset_metadata(args, dataset, total_batch_size=1)
     described = json.loads(meta["ss_datasets"])
     assert [d["is_dreambooth"] for d in described] == [True, False]
