@@ -27,6 +27,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import safetensors
 import torch
 from torch import nn
 
@@ -51,7 +52,8 @@ def multipliers(paths: Sequence[str], given: Sequence[float] | None) -> list[flo
 
 
 def check_args(args: Any) -> None:
-    """Checks that need no model: every ``--base_weights`` file exists; warns about multipliers without a file."""
+    """Checks that need no model: every ``--base_weights`` file exists and (``.safetensors``: from its header) holds
+    only formats this module reads; warns about multipliers without a file."""
     paths = args.base_weights or []
     given = args.base_weights_multiplier or []
     if len(given) > len(paths):
@@ -62,6 +64,14 @@ def check_args(args: Any) -> None:
     for path in paths:
         if not os.path.isfile(path):
             raise BaseWeightsError(f"--base_weights: {path} not found (expected a LoRA .safetensors/.pt file)")
+        if path.lower().endswith(lora_format.SAFETENSORS_SUFFIX):
+            try:
+                with safetensors.safe_open(path, framework="pt") as file:
+                    keys = list(file.keys())
+            except Exception as error:  # corrupt or foreign file: report which
+                raise BaseWeightsError(f"--base_weights: cannot read {path}: {error}") from None
+            for name, weight_names in group_by_module(dict.fromkeys(keys), path).items():
+                _weight_format(set(weight_names), f"--base_weights {path}: {name}")
 
 
 def target_layers(text_encoders: Sequence[nn.Module], unet: nn.Module) -> dict[str, nn.Module]:
@@ -81,7 +91,7 @@ def target_layers(text_encoders: Sequence[nn.Module], unet: nn.Module) -> dict[s
     return layers
 
 
-def group_by_module(state_dict: dict[str, torch.Tensor], source: str) -> dict[str, dict[str, torch.Tensor]]:
+def group_by_module(state_dict: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
     """``{"<name>.lora_up.weight": t, ...}`` → ``{"<name>": {"lora_up.weight": t, ...}}``."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
@@ -92,33 +102,40 @@ def group_by_module(state_dict: dict[str, torch.Tensor], source: str) -> dict[st
     return modules
 
 
+def _weight_format(keys: set[str], where: str) -> str:
+    """``"lora"``, ``"loha"`` or ``"diff"`` from one module's weight names; anything else is an error."""
+    if {"lora_down.weight", "lora_up.weight"} <= keys <= _LORA_KEYS:
+        return "lora"
+    if _LOHA_KEYS - {"alpha"} <= keys <= _LOHA_KEYS:
+        return "loha"
+    if "diff" in keys and keys <= _DIFF_KEYS:
+        return "diff"
+    raise BaseWeightsError(
+        f"{where}: unsupported weights {sorted(keys)}; --base_weights reads LoRA/LoCon "
+        "(lora_down/lora_up/alpha), LoHa (hada_w*) and full diff files"
+    )
+
+
 def delta_weight(parts: dict[str, torch.Tensor], shape: torch.Size, where: str) -> torch.Tensor:
     """The change ``ΔW`` (float32, shaped ``shape``) one module's tensors make to its layer's weight."""
-    keys = set(parts)
-    if "lora_down.weight" in keys and keys <= _LORA_KEYS:
+    kind = _weight_format(set(parts), where)
+    if kind == "lora":
         down = parts["lora_down.weight"].float()
-        up = parts["lora_up.weight"].float() if "lora_up.weight" in parts else None
-        if up is None:
-            raise BaseWeightsError(f"{where}: lora_down.weight without lora_up.weight")
+        up = parts["lora_up.weight"].float()
         rank = down.shape[0]
         scale = float(parts["alpha"]) / rank if "alpha" in parts else 1.0
         up_2d = up.reshape(up.shape[0], -1)
         if up_2d.shape[1] != rank:
             raise BaseWeightsError(f"{where}: lora_up.weight {tuple(up.shape)} does not fit rank {rank}")
         delta = up_2d @ down.reshape(rank, -1) * scale
-    elif "hada_w1_a" in keys and keys <= _LOHA_KEYS and len(keys - {"alpha"}) == 4:
+    elif kind == "loha":
         rank = parts["hada_w1_b"].shape[0]
         scale = float(parts["alpha"]) / rank if "alpha" in parts else 1.0
         w1 = parts["hada_w1_a"].float() @ parts["hada_w1_b"].float()
         w2 = parts["hada_w2_a"].float() @ parts["hada_w2_b"].float()
         delta = w1 * w2 * scale
-    elif "diff" in keys and keys <= _DIFF_KEYS:
-        delta = parts["diff"].float()
     else:
-        raise BaseWeightsError(
-            f"{where}: unsupported weights {sorted(keys)}; --base_weights reads LoRA/LoCon "
-            "(lora_down/lora_up/alpha), LoHa (hada_w*) and full diff files"
-        )
+        delta = parts["diff"].float()
     rows, columns = shape[0], shape.numel() // shape[0]
     if delta.dim() < 2 or delta.shape[0] != rows or delta.numel() != shape.numel():
         raise BaseWeightsError(
@@ -148,7 +165,11 @@ def merge_file(path: str, multiplier: float, layers: dict[str, nn.Module]) -> in
     deltas = {}
     for name, parts in modules.items():
         layer = layers[name]
-        deltas[name] = delta_weight(parts, layer.weight.shape, f"--base_weights {path}: {name}")
+        where = f"--base_weights {path}: {name}"
+        try:
+            deltas[name] = delta_weight(parts, layer.weight.shape, where)
+        except RuntimeError as error:  # factors whose shapes do not multiply
+            raise BaseWeightsError(f"{where}: {error}") from None
         if "diff_b" in parts and (layer.bias is None or parts["diff_b"].numel() != layer.bias.numel()):
             raise BaseWeightsError(f"--base_weights {path}: {name}.diff_b does not fit the layer's bias")
     for name, delta in deltas.items():

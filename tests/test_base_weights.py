@@ -147,6 +147,13 @@ def test_a_missing_file_is_an_error_before_models_load(tmp_path):
         base_weights.check_args(base_args([str(tmp_path / "nope.safetensors")]))
 
 
+def test_an_unsupported_format_is_an_error_before_models_load(tmp_path):
+    path = tmp_path / "lokr.safetensors"
+    save_lora_file({f"{TE_LINEAR}.lokr_w1": torch.zeros(4, 4), f"{TE_LINEAR}.lokr_w2": torch.zeros(8, 8)}, str(path))
+    with pytest.raises(BaseWeightsError, match=rf"--base_weights {path}: {TE_LINEAR}: unsupported weights"):
+        base_weights.check_args(base_args([str(path)]))
+
+
 def lora_for(name: str, down_shape: tuple[int, ...], up_shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
     return {f"{name}.lora_down.weight": torch.zeros(down_shape), f"{name}.lora_up.weight": torch.zeros(up_shape)}
 
