@@ -157,8 +157,11 @@ def _add_dataset_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--reg_data_dir", type=str, default=None, help="folder of regularization image folders")
     group.add_argument("--dataset_config", type=Path, default=None,
                        help="dataset TOML with [general], [[datasets]], [[datasets.subsets]]")
-    group.add_argument("--in_json", type=str, default=None, help="metadata JSON of a fine-tuning style dataset")
-    group.add_argument("--dataset_repeats", type=int, default=1, help="repeats of an --in_json dataset")
+    group.add_argument("--in_json", type=str, default=None,
+                       help="metadata JSON of a fine-tuning dataset (sd-scripts' finetune/ tools), images in "
+                            "--train_data_dir")
+    group.add_argument("--dataset_repeats", type=int, default=1,
+                       help="repeats of an --in_json dataset (and of --dataset_config subsets without num_repeats)")
     group.add_argument("--resolution", type=str, default=None, help="training resolution: 'SIZE' or 'WIDTH,HEIGHT'")
     group.add_argument("--enable_bucket", action="store_true", help="aspect-ratio buckets")
     group.add_argument("--min_bucket_reso", type=int, default=256, help="smallest bucket side")
@@ -229,9 +232,9 @@ def _add_network_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--scale_weight_norms", type=float, default=None,
                        help="rescale each module whose weight norm exceeds this (max-norm regularization)")
     group.add_argument("--base_weights", type=str, default=None, nargs="*",
-                       help=_not_supported("network files merged into the model before training"))
+                       help="LoRA files (kohya LoRA, LyCORIS LoCon/LoHa) merged into the model before training")
     group.add_argument("--base_weights_multiplier", type=float, default=None, nargs="*",
-                       help=_compat_only("Used only with --base_weights."))
+                       help="multiplier of each --base_weights file (1.0 for files without one)")
 
 
 def _add_optimizer_arguments(group: argparse._ArgumentGroup) -> None:

@@ -15,7 +15,10 @@ Sources, as in sd-scripts:
 
 * ``--dataset_config`` TOML: ``[general]``, ``[[datasets]]``, ``[[datasets.subsets]]``; each setting is taken
   from the subset, else its dataset, else ``[general]``, else the command line, else the default. Unknown keys,
-  wrong types and a subset without ``image_dir`` are errors naming the file and the key.
+  wrong types and a subset without ``image_dir`` are errors naming the file and the key. A subset with
+  ``metadata_file`` is a fine-tuning subset (captions, buckets and latents from sd-scripts' metadata JSON, see
+  ``library.finetune_dataset``); a dataset's subsets are all of one kind, and both kinds mix across datasets.
+* ``--in_json`` (without ``--dataset_config``): one fine-tuning subset, its images in ``--train_data_dir``.
 * otherwise ``--train_data_dir`` with ``<repeats>_<class tokens>`` folders (``10_sks dog``), and
   ``--reg_data_dir`` the same for regularization images. Regularization images are repeated or cut so that
   they count as many as the training images (images × repeats), like sd-scripts.
@@ -52,7 +55,7 @@ import torch
 import voluptuous as vol
 from PIL import Image, ImageOps
 
-from library import latents as latent_cache
+from library import finetune_dataset, latents as latent_cache
 from library.buckets import BucketChoice, BucketManager, adjust_min_max_bucket_reso, crop_box
 from library.config import parse_resolution
 from library.errors import UserInputError
@@ -70,7 +73,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 class SubsetSettings:
     """One folder of images and how its images and captions are treated (sd-scripts' subset options)."""
 
-    image_dir: str
+    image_dir: str | None
     num_repeats: int = 1
     is_reg: bool = False
     class_tokens: str | None = None
@@ -92,6 +95,7 @@ class SubsetSettings:
     color_aug: bool = False
     random_crop: bool = False
     face_crop_aug_range: tuple[float, float] | str | None = None  # accepted for compatibility; see _check_subset
+    metadata_file: str | None = None  # a fine-tuning subset (library/finetune_dataset.py); image_dir may be None
 
 
 @dataclass
@@ -109,7 +113,7 @@ class DatasetSettings:
 
 
 # Command-line attribute for a setting whose flag has another name than its config key.
-_ARGPARSE_NAMES = {"batch_size": "train_batch_size"}
+_ARGPARSE_NAMES = {"batch_size": "train_batch_size", "num_repeats": "dataset_repeats"}
 
 _NUMBER = vol.Any(float, int, msg="expected a number")
 _RATE = vol.All(_NUMBER, vol.Range(min=0, max=1))
@@ -145,7 +149,7 @@ _SUBSET_ASCENDABLE = {
     "random_crop": bool,
     "face_crop_aug_range": _FLOAT_PAIR,
 }
-_SUBSET_ONLY = {vol.Required("image_dir"): str, "is_reg": bool}
+_SUBSET_ONLY = {"image_dir": str, "is_reg": bool, "metadata_file": str}
 _DATASET_ASCENDABLE = {
     "resolution": _RESOLUTION,
     "batch_size": _POSITIVE_INT,
@@ -157,7 +161,7 @@ _DATASET_ASCENDABLE = {
 }
 # sd-scripts options this trainer does not implement: accepted by the schema, then refused with a clear message
 # (``cache_info`` only speeds up sd-scripts' start, so it is ignored with a warning).
-_UNSUPPORTED = ("alpha_mask", "custom_attributes", "metadata_file", "conditioning_data_dir", "validation_split",
+_UNSUPPORTED = ("alpha_mask", "custom_attributes", "conditioning_data_dir", "validation_split",
                 "validation_seed", "network_multiplier", "system_prompt", "resize_interpolation", "dataset_repeats")
 _IGNORED = ("cache_info",)
 _ACCEPTED_LATER = {vol.Optional(key): object for key in _UNSUPPORTED + _IGNORED}
@@ -212,7 +216,30 @@ def validate_dataset_config(config: dict, source: str) -> dict:
                 raise ValueError(f"{source}: '{where}.{key}' is an sd-scripts option this trainer does not support")
             if key in _IGNORED:
                 logger.warning("%s: '%s.%s' is ignored by this trainer", source, where, key)
+    for i, dataset in enumerate(validated.get("datasets", [])):
+        _check_subset_kinds(dataset.get("subsets", []), source, f"datasets[{i}]")
     return validated
+
+
+# DreamBooth-only subset keys, an error in a fine-tuning (metadata_file) subset as in sd-scripts' schema.
+_DREAMBOOTH_ONLY = ("is_reg", "class_tokens", "caption_extension")
+
+
+def _check_subset_kinds(subsets: list[dict], source: str, where: str) -> None:
+    """As in sd-scripts, a dataset's subsets are all DreamBooth (``image_dir``) or all fine-tuning
+    (``metadata_file``, with an optional ``image_dir``)."""
+    kinds = {"metadata_file" in subset for subset in subsets}
+    if len(kinds) > 1:
+        raise ValueError(f"{source}: {where} mixes subsets with and without metadata_file; put the fine-tuning "
+                         "(metadata_file) subsets and the DreamBooth (image_dir) subsets in separate [[datasets]]")
+    for j, subset in enumerate(subsets):
+        if "metadata_file" in subset:
+            wrong = [key for key in _DREAMBOOTH_ONLY if key in subset]
+            if wrong:
+                raise ValueError(f"{source}: '{where}.subsets[{j}]': {', '.join(wrong)} cannot be used with "
+                                 "metadata_file (DreamBooth subsets only)")
+        elif "image_dir" not in subset:
+            raise ValueError(f"{source}: '{where}.subsets[{j}]' has no 'image_dir' (required) and no 'metadata_file'")
 
 
 def load_dataset_config(path: str | os.PathLike) -> dict:
@@ -308,10 +335,11 @@ def resolve_settings(user_config: dict, args: Any, source: str) -> list[DatasetS
             subset_values = {
                 f.name: _lookup(f.name, [subset, dataset, general], args, f.default)
                 for f in fields(SubsetSettings)
-                if f.name != "image_dir"
+                if f.name not in ("image_dir", "metadata_file")
             }
             subset_values["is_reg"] = bool(subset.get("is_reg", False))
-            settings.subsets.append(SubsetSettings(image_dir=subset["image_dir"], **subset_values))
+            subset_values["metadata_file"] = subset.get("metadata_file")
+            settings.subsets.append(SubsetSettings(image_dir=subset.get("image_dir"), **subset_values))
         resolved.append(settings)
     return resolved
 
@@ -482,6 +510,12 @@ class ImageItem:
     num_repeats: int
     size: tuple[int, int]
     bucket: BucketChoice | None = None
+    # fine-tuning metadata entries only (library/finetune_dataset.py)
+    tags: str | None = None  # the tags counted in ss_tag_frequency
+    train_resolution: tuple[int, int] | None = None
+    npz_files: tuple[str | None, str | None] = (None, None)  # sd-scripts' <key>.npz and <key>_flip.npz
+    has_image: bool = True
+    latents_npz: str | None = None  # set when the dataset trains from those latents
 
 
 def _scan_subset(subset: SubsetSettings, source: str) -> tuple[list[ImageItem], list[str]]:
@@ -504,6 +538,11 @@ def _scan_subset(subset: SubsetSettings, source: str) -> tuple[list[ImageItem], 
     if not items and not corrupt:
         logger.warning("%s: no images in %s; this subset is skipped", source, image_dir)
     return items, corrupt
+
+
+def subset_name(subset: SubsetSettings) -> str:
+    """How ``ss_dataset_dirs`` / ``ss_tag_frequency`` name a subset: its metadata file's or its folder's name."""
+    return os.path.basename(subset.metadata_file or subset.image_dir)
 
 
 def _balance_regularization(reg_items: list[ImageItem], num_train_images: int) -> list[ImageItem]:
@@ -538,7 +577,8 @@ class BucketedDataset:
         reg_items: list[ImageItem] = []
         self.corrupt: list[str] = []
         for subset in settings.subsets:
-            items, corrupt = _scan_subset(subset, source)
+            scan = finetune_dataset.scan_subset if subset.metadata_file else _scan_subset
+            items, corrupt = scan(subset, source)
             self.corrupt += corrupt
             if not items:
                 continue
@@ -554,17 +594,20 @@ class BucketedDataset:
         if reg_items:
             reg_items = _balance_regularization(reg_items, self.num_train_images)
         self.items = train_items + reg_items
-        self.bucket_manager = self._make_bucket_manager(source)
+        finetune_dataset.prepare_items(self, self.items, source)  # buckets / latents from the metadata
+        # items bucketed by their metadata's train_resolution need no bucket manager (as in sd-scripts)
+        needs_buckets = any(item.bucket is None for item in self.items)
+        self.bucket_manager = self._make_bucket_manager(source) if needs_buckets else None
         self.buckets: dict[tuple[int, int], list[int]] = {}
         for index, item in enumerate(self.items):
-            item.bucket = self.bucket_manager.select(*item.size)
+            item.bucket = item.bucket or self.bucket_manager.select(*item.size)
             self.buckets.setdefault(item.bucket.bucket, []).extend([index] * item.num_repeats)
         self.buckets = dict(sorted(self.buckets.items()))
 
     def _check_subset(self, subset: SubsetSettings, source: str) -> None:
         if subset.face_crop_aug_range is not None:
             if not self.settings.enable_bucket:
-                raise ValueError(f"{source}: face_crop_aug_range (subset {subset.image_dir}) is not supported")
+                raise ValueError(f"{source}: face_crop_aug_range (subset {subset_name(subset)}) is not supported")
             logger.warning("face_crop_aug_range has no effect with enable_bucket (as in sd-scripts); ignored")
 
     def _make_bucket_manager(self, source: str) -> BucketManager:
@@ -619,8 +662,9 @@ class DatasetGroup(torch.utils.data.Dataset):
         frequency: dict[str, Counter] = {}
         for dataset in self.datasets:
             for item in dataset.items:
-                counter = frequency.setdefault(os.path.basename(item.subset.image_dir), Counter())
-                counter.update(tag.strip().lower() for tag in item.caption.split(",") if tag.strip())
+                counter = frequency.setdefault(subset_name(item.subset), Counter())
+                text = (item.tags or "") if item.subset.metadata_file else item.caption  # sd-scripts counts tags only
+                counter.update(tag.strip().lower() for tag in text.split(",") if tag.strip())
         return {name: dict(counter) for name, counter in frequency.items()}
 
     def dataset_dirs_info(self, is_reg: bool = False) -> dict[str, dict[str, int]]:
@@ -630,7 +674,7 @@ class DatasetGroup(torch.utils.data.Dataset):
         for dataset in self.datasets:
             for subset, count in zip(dataset.subsets, dataset.subset_image_counts):
                 if subset.is_reg == is_reg:
-                    info[os.path.basename(subset.image_dir)] = {"n_repeats": subset.num_repeats, "img_count": count}
+                    info[subset_name(subset)] = {"n_repeats": subset.num_repeats, "img_count": count}
         return info
 
     def bucket_info(self) -> dict[str, Any]:
@@ -721,7 +765,10 @@ class DatasetGroup(torch.utils.data.Dataset):
     def _example(self, item: ImageItem, rng: random.Random, epoch: int, step: int) -> dict[str, Any]:
         choice = item.bucket
         flip = item.subset.flip_aug and rng.random() < 0.5
-        if self._memory_latents is not None or self._latents_on_disk:
+        if item.latents_npz is not None:  # sd-scripts' latents named by the fine-tuning metadata
+            image, latents = None, finetune_dataset.load_npz_latents(item, flip)
+            box = crop_box(choice.resized_size, choice.bucket)
+        elif self._memory_latents is not None or self._latents_on_disk:
             image, latents = None, self._cached_latents(item, flip)
             box = crop_box(choice.resized_size, choice.bucket)
         else:
@@ -775,12 +822,14 @@ class DatasetGroup(torch.utils.data.Dataset):
         images from now on: kept in memory, or in ``<stem>.npz`` files next to the images (``to_disk``; valid
         files are reused, see ``library.latents``). The VAE is moved to ``device``/``dtype``."""
         if not self.is_latent_cacheable():
-            offending = [s.image_dir for d in self.datasets for s in d.subsets if s.color_aug or s.random_crop]
+            offending = [subset_name(s) for d in self.datasets for s in d.subsets if s.color_aug or s.random_crop]
             raise UserInputError("cache_latents / cache_latents_to_disk cannot be used with color_aug or random_crop "
                              f"(set for: {', '.join(offending)})")
         requests: dict[str, latent_cache.CacheRequest] = {}
         for dataset in self.datasets:
             for item in dataset.items:
+                if item.latents_npz is not None:  # latents already, from the fine-tuning metadata
+                    continue
                 box = crop_box(item.bucket.resized_size, item.bucket.bucket)
                 fingerprint = latent_cache.cache_fingerprint(item.path, item.bucket.bucket, item.bucket.resized_size,
                                                              box, item.subset.flip_aug)
@@ -816,13 +865,16 @@ def build_dataset(args: Any) -> DatasetGroup:
     if getattr(args, "dataset_config", None):
         source = str(args.dataset_config)
         user_config = load_dataset_config(args.dataset_config)
-        ignored = [f"--{name}" for name in ("train_data_dir", "reg_data_dir") if getattr(args, name, None)]
+        ignored = [f"--{name}" for name in ("train_data_dir", "reg_data_dir", "in_json") if getattr(args, name, None)]
         if ignored:
             logger.warning("ignoring %s because --dataset_config is given", ", ".join(ignored))
+    elif getattr(args, "in_json", None):  # sd-scripts' fine-tuning method: one metadata subset
+        source = f"--in_json {args.in_json}"
+        if getattr(args, "reg_data_dir", None):
+            logger.warning("ignoring --reg_data_dir: --in_json datasets have no regularization images")
+        image_dir = getattr(args, "train_data_dir", None)
+        user_config = {"datasets": [{"subsets": [{"image_dir": image_dir, "metadata_file": args.in_json}]}]}
     else:
-        if getattr(args, "in_json", None):
-            raise ValueError("--in_json (fine-tuning style datasets) is not supported; use --train_data_dir or "
-                             "--dataset_config with image_dir subsets")
         if not getattr(args, "train_data_dir", None):
             raise ValueError("no training data: give --train_data_dir or --dataset_config")
         source = f"--train_data_dir {args.train_data_dir}"
@@ -837,7 +889,8 @@ def build_dataset(args: Any) -> DatasetGroup:
         logger.warning("skipping %d unreadable image(s): %s", len(corrupt), ", ".join(corrupt))
     datasets = [d for d in datasets if d.items]
     if not datasets:
-        dirs = [s.image_dir for settings in resolve_settings(user_config, args, source) for s in settings.subsets]
+        dirs = [s.metadata_file or s.image_dir for settings in resolve_settings(user_config, args, source)
+                for s in settings.subsets]
         raise ValueError(f"{source}: no readable images found in {', '.join(dirs)}")
 
     seed = getattr(args, "seed", None)

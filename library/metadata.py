@@ -18,7 +18,7 @@ import subprocess
 import time
 from typing import Any, Mapping
 
-from library.dataset import BucketedDataset, DatasetGroup
+from library.dataset import BucketedDataset, DatasetGroup, SubsetSettings, subset_name
 
 # What a file keeps under --no_metadata: enough for a loader to rebuild the network.
 SS_METADATA_MINIMUM_KEYS = (
@@ -150,7 +150,7 @@ def _dirs_info(group: DatasetGroup, is_reg: bool) -> dict[str, dict[str, int]]:
         for subset, count in zip(dataset.subsets, dataset.subset_image_counts):
             if subset.is_reg != is_reg:
                 continue
-            name = base = os.path.basename(subset.image_dir)
+            name = base = subset_name(subset)
             suffix = 2
             while name in info:
                 name, suffix = f"{base} ({suffix})", suffix + 1
@@ -163,7 +163,7 @@ def _describe_dataset(dataset: BucketedDataset, seed: int) -> dict[str, Any]:
     settings = dataset.settings
     alone = DatasetGroup([dataset], seed)
     return {
-        "is_dreambooth": True,
+        "is_dreambooth": not any(subset.metadata_file for subset in dataset.subsets),
         "batch_size_per_device": settings.batch_size,
         "num_train_images": dataset.num_train_images,
         "num_reg_images": dataset.num_reg_images,
@@ -174,26 +174,36 @@ def _describe_dataset(dataset: BucketedDataset, seed: int) -> dict[str, Any]:
         "tag_frequency": alone.tag_frequency(),
         "bucket_info": alone.bucket_info(),
         "subsets": [
-            {
-                "img_count": count,
-                "num_repeats": subset.num_repeats,
-                "color_aug": bool(subset.color_aug),
-                "flip_aug": bool(subset.flip_aug),
-                "random_crop": bool(subset.random_crop),
-                "shuffle_caption": bool(subset.shuffle_caption),
-                "keep_tokens": subset.keep_tokens,
-                "keep_tokens_separator": subset.keep_tokens_separator,
-                "secondary_separator": subset.secondary_separator,
-                "enable_wildcard": bool(subset.enable_wildcard),
-                "caption_prefix": subset.caption_prefix,
-                "caption_suffix": subset.caption_suffix,
-                "image_dir": os.path.basename(subset.image_dir),
-                "class_tokens": subset.class_tokens,
-                "is_reg": bool(subset.is_reg),
-            }
-            for subset, count in zip(dataset.subsets, dataset.subset_image_counts)
+            _describe_subset(subset, count) for subset, count in zip(dataset.subsets, dataset.subset_image_counts)
         ],
     }
+
+
+def _describe_subset(subset: SubsetSettings, count: int) -> dict[str, Any]:
+    """One subset of an ``ss_datasets`` entry; sd-scripts adds ``image_dir`` when set, then ``class_tokens`` and
+    ``is_reg`` (DreamBooth) or ``metadata_file`` (fine-tuning), names without their folders."""
+    described = {
+        "img_count": count,
+        "num_repeats": subset.num_repeats,
+        "color_aug": bool(subset.color_aug),
+        "flip_aug": bool(subset.flip_aug),
+        "random_crop": bool(subset.random_crop),
+        "shuffle_caption": bool(subset.shuffle_caption),
+        "keep_tokens": subset.keep_tokens,
+        "keep_tokens_separator": subset.keep_tokens_separator,
+        "secondary_separator": subset.secondary_separator,
+        "enable_wildcard": bool(subset.enable_wildcard),
+        "caption_prefix": subset.caption_prefix,
+        "caption_suffix": subset.caption_suffix,
+    }
+    if subset.image_dir:
+        described["image_dir"] = os.path.basename(subset.image_dir)
+    if subset.metadata_file:
+        described["metadata_file"] = os.path.basename(subset.metadata_file)
+    else:
+        described["class_tokens"] = subset.class_tokens
+        described["is_reg"] = bool(subset.is_reg)
+    return described
 
 
 def dataset_metadata(args: argparse.Namespace, group: DatasetGroup, total_batch_size: int) -> dict[str, str]:

@@ -9,7 +9,8 @@ for them. :func:`check_before_models` looks at everything that can be judged fro
 * the network: ``--network_module`` imports, ``--network_args`` are ``key=value``, ``--network_dim`` /
   ``--network_alpha`` are not negative, and a LoRA of rank 0 without conv modules is refused (nothing to train);
 * learning rates: the parts that train (U-Net, text encoders) do not all have learning rate 0;
-* input paths: ``--network_weights``, ``--resume`` and ``--sample_prompts`` exist.
+* input paths: ``--network_weights``, ``--resume``, ``--sample_prompts`` and ``--in_json`` exist, and every
+  ``--base_weights`` file holds LoRA formats it can merge (read from its header).
 
 Each check reads its flags with sd-scripts' meaning; the stages that later use them keep their own (more detailed)
 checks, so this module only moves the first failure earlier.
@@ -26,6 +27,7 @@ from contextlib import contextmanager
 
 import torch
 
+from library import base_weights
 from library.errors import UserInputError, reported_as_user_input
 from library.optimizers import get_optimizer, resolve_optimizer_type
 from library.resume import ResumeError
@@ -34,6 +36,7 @@ from library.resume import ResumeError
 def check_before_models(args: argparse.Namespace) -> None:
     """Raise :class:`UserInputError` for the first argument that would make the run fail after the models load."""
     check_paths(args)
+    base_weights.check_args(args)
     check_network_arguments(args)
     check_learning_rates(args)
     check_optimizer(args)
@@ -45,6 +48,7 @@ def check_paths(args: argparse.Namespace) -> None:
         ("--network_weights", args.network_weights, os.path.isfile, "file", UserInputError),
         ("--resume", args.resume, os.path.isdir, "state folder", ResumeError),
         ("--sample_prompts", args.sample_prompts, os.path.isfile, "file", UserInputError),
+        ("--in_json", args.in_json, os.path.isfile, "file", UserInputError),
     ]
     for flag, path, exists, kind, error in wanted:
         if path and not exists(path):

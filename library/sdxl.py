@@ -101,7 +101,8 @@ def fixed_captions(dataset: DatasetGroup) -> list[CacheEntry]:
             if varying:
                 raise UserInputError(
                     f"--cache_text_encoder_outputs cannot be used with {', '.join(varying)} (set for the subset "
-                    f"{subset.image_dir}): they change the caption every step, so its encoding cannot be cached"
+                    f"{subset.metadata_file or subset.image_dir}): they change the caption every step, so its "
+                    "encoding cannot be cached"
                 )
         for item in bucketed.items:
             # With no varying option, the caption does not depend on the rng, epoch or step.

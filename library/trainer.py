@@ -33,7 +33,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm import tqdm
 
-from library import diffusion, metadata as ss_metadata, preflight, resume
+from library import base_weights, diffusion, metadata as ss_metadata, preflight, resume
 from library.checkpoints import Checkpoints
 from library.dataset import build_dataset
 from library.errors import LossNotFinite, OutputWriteError, UserInputError, reported_as_user_input
@@ -408,9 +408,11 @@ class NetworkTrainer:
         return run
 
     def set_up_models(self, args: argparse.Namespace) -> ModelBundle:
-        """The frozen base model; the network's own parameters are the only ones trained."""
+        """The frozen base model, with ``--base_weights`` merged in; the network's own parameters are the only ones
+        trained."""
         with reported_as_user_input():
             models = self.models = self.load_models(args)
+        base_weights.merge_base_weights(args, models.text_encoders, models.unet)  # --base_weights
         for model in (models.unet, models.vae, *models.text_encoders):
             model.requires_grad_(False)
         if args.zero_terminal_snr:

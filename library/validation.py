@@ -49,7 +49,7 @@ def split_dataset(group: DatasetGroup, split: float, seed: int) -> tuple[Dataset
         random.Random(seed).shuffle(shuffled)
         n_train = int(len(shuffled) * (1.0 - split))
         if n_train == 0 or n_train == len(shuffled):
-            directories = sorted({item.subset.image_dir for item in train_items})
+            directories = sorted({item.subset.metadata_file or item.subset.image_dir for item in train_items})
             raise ValidationSplitError(
                 f"--validation_split {split}: {len(shuffled)} training image(s) in {', '.join(directories)} leave "
                 f"{n_train} for training and {len(shuffled) - n_train} for validation; both need at least one"

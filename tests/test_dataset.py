@@ -102,11 +102,6 @@ def test_empty_caption_file_is_an_error_naming_the_file(dreambooth_dir):
         build_dataset(make_args(train_data_dir=str(dreambooth_dir)))
 
 
-def test_in_json_datasets_are_refused(dreambooth_dir):
-    with pytest.raises(ValueError, match="--in_json .* is not supported"):
-        build_dataset(make_args(in_json="meta.json"))
-
-
 def test_non_utf8_caption_is_an_error_naming_the_file(dreambooth_dir):
     (dreambooth_dir / "3_sks dog" / "a.txt").write_bytes("caf\xe9".encode("latin-1"))
     with pytest.raises(ValueError, match=r"caption file .*a\.txt is not UTF-8"):
