@@ -195,11 +195,13 @@ def long_prompt_ids_and_weights(
 
 def apply_weights_keep_mean(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The long-prompt pipeline's weighting: ``hidden`` (B, L, D) times ``weights`` (B, L), then each prompt
-    rescaled by (mean before / mean after), the means over tokens and channels taken in float32."""
+    rescaled by (mean before / mean after), the means over tokens and channels taken in float32. A prompt whose
+    weighted mean is exactly 0 is left unscaled (sd-scripts would divide by zero)."""
     before = hidden.float().mean(dim=(-2, -1)).to(hidden.dtype)
     weighted = apply_token_weights(hidden, weights)
     after = weighted.float().mean(dim=(-2, -1)).to(hidden.dtype)
-    return weighted * (before / after)[:, None, None]
+    scale = torch.where(after != 0, before / after, torch.ones_like(after))
+    return weighted * scale[:, None, None]
 
 
 def caption_source(image_path: str, caption_extension: str) -> str:

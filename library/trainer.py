@@ -43,6 +43,7 @@ from library.optimizers import (
     with_param_names,
 )
 from library.sampling import sample_during_training
+from library.prompt_weights import check_dataset_captions
 from library.text_encoding import encode_sd_text
 from library.validation import (
     ValidationRecorder,
@@ -186,6 +187,7 @@ class NetworkTrainer:
             self.args.max_token_length,
             self.args.clip_skip,
             self.accelerator.device,
+            weighted=self.args.weighted_captions,
         )
 
     def unet_forward(
@@ -312,6 +314,8 @@ class NetworkTrainer:
         # data
         with reported_as_user_input():
             dataset = build_dataset(args)
+            if args.weighted_captions:
+                check_dataset_captions(dataset)
             dataset.verify_bucket_reso_steps(latent_size_multiple(unet) * LATENT_DOWNSCALE)
         validation_dataset = None
         if args.validation_split:
