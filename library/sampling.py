@@ -78,7 +78,12 @@ from library.atomic import atomic_output
 from library.errors import UserInputError
 from library.models import ModelBundle
 from library.optimizers import is_schedulefree
-from library.prompt_weights import apply_weights_keep_mean, check_prompt, long_prompt_ids_and_weights, long_prompt_windows
+from library.prompt_weights import (
+    apply_weights_keep_mean,
+    check_prompt,
+    long_prompt_ids_and_weights,
+    long_prompt_windows,
+)
 from library.text_encoding import final_layer_norm, split_into_chunks
 
 logger = logging.getLogger(__name__)
@@ -91,7 +96,6 @@ DEFAULT_SCALE = 7.5
 MAX_STEPS = 1000
 MIN_IMAGE_SIDE = 64
 IMAGE_SIDE_MULTIPLE = 8
-SDXL_LAYER = "sdxl"  # _long_prompt_embeddings: each SDXL encoder's penultimate layer, without the final LayerNorm
 
 # sd-scripts' sampler names → diffusers scheduler classes ("ddpm" is left out of --sample_sampler's choices
 # upstream but accepted per prompt). The k_* names are aliases.
@@ -468,13 +472,12 @@ def _prompt_inputs(bundle: ModelBundle, prompt: SamplePrompt, device: torch.devi
     and concatenated; the pooled embedding is TE2's of the first window, unweighted."""
     texts = [prompt.prompt, prompt.negative_prompt or ""]
     if not bundle.is_sdxl:
-        embeds, _ = _long_prompt_embeddings(
-            bundle.text_encoders[0], bundle.tokenizers[0], texts, bundle.clip_skip, device
-        )
+        encoder, tokenizer = bundle.text_encoders[0], bundle.tokenizers[0]
+        embeds, _ = _long_prompt_embeddings(encoder, tokenizer, texts, device, bundle.clip_skip)
         return {"prompt_embeds": embeds[:1], "negative_prompt_embeds": embeds[1:]}
     hidden = []
     for encoder, tokenizer in zip(bundle.text_encoders, bundle.tokenizers):
-        states, output = _long_prompt_embeddings(encoder, tokenizer, texts, SDXL_LAYER, device)
+        states, output = _long_prompt_embeddings(encoder, tokenizer, texts, device, sdxl=True)
         hidden.append(states)
     pooled = output.text_embeds.reshape(len(texts), -1, output.text_embeds.shape[-1])[:, 0]
     embeds = torch.cat(hidden, dim=2)
@@ -487,15 +490,20 @@ def _prompt_inputs(bundle: ModelBundle, prompt: SamplePrompt, device: torch.devi
 
 
 def _long_prompt_embeddings(
-    encoder: torch.nn.Module, tokenizer: Any, texts: list[str], clip_skip: int | None, device: torch.device
+    encoder: torch.nn.Module,
+    tokenizer: Any,
+    texts: list[str],
+    device: torch.device,
+    clip_skip: int | None = None,
+    sdxl: bool = False,
 ) -> tuple[torch.Tensor, Any]:
     """Weighted hidden states (B, 77·n, D) of ``texts``, every window keeping its BOS and EOS states, and the
-    encoder's raw output (one row per window). ``clip_skip`` None/1: the last layer; k: the k-th layer from the
-    end through the final LayerNorm (SD 1.x/2.x); ``SDXL_LAYER``: the penultimate layer as it is (SDXL)."""
+    encoder's raw output (one row per window). The layer: SDXL's penultimate as it is; SD 1.x/2.x the last, or
+    with ``clip_skip`` k the k-th from the end through the final LayerNorm."""
     n_windows = long_prompt_windows(tokenizer, texts)
     ids, weights = long_prompt_ids_and_weights(tokenizer, texts, n_windows)
     output = encoder(split_into_chunks(ids, tokenizer).to(device), output_hidden_states=True)
-    if clip_skip == SDXL_LAYER:
+    if sdxl:
         hidden = output.hidden_states[-2]
     elif clip_skip is None or clip_skip == 1:
         hidden = output.last_hidden_state

@@ -30,8 +30,8 @@ import torch
 
 from library.dataset import DatasetGroup, process_caption
 from library.errors import UserInputError
-from library.text_cache import CacheEntry, TextCache, build_text_cache
 from library.prompt_weights import apply_token_weights, tokenize_with_weights
+from library.text_cache import CacheEntry, TextCache, build_text_cache
 from library.text_encoding import merge_chunks, split_into_chunks, tokenize
 from library.trainer import NetworkTrainer, first_text_encoder_lr
 
