@@ -211,3 +211,21 @@ def test_malformed_caption_weight_stops_before_training(tmp_path, script):
     assert ".txt: malformed weight ':abc)'" in last
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("model", ["sd1", "sdxl"])
+def test_a_weighted_sample_prompt_changes_the_image_and_weight_one_does_not(model, request, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    bundle = request.getfixturevalue(model)
+    small = dict(width=64, height=64, sample_steps=2, seed=3)
+
+    def draw(text: str, folder: str) -> np.ndarray:
+        path = sampling.sample_images(bundle, None, [SamplePrompt(text, **small)], tmp_path / folder, 1, None,
+                                      "euler", "cpu")[0]  # fmt: skip
+        return np.asarray(Image.open(path), dtype=np.int16)
+
+    plain = draw("a red circle", "plain")
+    assert np.array_equal(draw("a (red:1.0) circle", "one"), plain)
+    assert np.abs(draw("a (red:1.8) circle", "weighted") - plain).max() > 0
