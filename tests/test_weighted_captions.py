@@ -213,6 +213,7 @@ def test_malformed_caption_weight_stops_before_training(tmp_path, script):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.safetensors"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["sd1", "sdxl"])
 def test_a_weighted_sample_prompt_changes_the_image_and_weight_one_does_not(model, request, tmp_path):
     import numpy as np
