@@ -193,7 +193,7 @@ def _add_dataset_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--token_warmup_step", type=float, default=0,
                        help="step at which all caption parts are used (N < 1: fraction of max_train_steps)")
     group.add_argument("--weighted_captions", action="store_true",
-                       help=_not_supported("'(word:1.2)' style caption weighting"))
+                       help="read '(word:1.2)', '(word)', '[word]' weights in captions (sd-scripts' syntax)")
     group.add_argument("--color_aug", action="store_true", help="weak colour augmentation")
     group.add_argument("--flip_aug", action="store_true", help="horizontal flip augmentation")
     group.add_argument("--face_crop_aug_range", type=str, default=None,

@@ -32,8 +32,9 @@
 Differences from sd-scripts, each deliberate: a bad prompt file is an error naming the file and line (sd-scripts
 logs and drops the option, or samples with DDIM for an unknown sampler name); DDIM/DDPM keep the training
 config's ``clip_sample=False`` (diffusers' pipelines reset sd-scripts' ``clip_sample=True`` anyway); prompts
-are cut at the text encoder's 75 tokens (sd-scripts' long-prompt pipeline also reads prompt weights); with
-several processes only the main process samples.
+are read with the weight syntax and encoded as sd-scripts' long-prompt-weighting pipeline does (up to 225 tokens in
+77-token windows, weights applied keeping the mean; see ``_prompt_inputs``), but a malformed weight is an error
+naming the file and line; with several processes only the main process samples.
 
 Attributes of ``args`` read: ``sample_prompts``, ``sample_sampler``, ``sample_every_n_steps``,
 ``sample_every_n_epochs``, ``sample_at_first``, ``output_dir``, ``output_name``.
@@ -77,7 +78,13 @@ from library.atomic import atomic_output
 from library.errors import UserInputError
 from library.models import ModelBundle
 from library.optimizers import is_schedulefree
-from library.text_encoding import encode_sd_text
+from library.prompt_weights import (
+    apply_weights_keep_mean,
+    check_prompt,
+    long_prompt_ids_and_weights,
+    long_prompt_windows,
+)
+from library.text_encoding import final_layer_norm, split_into_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -270,6 +277,11 @@ def _make_prompt(fields: dict[str, Any], index: int, where: str) -> SamplePrompt
             raise PromptFileError(f"{where}: {name} must not be negative, got {fields[name]}")
     if "sample_steps" in fields:
         fields["sample_steps"] = max(1, min(MAX_STEPS, fields["sample_steps"]))
+    for name in ("prompt", "negative_prompt"):
+        try:
+            check_prompt(fields.get(name) or "")
+        except ValueError as error:
+            raise PromptFileError(f"{where}: {name} {fields[name]!r}: {error}") from None
     sampler = fields.get("sample_sampler")
     if sampler is not None and sampler.lower() not in SAMPLER_NAMES:
         raise PromptFileError(f"{where}: unknown sampler {sampler!r}; expected one of {', '.join(SAMPLER_NAMES)}")
@@ -452,24 +464,52 @@ def _build_pipeline(bundle: ModelBundle) -> StableDiffusionPipeline | StableDiff
 
 
 def _prompt_inputs(bundle: ModelBundle, prompt: SamplePrompt, device: torch.device) -> dict[str, Any]:
-    """The pipeline's text inputs. An absent negative prompt is the empty prompt (not SDXL's zeroed embedding).
+    """The pipeline's text inputs, computed as sd-scripts' long-prompt-weighting pipelines do: the prompt and the
+    negative prompt (absent: the empty prompt, not SDXL's zeroed embedding) read with the weight syntax, encoded
+    in as many 77-token windows as the longer needs (at most 3), and weighted keeping each one's mean.
 
-    SDXL: the strings (the pipeline takes both encoders' penultimate layers, as SDXL training does). SD 1.x/2.x:
-    embeddings computed here with ``--clip_skip`` (diffusers' own clip_skip path needs transformers 4's
-    ``text_model`` attribute)."""
-    negative = prompt.negative_prompt or ""
-    if bundle.is_sdxl:
-        return {"prompt": prompt.prompt, "negative_prompt": negative}
+    SD 1.x/2.x: the last layer, or ``--clip_skip``'s. SDXL: each encoder's penultimate layer, weighted on its own
+    and concatenated; the pooled embedding is TE2's of the first window, unweighted."""
+    texts = [prompt.prompt, prompt.negative_prompt or ""]
+    if not bundle.is_sdxl:
+        encoder, tokenizer = bundle.text_encoders[0], bundle.tokenizers[0]
+        embeds, _ = _long_prompt_embeddings(encoder, tokenizer, texts, device, bundle.clip_skip)
+        return {"prompt_embeds": embeds[:1], "negative_prompt_embeds": embeds[1:]}
+    hidden = []
+    for encoder, tokenizer in zip(bundle.text_encoders, bundle.tokenizers):
+        states, output = _long_prompt_embeddings(encoder, tokenizer, texts, device, sdxl=True)
+        hidden.append(states)
+    pooled = output.text_embeds.reshape(len(texts), -1, output.text_embeds.shape[-1])[:, 0]
+    embeds = torch.cat(hidden, dim=2)
     return {
-        "prompt_embeds": _encode_sd_prompt(bundle, prompt.prompt, device),
-        "negative_prompt_embeds": _encode_sd_prompt(bundle, negative, device),
+        "prompt_embeds": embeds[:1],
+        "negative_prompt_embeds": embeds[1:],
+        "pooled_prompt_embeds": pooled[:1],
+        "negative_pooled_prompt_embeds": pooled[1:],
     }
 
 
-def _encode_sd_prompt(bundle: ModelBundle, text: str, device: torch.device) -> torch.Tensor:
-    """SD 1.x/2.x text conditioning (1, 77, D): the last layer, or with ``clip_skip`` = k the k-th layer from the
-    end through the final LayerNorm."""
-    return encode_sd_text(bundle.text_encoders[0], bundle.tokenizers[0], [text], None, bundle.clip_skip, device)
+def _long_prompt_embeddings(
+    encoder: torch.nn.Module,
+    tokenizer: Any,
+    texts: list[str],
+    device: torch.device,
+    clip_skip: int | None = None,
+    sdxl: bool = False,
+) -> tuple[torch.Tensor, Any]:
+    """Weighted hidden states (B, 77·n, D) of ``texts``, every window keeping its BOS and EOS states, and the
+    encoder's raw output (one row per window). The layer: SDXL's penultimate as it is; SD 1.x/2.x the last, or
+    with ``clip_skip`` k the k-th from the end through the final LayerNorm."""
+    n_windows = long_prompt_windows(tokenizer, texts)
+    ids, weights = long_prompt_ids_and_weights(tokenizer, texts, n_windows)
+    output = encoder(split_into_chunks(ids, tokenizer).to(device), output_hidden_states=True)
+    if sdxl:
+        hidden = output.hidden_states[-2]
+    elif clip_skip is None or clip_skip == 1:
+        hidden = output.last_hidden_state
+    else:
+        hidden = final_layer_norm(encoder)(output.hidden_states[-clip_skip])
+    return apply_weights_keep_mean(hidden.reshape(len(texts), -1, hidden.shape[-1]), weights), output
 
 
 def _save_png(image: Image.Image, path: Path) -> str:

@@ -9,7 +9,10 @@
 * U-Net call: ``added_cond_kwargs = {"text_embeds": pooled, "time_ids": time_ids}`` with the six size/crop ids
   (original h, w, crop top, left, target h, w) of each image, from the batch (see :func:`size_conditioning`).
 * ``--cache_text_encoder_outputs[_to_disk]``: every caption encoded once before training (``library.text_cache``),
-  the text encoders then moved to the CPU.
+  the text encoders then moved to the CPU. With ``--weighted_captions`` the cached outputs are the weighted ones
+  (sd-scripts' ``is_weighted`` caching), and the weighting is part of each disk file's fingerprint.
+* ``--weighted_captions``: both encoders' hidden states multiplied by the caption's token weights, the pooled
+  embedding left as it is (``library.prompt_weights``).
 * ``--text_encoder_lr A B``: A for TE1, B for TE2 when the network accepts one lr per encoder (``networks.lora``).
 
 The latent scale (0.13025), ``ss_base_model_version`` (``sdxl_base_v1-0``) and ``modelspec.architecture``
@@ -27,6 +30,7 @@ import torch
 
 from library.dataset import DatasetGroup, process_caption
 from library.errors import UserInputError
+from library.prompt_weights import apply_token_weights, tokenize_with_weights
 from library.text_cache import CacheEntry, TextCache, build_text_cache
 from library.text_encoding import merge_chunks, split_into_chunks, tokenize
 from library.trainer import NetworkTrainer, first_text_encoder_lr
@@ -65,22 +69,33 @@ def _encode_in_windows(
 
 
 def encode_sdxl_text(
-    text_encoders: list[torch.nn.Module], tokenizers: list[Any], captions: list[str], max_token_length: int | None
+    text_encoders: list[torch.nn.Module],
+    tokenizers: list[Any],
+    captions: list[str],
+    max_token_length: int | None,
+    weighted: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Encode ``captions`` with SDXL's two text encoders: ``hidden_state1`` (B, L, D1) and ``hidden_state2``
     (B, L, D2), each encoder's penultimate hidden state, and ``pool2`` (B, P), TE2's projected EOS embedding
     (of the first 75-token window when captions are longer).
 
-    L is 77, or ``max_token_length`` + 2. Runs on the encoders' device and returns tensors there.
+    L is 77, or ``max_token_length`` + 2. Runs on the encoders' device and returns tensors there. With
+    ``weighted`` (``--weighted_captions``), each encoder's tokens get the parsed weights and both hidden states
+    are multiplied by them; ``pool2`` stays unweighted (as in sd-scripts).
     """
     if len(text_encoders) != 2 or len(tokenizers) != 2:
         raise ValueError(f"SDXL needs two text encoders and tokenizers, got {len(text_encoders)} and {len(tokenizers)}")
-    ids1 = tokenize(tokenizers[0], captions, max_token_length)
-    ids2 = tokenize(tokenizers[1], captions, max_token_length)
-    hidden1, _ = _encode_in_windows(text_encoders[0], tokenizers[0], ids1)
-    hidden2, output2 = _encode_in_windows(text_encoders[1], tokenizers[1], ids2)
-    pooled2 = output2.text_embeds.reshape(len(captions), -1, output2.text_embeds.shape[-1])[:, 0]
-    return {HIDDEN_STATE_1: hidden1, HIDDEN_STATE_2: hidden2, POOLED_2: pooled2}
+    hidden = []
+    for encoder, tokenizer in zip(text_encoders, tokenizers):
+        if weighted:
+            ids, weights = tokenize_with_weights(tokenizer, captions, max_token_length)
+        else:
+            ids = tokenize(tokenizer, captions, max_token_length)
+        states, output = _encode_in_windows(encoder, tokenizer, ids)
+        hidden.append(apply_token_weights(states, weights) if weighted else states)
+    pooled2 = output.text_embeds  # TE2's, one row per window
+    pooled2 = pooled2.reshape(len(captions), -1, pooled2.shape[-1])[:, 0]
+    return {HIDDEN_STATE_1: hidden[0], HIDDEN_STATE_2: hidden[1], POOLED_2: pooled2}
 
 
 def sdxl_conditioning(outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -144,7 +159,11 @@ class SdxlNetworkTrainer(NetworkTrainer):
             outputs = self.text_cache.lookup(captions, self.accelerator.device)
         else:
             outputs = encode_sdxl_text(
-                self.models.text_encoders, self.models.tokenizers, captions, self.args.max_token_length
+                self.models.text_encoders,
+                self.models.tokenizers,
+                captions,
+                self.args.max_token_length,
+                weighted=self.args.weighted_captions,
             )
         return sdxl_conditioning(outputs)
 
@@ -180,11 +199,14 @@ class SdxlNetworkTrainer(NetworkTrainer):
         settings = (
             f"model={self.models.name_or_path}|max_token_length={args.max_token_length}|dtype={weight_dtype}"
             f"|widths={[encoder.config.hidden_size for encoder in encoders]}"
+            + ("|weighted_captions" if args.weighted_captions else "")
         )
 
         def encode(captions: list[str]) -> dict[str, torch.Tensor]:
             with accelerator.autocast():
-                return encode_sdxl_text(encoders, self.models.tokenizers, captions, args.max_token_length)
+                return encode_sdxl_text(
+                    encoders, self.models.tokenizers, captions, args.max_token_length, weighted=args.weighted_captions
+                )
 
         with accelerator.main_process_first():
             self.text_cache = build_text_cache(

@@ -5,7 +5,9 @@
   ``BOS + 75 + EOS`` and the windows' hidden states joined again;
 * ``encode_with_clip_skip``: the last layer, or with ``--clip_skip`` k the k-th from the end through the final
   LayerNorm (SD 1.x/2.x);
-* ``encode_sd_text``: all of it for SD 1.x/2.x captions. SDXL's two encoders are in ``library/sdxl.py``.
+* ``encode_sd_text``: all of it for SD 1.x/2.x captions, with ``weighted`` the ``--weighted_captions`` syntax read
+  and each token's hidden state multiplied by its weight (``library.prompt_weights``). SDXL's two encoders are in
+  ``library/sdxl.py``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from library.prompt_weights import apply_token_weights, tokenize_with_weights
 
 
 def final_layer_norm(text_encoder: torch.nn.Module) -> torch.nn.Module:
@@ -78,9 +82,15 @@ def encode_sd_text(
     max_token_length: int | None,
     clip_skip: int | None,
     device: torch.device | str,
+    weighted: bool = False,
 ) -> torch.Tensor:
-    """SD 1.x/2.x text conditioning for ``captions``: hidden states (B, 77 or n·75 + 2, D)."""
-    input_ids = tokenize(tokenizer, captions, max_token_length)
+    """SD 1.x/2.x text conditioning for ``captions``: hidden states (B, 77 or n·75 + 2, D). With ``weighted``,
+    ``(word:1.2)``-style weights are parsed out of the captions and multiply their tokens' hidden states (as
+    sd-scripts' ``--weighted_captions``: no renormalization)."""
+    if weighted:
+        input_ids, weights = tokenize_with_weights(tokenizer, captions, max_token_length)
+    else:
+        input_ids = tokenize(tokenizer, captions, max_token_length)
     chunks = split_into_chunks(input_ids, tokenizer).to(device)
-    hidden = encode_with_clip_skip(text_encoder, chunks, clip_skip)
-    return merge_chunks(hidden, len(captions))
+    hidden = merge_chunks(encode_with_clip_skip(text_encoder, chunks, clip_skip), len(captions))
+    return apply_token_weights(hidden, weights) if weighted else hidden

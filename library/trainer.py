@@ -47,6 +47,7 @@ from library.optimizers import (
     optimizer_metadata_string,
     with_param_names,
 )
+from library.prompt_weights import check_dataset_captions
 from library.sampling import sample_during_training
 from library.text_encoding import encode_sd_text
 from library.validation import (
@@ -159,6 +160,7 @@ class NetworkTrainer:
             self.args.max_token_length,
             self.args.clip_skip,
             self.accelerator.device,
+            weighted=self.args.weighted_captions,
         )
 
     def unet_forward(
@@ -425,6 +427,8 @@ class NetworkTrainer:
         vae = self.models.vae
         with reported_as_user_input():
             dataset = build_dataset(args)
+            if args.weighted_captions:
+                check_dataset_captions(dataset)
             dataset.verify_bucket_reso_steps(latent_size_multiple(self.models.unet) * LATENT_DOWNSCALE)
         validation_dataset = None
         if args.validation_split:

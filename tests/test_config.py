@@ -375,7 +375,6 @@ def test_compat_only_flags_are_accepted_and_warned_about(caplog):
     ("argv", "flag"),
     [
         (["--fp8_base"], "--fp8_base"),
-        (["--weighted_captions"], "--weighted_captions"),
         (["--dataset_class", "my.Dataset"], "--dataset_class"),
     ],
 )

@@ -410,7 +410,8 @@ def test_sd_prompt_conditioning_matches_training(sd1, clip_skip):
     sd1.clip_skip = clip_skip
     try:
         with torch.no_grad():
-            drawn = sampling._encode_sd_prompt(sd1, "a red circle", torch.device("cpu"))
+            inputs = sampling._prompt_inputs(sd1, SamplePrompt("a red circle"), torch.device("cpu"))
+            drawn = inputs["prompt_embeds"]
             ids = tokenize(sd1.tokenizers[0], ["a red circle"], None)
             trained = encode_with_clip_skip(sd1.text_encoders[0], ids, clip_skip)
     finally:
