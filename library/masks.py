@@ -137,7 +137,7 @@ def check_mask_file(mask_path: str | os.PathLike, image_path: str | os.PathLike,
 
 def assign_mask_files(subset: Any, items: list[Any], list_images: Callable[[Path], list[Path]]) -> None:
     """Set ``item.mask_path`` for the items of a subset with ``conditioning_data_dir``, after checking every
-    mask file (found, readable, the image's size), so that errors come before any model is loaded.
+    mask file (found, readable, the image's size), so that errors come before the first training step.
     ``list_images(folder)`` is the dataset's rule for which files in a folder are images."""
     conditioning_dir = Path(subset.conditioning_data_dir)
     if not conditioning_dir.is_dir():

@@ -327,3 +327,22 @@ def test_mask_images_win_over_alpha_mask_from_the_command_line(pair):
     args = make_args(dataset_config=mask_config(pair, mask_subset(pair / "img", pair / "mask")), masked_loss=True,
                      alpha_mask=True)
     assert torch.all(build_dataset(args)[0]["loss_masks"] == 1.0)
+
+
+@pytest.mark.slow
+def test_a_missing_mask_through_the_entry_point_is_one_error_line(pair, capsys):
+    import train_network
+
+    (pair / "mask" / "b.png").unlink()
+    argv = ["--pretrained_model_name_or_path", "tiny-sd1", "--dataset_config",
+            mask_config(pair, mask_subset(pair / "img", pair / "mask")), "--masked_loss", "--resolution", "32",
+            "--output_dir", str(pair / "out"), "--network_module", "networks.lora", "--max_train_steps", "1",
+            "--max_data_loader_n_workers", "0"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train_network.main(argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert "Traceback" not in "\n".join(lines)
+    assert lines[-1].startswith("error: conditioning_data_dir: no mask image in ") and "b.png" in lines[-1]
+    assert not (pair / "out").exists() or not list((pair / "out").iterdir())
