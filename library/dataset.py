@@ -22,12 +22,13 @@ Sources, as in sd-scripts:
 
 Images: PNG/JPEG/WebP/BMP (any case), opened with PIL as RGB, resized (Lanczos) to cover their bucket keeping the
 aspect ratio, then centre-cropped (``random_crop``: a random crop) — see ``library.buckets`` for how buckets are
-chosen and what happens to images smaller than the buckets. Loss masks (``alpha_mask``, mask images in
-``conditioning_data_dir``) follow their image through resize, crop and flip: see ``library.masks``. Unreadable or truncated files are skipped with one
+chosen and what happens to images smaller than the buckets. Unreadable or truncated files are skipped with one
 warning listing them. SDXL size conditioning per image: ``original_sizes_hw`` is the file's size;
 ``crop_top_lefts`` is where the crop starts in the resized image (the SDXL paper's and diffusers' definition,
 mirrored when the image is flipped; sd-scripts instead reports the offset the image would have if fitted inside
 the bucket); ``target_sizes_hw`` is the bucket.
+Loss masks (``alpha_mask``, mask images in ``conditioning_data_dir``) follow their image through resize, crop
+and flip: see ``library.masks``.
 
 Determinism: the batch order of an epoch depends only on ``args.seed`` and the epoch; the random choices for one
 image (flip, crop, caption shuffle/dropout) only on the seed, epoch, batch index and position in the batch, so
@@ -806,7 +807,8 @@ class DatasetGroup(torch.utils.data.Dataset):
                                                     item.size, box, alpha)
                 if requests.setdefault(item.path, request) != request:
                     raise ValueError(f"image {item.path} is used by two datasets with different buckets, flip or "
-                                     "alpha_mask settings; their cached latents would differ. Cache in memory or copy the image")
+                                     "alpha_mask settings; their cached latents would differ. Cache in memory or "
+                                     "copy the image")
         items_by_path = {item.path: item for dataset in self.datasets for item in dataset.items}
         memory = latent_cache.cache_latents(
             list(requests.values()),

@@ -4,12 +4,13 @@ Latents are the VAE posterior **mean**, unscaled (the training loop multiplies b
 both when cached and when encoded on the fly, so cached and uncached runs see the same numbers.
 
 Disk cache: ``<image stem>.npz`` next to the image, with sd-scripts' keys ``latents`` (C, h, w float32),
-``original_size`` (w, h), ``crop_ltrb`` (left, top, right, bottom) and ``latents_flipped`` when ``flip_aug``
-is on, ``alpha_mask`` (H, W float32 in [0, 1], the cropped, unflipped loss mask of ``--alpha_mask``
-subsets; see ``library.masks``) when the subset uses it, plus ``cache_fingerprint``: a string describing the image file (size, modification time) and the
-settings that shape the latents (bucket, resize, crop, flip, alpha mask). A file is reused only when its fingerprint
-matches (or with ``--skip_cache_check``, when its latent shape matches the bucket); otherwise the latents
-are recomputed and the file is rewritten atomically. sd-scripts files (no fingerprint) are recomputed once.
+``original_size`` (w, h), ``crop_ltrb`` (left, top, right, bottom) and ``latents_flipped`` when ``flip_aug`` is on,
+``alpha_mask`` (H, W float32 in [0, 1], the cropped, unflipped loss mask of ``--alpha_mask`` subsets; see
+``library.masks``) when the subset uses it, plus ``cache_fingerprint``: a string describing the image file (size,
+modification time) and the settings that shape the latents (bucket, resize, crop, flip, alpha mask). A file is
+reused only when its fingerprint matches (or with ``--skip_cache_check``, when its latent shape matches the bucket);
+otherwise the latents are recomputed and the file is rewritten atomically. sd-scripts files (no fingerprint) are
+recomputed once.
 """
 
 from __future__ import annotations
@@ -158,9 +159,10 @@ def cache_latents(
     """Encode every requested image (grouped by bucket, ``batch_size`` at a time, with a progress bar).
 
     ``load_image`` returns the image as the dataset feeds it (3, H, W in [-1, 1], resized and cropped to its
-    bucket, not flipped) and its alpha loss mask (H, W) for requests with ``alpha_mask`` (else ``None``). The VAE is moved to ``device``/``dtype`` and put in eval mode. With ``to_disk``,
-    results go to ``<stem>.npz`` files (valid ones are reused, not recomputed) and the returned dict is empty;
-    otherwise the returned dict maps image path → latents.
+    bucket, not flipped) and its alpha loss mask (H, W) for requests with ``alpha_mask`` (else ``None``). The VAE
+    is moved to ``device``/``dtype`` and put in eval mode. With ``to_disk``, results go to ``<stem>.npz`` files
+    (valid ones are reused, not recomputed) and the returned dict is empty; otherwise the returned dict maps image
+    path → latents (and alpha masks).
     """
     if batch_size < 1:
         raise ValueError(f"VAE batch size must be >= 1, got {batch_size}")
