@@ -810,9 +810,14 @@ class DatasetGroup(torch.utils.data.Dataset):
                                      "alpha_mask settings; their cached latents would differ. Cache in memory or "
                                      "copy the image")
         items_by_path = {item.path: item for dataset in self.datasets for item in dataset.items}
+
+        def load(request: latent_cache.CacheRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
+            image, _, alpha_mask = self._image_tensor(items_by_path[request.image_path], None, False)
+            return image, alpha_mask
+
         memory = latent_cache.cache_latents(
             list(requests.values()),
-            lambda request: self._image_tensor(items_by_path[request.image_path], None, False)[::2],
+            load,
             vae, to_disk, device, dtype, batch_size, self.skip_cache_check,
         )
         self._latents_on_disk = to_disk
