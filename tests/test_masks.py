@@ -346,3 +346,15 @@ def test_a_missing_mask_through_the_entry_point_is_one_error_line(pair, capsys):
     assert "Traceback" not in "\n".join(lines)
     assert lines[-1].startswith("error: conditioning_data_dir: no mask image in ") and "b.png" in lines[-1]
     assert not (pair / "out").exists() or not list((pair / "out").iterdir())
+
+
+def test_a_kohya_gui_config_file_sets_the_mask_flags(tmp_path, caplog):
+    from library.config import parse_args
+
+    (tmp_path / "gui.toml").write_text(
+        'pretrained_model_name_or_path = "tiny-sd1"\ntrain_data_dir = "data"\noutput_dir = "out"\n'
+        "masked_loss = true\nalpha_mask = true\n",
+        encoding="utf-8")
+    args = parse_args(["--config_file", str(tmp_path / "gui.toml")])
+    assert args.masked_loss is True and args.alpha_mask is True
+    assert "unknown key" not in caplog.text
