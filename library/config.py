@@ -199,7 +199,16 @@ def _add_dataset_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--face_crop_aug_range", type=str, default=None,
                        help="face-centred crop augmentation range, e.g. '2.0,4.0'")
     group.add_argument("--random_crop", action="store_true", help="random instead of centre crop")
-    group.add_argument("--alpha_mask", action="store_true", help="use the image alpha channel as loss mask")
+    group.add_argument("--alpha_mask", action="store_true",
+                       help="the images' alpha channel is the loss mask, for every subset that does not set "
+                            "alpha_mask itself (see --masked_loss)")
+    group.add_argument("--masked_loss", action="store_true",
+                       help="weight the loss per pixel by a mask: the red channel of the image with the same name "
+                            "in each --dataset_config subset's conditioning_data_dir (alpha masks apply with or "
+                            "without this flag)")
+    group.add_argument("--conditioning_data_dir", type=str, default=None,
+                       help=_compat_only("sd-scripts' train_network.py reads mask images only from "
+                                         "conditioning_data_dir in --dataset_config subsets."))
     group.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularization images")
     group.add_argument("--debug_dataset", action="store_true",
                        help=_not_supported("show the dataset instead of training"))

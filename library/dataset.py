@@ -30,6 +30,8 @@ warning listing them. SDXL size conditioning per image: ``original_sizes_hw`` is
 ``crop_top_lefts`` is where the crop starts in the resized image (the SDXL paper's and diffusers' definition,
 mirrored when the image is flipped; sd-scripts instead reports the offset the image would have if fitted inside
 the bucket); ``target_sizes_hw`` is the bucket.
+Loss masks (``alpha_mask``, mask images in ``conditioning_data_dir``) follow their image through resize, crop
+and flip: see ``library.masks``.
 
 Determinism: the batch order of an epoch depends only on ``args.seed`` and the epoch; the random choices for one
 image (flip, crop, caption shuffle/dropout) only on the seed, epoch, batch index and position in the batch, so
@@ -56,6 +58,7 @@ import voluptuous as vol
 from PIL import Image, ImageOps
 
 from library import finetune_dataset, latents as latent_cache
+from library import masks
 from library.buckets import BucketChoice, BucketManager, adjust_min_max_bucket_reso, crop_box
 from library.config import parse_resolution
 from library.errors import UserInputError
@@ -96,6 +99,8 @@ class SubsetSettings:
     random_crop: bool = False
     face_crop_aug_range: tuple[float, float] | str | None = None  # accepted for compatibility; see _check_subset
     metadata_file: str | None = None  # a fine-tuning subset (library/finetune_dataset.py); image_dir may be None
+    alpha_mask: bool = False  # the images' alpha channel is the loss mask (library.masks)
+    conditioning_data_dir: str | None = None  # mask images for --masked_loss (library.masks)
 
 
 @dataclass
@@ -149,7 +154,9 @@ _SUBSET_ASCENDABLE = {
     "random_crop": bool,
     "face_crop_aug_range": _FLOAT_PAIR,
 }
-_SUBSET_ONLY = {"image_dir": str, "is_reg": bool, "metadata_file": str}
+_SUBSET_ONLY = {
+    "image_dir": str, "is_reg": bool, "metadata_file": str, "alpha_mask": bool, "conditioning_data_dir": str,
+}
 _DATASET_ASCENDABLE = {
     "resolution": _RESOLUTION,
     "batch_size": _POSITIVE_INT,
@@ -161,7 +168,7 @@ _DATASET_ASCENDABLE = {
 }
 # sd-scripts options this trainer does not implement: accepted by the schema, then refused with a clear message
 # (``cache_info`` only speeds up sd-scripts' start, so it is ignored with a warning).
-_UNSUPPORTED = ("alpha_mask", "custom_attributes", "conditioning_data_dir", "validation_split",
+_UNSUPPORTED = ("custom_attributes", "validation_split",
                 "validation_seed", "network_multiplier", "system_prompt", "resize_interpolation", "dataset_repeats")
 _IGNORED = ("cache_info",)
 _ACCEPTED_LATER = {vol.Optional(key): object for key in _UNSUPPORTED + _IGNORED}
@@ -516,6 +523,7 @@ class ImageItem:
     npz_files: tuple[str | None, str | None] = (None, None)  # sd-scripts' <key>.npz and <key>_flip.npz
     has_image: bool = True
     latents_npz: str | None = None  # set when the dataset trains from those latents
+    mask_path: str | None = None  # its mask image (conditioning_data_dir), see library.masks
 
 
 def _scan_subset(subset: SubsetSettings, source: str) -> tuple[list[ImageItem], list[str]]:
@@ -582,6 +590,8 @@ class BucketedDataset:
             self.corrupt += corrupt
             if not items:
                 continue
+            if subset.conditioning_data_dir:
+                masks.assign_mask_files(subset, items, list_images)
             self.subsets.append(subset)
             self.subset_image_counts.append(len(items))
             (reg_items if subset.is_reg else train_items).extend(items)
@@ -735,10 +745,13 @@ class DatasetGroup(torch.utils.data.Dataset):
 
     # ---- examples and batches
 
-    def _image_tensor(self, item: ImageItem, rng: random.Random | None, flip: bool) -> tuple[torch.Tensor, tuple]:
+    def _image_tensor(self, item: ImageItem, rng: random.Random | None,
+                      flip: bool) -> tuple[torch.Tensor, tuple, torch.Tensor | None]:
         """The image resized and cropped to its bucket (random crop when ``rng`` is given and the subset asks for
-        it), colour-augmented and flipped as chosen; and its crop box in the resized image."""
+        it), colour-augmented and flipped as chosen; its crop box in the resized image; and for ``alpha_mask``
+        subsets its alpha channel moved the same way (``library.masks``; the file is decoded a second time)."""
         choice = item.bucket
+        alpha = masks.read_alpha(item.path) if masks.uses_alpha_mask(item.subset) else None
         image = load_rgb(item.path)
         if image.size != choice.resized_size:
             image = image.resize(choice.resized_size, Image.Resampling.LANCZOS)
@@ -752,27 +765,31 @@ class DatasetGroup(torch.utils.data.Dataset):
             image = color_augment(image, rng)
         if flip:
             image = ImageOps.mirror(image)
-        return to_tensor(image), box
+        alpha_mask = None if alpha is None else masks.fit_mask(alpha, choice.resized_size, box, flip)
+        return to_tensor(image), box, alpha_mask
 
-    def _cached_latents(self, item: ImageItem, flip: bool) -> torch.Tensor:
+    def _cached_latents(self, item: ImageItem, flip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The cached latents for the flipped or unflipped image, and its alpha loss mask (or ``None``)."""
         if self._latents_on_disk:
             cached = latent_cache.load_latents_npz(latent_cache.latents_npz_path(item.path), item.bucket.bucket,
-                                                   item.subset.flip_aug)
+                                                   item.subset.flip_aug, masks.uses_alpha_mask(item.subset))
         else:
             cached = self._memory_latents[item.path]
-        return cached.latents_flipped if flip else cached.latents
+        return cached.latents_flipped if flip else cached.latents, masks.flip_mask(cached.alpha_mask, flip)
 
     def _example(self, item: ImageItem, rng: random.Random, epoch: int, step: int) -> dict[str, Any]:
         choice = item.bucket
         flip = item.subset.flip_aug and rng.random() < 0.5
         if item.latents_npz is not None:  # sd-scripts' latents named by the fine-tuning metadata
-            image, latents = None, finetune_dataset.load_npz_latents(item, flip)
+            image, latents, loss_mask = None, finetune_dataset.load_npz_latents(item, flip), None
             box = crop_box(choice.resized_size, choice.bucket)
         elif self._memory_latents is not None or self._latents_on_disk:
-            image, latents = None, self._cached_latents(item, flip)
+            image, (latents, loss_mask) = None, self._cached_latents(item, flip)
             box = crop_box(choice.resized_size, choice.bucket)
         else:
-            (image, box), latents = self._image_tensor(item, rng, flip), None
+            (image, box, loss_mask), latents = self._image_tensor(item, rng, flip), None
+        if item.mask_path is not None:
+            loss_mask = masks.mask_file_tensor(item.mask_path, choice.resized_size, box, flip)
         left, top = box[0], box[1]
         if flip:
             left = choice.resized_size[0] - box[2]  # the crop's left edge in the mirrored image
@@ -780,6 +797,7 @@ class DatasetGroup(torch.utils.data.Dataset):
         return {
             "image": image,
             "latents": latents,
+            "loss_mask": loss_mask,
             "caption": caption,
             "loss_weight": self.prior_loss_weight if item.subset.is_reg else 1.0,
             "original_size_hw": (item.size[1], item.size[0]),
@@ -799,9 +817,11 @@ class DatasetGroup(torch.utils.data.Dataset):
             for position, m in enumerate(members)
         ]
         cached = examples[0]["latents"] is not None
+        bucket = dataset.items[members[0]].bucket.bucket
         return {
             "latents": torch.stack([e["latents"] for e in examples]) if cached else None,
             "images": None if cached else torch.stack([e["image"] for e in examples]),
+            "loss_masks": masks.stack_masks([e["loss_mask"] for e in examples], (bucket[1], bucket[0])),
             "captions": [e["caption"] for e in examples],
             "loss_weights": torch.tensor([e["loss_weight"] for e in examples], dtype=torch.float32),
             "original_sizes_hw": torch.tensor([e["original_size_hw"] for e in examples], dtype=torch.long),
@@ -831,17 +851,24 @@ class DatasetGroup(torch.utils.data.Dataset):
                 if item.latents_npz is not None:  # latents already, from the fine-tuning metadata
                     continue
                 box = crop_box(item.bucket.resized_size, item.bucket.bucket)
+                alpha = masks.uses_alpha_mask(item.subset)
                 fingerprint = latent_cache.cache_fingerprint(item.path, item.bucket.bucket, item.bucket.resized_size,
-                                                             box, item.subset.flip_aug)
+                                                             box, item.subset.flip_aug, alpha)
                 request = latent_cache.CacheRequest(item.path, item.bucket.bucket, item.subset.flip_aug, fingerprint,
-                                                    item.size, box)
+                                                    item.size, box, alpha)
                 if requests.setdefault(item.path, request) != request:
-                    raise ValueError(f"image {item.path} is used by two datasets with different buckets or flip "
-                                     "settings; their cached latents would differ. Cache in memory or copy the image")
+                    raise ValueError(f"image {item.path} is used by two datasets with different buckets, flip or "
+                                     "alpha_mask settings; their cached latents would differ. Cache in memory or "
+                                     "copy the image")
         items_by_path = {item.path: item for dataset in self.datasets for item in dataset.items}
+
+        def load(request: latent_cache.CacheRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
+            image, _, alpha_mask = self._image_tensor(items_by_path[request.image_path], None, False)
+            return image, alpha_mask
+
         memory = latent_cache.cache_latents(
             list(requests.values()),
-            lambda request: self._image_tensor(items_by_path[request.image_path], None, False)[0],
+            load,
             vae, to_disk, device, dtype, batch_size, self.skip_cache_check,
         )
         self._latents_on_disk = to_disk
@@ -865,6 +892,7 @@ def build_dataset(args: Any) -> DatasetGroup:
     if getattr(args, "dataset_config", None):
         source = str(args.dataset_config)
         user_config = load_dataset_config(args.dataset_config)
+        masks.check_dataset_config(user_config, source, bool(getattr(args, "masked_loss", False)))
         ignored = [f"--{name}" for name in ("train_data_dir", "reg_data_dir", "in_json") if getattr(args, name, None)]
         if ignored:
             logger.warning("ignoring %s because --dataset_config is given", ", ".join(ignored))
@@ -883,7 +911,9 @@ def build_dataset(args: Any) -> DatasetGroup:
             subsets += dreambooth_subsets(args.reg_data_dir, is_reg=True)
         user_config = {"datasets": [{"subsets": subsets}]}
 
-    datasets = [BucketedDataset(settings, source) for settings in resolve_settings(user_config, args, source)]
+    resolved = resolve_settings(user_config, args, source)
+    masks.warn_if_unused([s for d in resolved for s in d.subsets], bool(getattr(args, "masked_loss", False)))
+    datasets = [BucketedDataset(settings, source) for settings in resolved]
     corrupt = [path for d in datasets for path in d.corrupt]
     if corrupt:
         logger.warning("skipping %d unreadable image(s): %s", len(corrupt), ", ".join(corrupt))

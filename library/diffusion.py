@@ -164,11 +164,17 @@ def huber_threshold(
 
 
 def per_sample_loss(
-    prediction: torch.Tensor, target: torch.Tensor, loss_type: str = "l2", huber_c: torch.Tensor | None = None
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    loss_type: str = "l2",
+    huber_c: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Element-wise loss averaged over every dimension but the batch: shape (B,), float32.
 
     ``huber``: 2c(√(d² + c²) − c); ``smooth_l1``: 2(√(d² + c²) − c) — both need the per-sample ``huber_c``.
+    ``mask`` (broadcastable, e.g. (B, 1, h, w) from ``library.masks.latent_loss_mask``) multiplies the
+    element-wise loss before the mean (sd-scripts' masked loss: no renormalisation by the masked area).
     """
     prediction, target = prediction.float(), target.float()
     if loss_type == "l2":
@@ -184,6 +190,8 @@ def per_sample_loss(
             loss = loss * c
     else:
         raise ValueError(f"--loss_type: unknown loss {loss_type!r}; expected one of {LOSS_TYPES}")
+    if mask is not None:
+        loss = loss * mask
     return loss.mean(dim=list(range(1, loss.ndim)))
 
 

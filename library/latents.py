@@ -4,11 +4,13 @@ Latents are the VAE posterior **mean**, unscaled (the training loop multiplies b
 both when cached and when encoded on the fly, so cached and uncached runs see the same numbers.
 
 Disk cache: ``<image stem>.npz`` next to the image, with sd-scripts' keys ``latents`` (C, h, w float32),
-``original_size`` (w, h), ``crop_ltrb`` (left, top, right, bottom) and ``latents_flipped`` when ``flip_aug``
-is on, plus ``cache_fingerprint``: a string describing the image file (size, modification time) and the
-settings that shape the latents (bucket, resize, crop, flip). A file is reused only when its fingerprint
-matches (or with ``--skip_cache_check``, when its latent shape matches the bucket); otherwise the latents
-are recomputed and the file is rewritten atomically. sd-scripts files (no fingerprint) are recomputed once.
+``original_size`` (w, h), ``crop_ltrb`` (left, top, right, bottom) and ``latents_flipped`` when ``flip_aug`` is on,
+``alpha_mask`` (H, W float32 in [0, 1], the cropped, unflipped loss mask of ``--alpha_mask`` subsets; see
+``library.masks``) when the subset uses it, plus ``cache_fingerprint``: a string describing the image file (size,
+modification time) and the settings that shape the latents (bucket, resize, crop, flip, alpha mask). A file is
+reused only when its fingerprint matches (or with ``--skip_cache_check``, when its latent shape matches the bucket);
+otherwise the latents are recomputed and the file is rewritten atomically. sd-scripts files (no fingerprint) are
+recomputed once.
 """
 
 from __future__ import annotations
@@ -30,16 +32,19 @@ _FINGERPRINT_VERSION = "anlo-latents-v1 posterior-mean"
 
 @dataclass
 class CachedLatents:
-    """Latents of one image (C, h, w float32 on the CPU), and of its mirror image when ``flip_aug`` is on."""
+    """Latents of one image (C, h, w float32 on the CPU), and of its mirror image when ``flip_aug`` is on; the
+    image's alpha loss mask (H, W float32, unflipped) for ``alpha_mask`` subsets."""
 
     latents: torch.Tensor
     latents_flipped: torch.Tensor | None = None
+    alpha_mask: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
 class CacheRequest:
     """One image to cache: its path, bucket ``(w, h)``, whether to cache the flipped latents too, and the
-    fingerprint of everything that determines its latents (see :func:`cache_fingerprint`)."""
+    fingerprint of everything that determines its latents (see :func:`cache_fingerprint`); ``alpha_mask``: cache
+    the image's alpha loss mask too."""
 
     image_path: str
     bucket: tuple[int, int]
@@ -47,6 +52,7 @@ class CacheRequest:
     fingerprint: str
     original_size: tuple[int, int]
     crop_ltrb: tuple[int, int, int, int]
+    alpha_mask: bool = False
 
 
 @torch.no_grad()
@@ -68,12 +74,14 @@ def cache_fingerprint(
     resized_size: tuple[int, int],
     crop_ltrb: tuple[int, int, int, int],
     flip: bool,
+    alpha_mask: bool = False,
 ) -> str:
-    """A string that changes whenever the cached latents of this image would change."""
+    """A string that changes whenever the cached latents (or alpha mask) of this image would change."""
     stat = os.stat(image_path)
     return (
         f"{_FINGERPRINT_VERSION}|file={stat.st_size}:{stat.st_mtime_ns}|bucket={bucket[0]}x{bucket[1]}"
         f"|resized={resized_size[0]}x{resized_size[1]}|crop={','.join(map(str, crop_ltrb))}|flip={int(flip)}"
+        + ("|alpha_mask" if alpha_mask else "")
     )
 
 
@@ -87,6 +95,8 @@ def save_latents_npz(path: Path, request: CacheRequest, cached: CachedLatents) -
     }
     if cached.latents_flipped is not None:
         arrays["latents_flipped"] = cached.latents_flipped.float().cpu().numpy()
+    if cached.alpha_mask is not None:
+        arrays["alpha_mask"] = cached.alpha_mask.float().cpu().numpy()
     with atomic_output(path) as file:
         np.savez(file, **arrays)
 
@@ -95,12 +105,13 @@ def _expected_shape_ok(latents: np.ndarray, bucket: tuple[int, int]) -> bool:
     return latents.ndim == 3 and latents.shape[1:] == (bucket[1] // LATENT_DOWNSCALE, bucket[0] // LATENT_DOWNSCALE)
 
 
-def load_latents_npz(path: Path, bucket: tuple[int, int], flip: bool) -> CachedLatents:
-    """Read one image's cached latents; a file that does not fit the bucket is an error naming it."""
+def load_latents_npz(path: Path, bucket: tuple[int, int], flip: bool, alpha_mask: bool = False) -> CachedLatents:
+    """Read one image's cached latents (and alpha mask); a file that does not fit the bucket is an error naming it."""
     try:
         with np.load(path) as data:
             latents = data["latents"]
             flipped = data["latents_flipped"] if flip else None
+            mask = data["alpha_mask"] if alpha_mask else None
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"latent cache file {path} is unreadable or incomplete ({err}); delete it") from err
     if not _expected_shape_ok(latents, bucket):
@@ -109,18 +120,24 @@ def load_latents_npz(path: Path, bucket: tuple[int, int], flip: bool) -> CachedL
             f"{bucket[1] // LATENT_DOWNSCALE}, {bucket[0] // LATENT_DOWNSCALE}) for bucket {bucket[0]}x{bucket[1]}; "
             "delete it or run without --skip_cache_check"
         )
-    return CachedLatents(torch.from_numpy(latents), None if flipped is None else torch.from_numpy(flipped))
+    if mask is not None and mask.shape != (bucket[1], bucket[0]):
+        raise ValueError(f"latent cache file {path} holds an alpha mask of shape {mask.shape}, expected "
+                         f"({bucket[1]}, {bucket[0]}) for bucket {bucket[0]}x{bucket[1]}; delete it")
+    return CachedLatents(torch.from_numpy(latents), None if flipped is None else torch.from_numpy(flipped),
+                         None if mask is None else torch.from_numpy(mask))
 
 
 def is_disk_cache_valid(request: CacheRequest, skip_cache_check: bool) -> bool:
     """Whether the image's ``.npz`` can be reused: its fingerprint matches (or, with ``skip_cache_check``,
-    it exists and its latents fit the bucket, with flipped latents when needed)."""
+    it exists and its latents fit the bucket, with flipped latents and the alpha mask when needed)."""
     path = latents_npz_path(request.image_path)
     if not path.is_file():
         return False
     try:
         with np.load(path) as data:
             if request.flip and "latents_flipped" not in data.files:
+                return False
+            if request.alpha_mask and "alpha_mask" not in data.files:
                 return False
             if skip_cache_check:
                 return _expected_shape_ok(data["latents"], request.bucket)
@@ -131,7 +148,7 @@ def is_disk_cache_valid(request: CacheRequest, skip_cache_check: bool) -> bool:
 
 def cache_latents(
     requests: Sequence[CacheRequest],
-    load_image: Callable[[CacheRequest], torch.Tensor],
+    load_image: Callable[[CacheRequest], tuple[torch.Tensor, torch.Tensor | None]],
     vae: torch.nn.Module,
     to_disk: bool,
     device: torch.device | str,
@@ -142,9 +159,10 @@ def cache_latents(
     """Encode every requested image (grouped by bucket, ``batch_size`` at a time, with a progress bar).
 
     ``load_image`` returns the image as the dataset feeds it (3, H, W in [-1, 1], resized and cropped to its
-    bucket, not flipped). The VAE is moved to ``device``/``dtype`` and put in eval mode. With ``to_disk``,
-    results go to ``<stem>.npz`` files (valid ones are reused, not recomputed) and the returned dict is empty;
-    otherwise the returned dict maps image path → latents.
+    bucket, not flipped) and its alpha loss mask (H, W) for requests with ``alpha_mask`` (else ``None``). The VAE
+    is moved to ``device``/``dtype`` and put in eval mode. With ``to_disk``, results go to ``<stem>.npz`` files
+    (valid ones are reused, not recomputed) and the returned dict is empty; otherwise the returned dict maps image
+    path → latents (and alpha masks).
     """
     if batch_size < 1:
         raise ValueError(f"VAE batch size must be >= 1, got {batch_size}")
@@ -161,13 +179,15 @@ def cache_latents(
         for bucket_requests in by_bucket.values():
             for start in range(0, len(bucket_requests), batch_size):
                 chunk = bucket_requests[start : start + batch_size]
-                images = torch.stack([load_image(r) for r in chunk])
+                loaded = [load_image(r) for r in chunk]
+                images = torch.stack([image for image, _ in loaded])
                 latents = encode_latents(vae, images).float().cpu()
                 flipped = None
                 if any(r.flip for r in chunk):
                     flipped = encode_latents(vae, torch.flip(images, dims=[3])).float().cpu()
                 for i, request in enumerate(chunk):
-                    cached = CachedLatents(latents[i].clone(), flipped[i].clone() if request.flip else None)
+                    cached = CachedLatents(latents[i].clone(), flipped[i].clone() if request.flip else None,
+                                           loaded[i][1] if request.alpha_mask else None)
                     if to_disk:
                         save_latents_npz(latents_npz_path(request.image_path), request, cached)
                     else:

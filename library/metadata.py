@@ -122,6 +122,7 @@ def training_metadata(
         "ss_huber_schedule": args.huber_schedule,
         "ss_huber_scale": args.huber_scale,
         "ss_huber_c": args.huber_c,
+        "ss_masked_loss": bool(getattr(args, "masked_loss", False)),  # not written by sd-scripts; viewers read it
     }
     if args.network_args:
         metadata["ss_network_args"] = json.dumps(dict(network_kwargs))

@@ -33,7 +33,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm import tqdm
 
-from library import base_weights, diffusion, metadata as ss_metadata, preflight, resume
+from library import base_weights, diffusion, masks, metadata as ss_metadata, preflight, resume
 from library.checkpoints import Checkpoints
 from library.dataset import build_dataset
 from library.errors import LossNotFinite, OutputWriteError, UserInputError, reported_as_user_input
@@ -243,7 +243,8 @@ class NetworkTrainer:
         huber_c = None
         if args.loss_type in ("huber", "smooth_l1"):
             huber_c = diffusion.huber_threshold(args.huber_schedule, args.huber_c, args.huber_scale, scheduler, timesteps)
-        loss = diffusion.per_sample_loss(prediction, target, args.loss_type, huber_c)
+        loss_mask = masks.latent_loss_mask(batch.get("loss_masks"), prediction.shape[-2:], device)
+        loss = diffusion.per_sample_loss(prediction, target, args.loss_type, huber_c, loss_mask)
         loss = loss * batch["loss_weights"].to(device)
 
         if args.min_snr_gamma or args.scale_v_pred_loss_like_noise_pred or args.v_pred_like_loss or args.debiased_estimation_loss:

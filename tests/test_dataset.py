@@ -243,8 +243,14 @@ def test_dataset_config_overrides_train_data_dir(tmp_path, caplog):
         ("[general]\nflip_aug = 1\n", r"key 'general\.flip_aug': expected bool, got int 1"),
         ("[general]\ncaption_dropout_rate = 1.5\n", r"key 'general\.caption_dropout_rate'"),
         ("[general]\nresolution = [1, 2, 3]\n", r"key 'general\.resolution': expected an integer or \[width, height\]"),
-        ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'x'\nalpha_mask = true\n",
-         r"'datasets\[0\]\.subsets\[0\]\.alpha_mask' is an sd-scripts option this trainer does not support"),
+        ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'x'\nsystem_prompt = 'y'\n",
+         r"'datasets\[0\]\.subsets\[0\]\.system_prompt' is an sd-scripts option this trainer does not support"),
+        # alpha_mask and conditioning_data_dir are subset-only keys, as in sd-scripts
+        ("[[datasets]]\nalpha_mask = true\n[[datasets.subsets]]\nimage_dir = 'x'\n",
+         r"unknown key 'datasets\[0\]\.alpha_mask'"),
+        ("[general]\nconditioning_data_dir = 'm'\n", r"unknown key 'general\.conditioning_data_dir'"),
+        ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'x'\nalpha_mask = 1\n",
+         r"key 'datasets\[0\]\.subsets\[0\]\.alpha_mask': expected bool, got int 1"),
     ],
 )
 def test_dataset_config_errors_name_the_file_and_key(tmp_path, body, message):
@@ -338,8 +344,8 @@ def test_batch_contract(tmp_path):
     dataset = build_dataset(make_args(train_data_dir=str(tmp_path), train_batch_size=2))
     batch = dataset[0]
     assert set(batch) == {"latents", "images", "captions", "loss_weights", "original_sizes_hw", "crop_top_lefts",
-                          "target_sizes_hw", "image_keys"}
-    assert batch["latents"] is None
+                          "target_sizes_hw", "image_keys", "loss_masks"}
+    assert batch["latents"] is None and batch["loss_masks"] is None
     assert batch["images"].shape == (2, 3, 32, 32) and batch["images"].dtype == torch.float32
     assert batch["images"].min() >= -1 and batch["images"].max() <= 1
     assert batch["captions"] == ["x", "x"]
