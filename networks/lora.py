@@ -172,6 +172,10 @@ class LoRAModule(nn.Module):
             scale = scale / (1.0 - self.rank_dropout)  # keep the expected update unchanged
         return org_out + (self.lora_up(lx) * (self.multiplier * scale)).to(org_out.dtype)
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lora_down, lora_up)`` weights as the file stores them."""
+        return self.lora_down.weight, self.lora_up.weight
+
     def delta_weight(self, up: torch.Tensor, down: torch.Tensor, scale: float) -> torch.Tensor:
         """``scale · up @ down`` shaped like the base layer's weight (Linear, 1×1 or k×k conv)."""
         up_2d = up.reshape(up.shape[0], up.shape[1])
@@ -224,6 +228,9 @@ def _block_index(sai_path: str, is_sdxl: bool) -> int:
 
 class LoRANetwork(nn.Module):
     """All LoRA modules of one model; a ``torch.nn.Module`` whose state dict is the LoRA file's content."""
+
+    #: Parameter-name part of the up factor, which LoRA+ trains at ``lr × ratio``.
+    UP_FACTOR = "lora_up"
 
     def __init__(
         self,
@@ -330,19 +337,23 @@ class LoRANetwork(nn.Module):
                 dim, alpha = self._dim_and_alpha(lora_name, is_conv3x3, block_index)
                 if not dim:
                     continue
-                lora = LoRAModule(
-                    lora_name,
-                    child,
-                    self.multiplier,
-                    dim,
-                    alpha,
-                    dropout=self.dropout,
-                    rank_dropout=self.rank_dropout,
-                    module_dropout=self.module_dropout,
-                )
+                lora = self._new_module(lora_name, child, dim, alpha)
                 lora.block_index = block_index
                 loras.append(lora)
         return loras
+
+    def _new_module(self, lora_name: str, org_module: nn.Module, dim: int, alpha: float | None) -> LoRAModule:
+        """One module of this network (subclasses return their own kind)."""
+        return LoRAModule(
+            lora_name,
+            org_module,
+            self.multiplier,
+            dim,
+            alpha,
+            dropout=self.dropout,
+            rank_dropout=self.rank_dropout,
+            module_dropout=self.module_dropout,
+        )
 
     # ----------------------------------------------------------------------------- trainer hooks
 
@@ -426,7 +437,9 @@ class LoRANetwork(nn.Module):
             plus: dict[str, nn.Parameter] = {}
             for lora in loras:
                 for name, param in lora.named_parameters():
-                    target = plus if ratio is not None and "lora_up" in name else plain
+                    if not param.requires_grad:  # frozen by the network kind (LoRA-FA's lora_down)
+                        continue
+                    target = plus if ratio is not None and self.UP_FACTOR in name else plain
                     target[f"{lora.lora_name}.{name}"] = param
             plus_lr = None if lr is None or ratio is None else lr * ratio
             for params, group_lr, suffix in ((plain, lr, ""), (plus, plus_lr, " plus")):
@@ -536,14 +549,13 @@ class LoRANetwork(nn.Module):
         scaled = 0
         norms: list[float] = []
         for lora in self.text_encoder_loras + self.unet_loras:
-            down = lora.lora_down.weight.to(device, torch.float32)
-            up = lora.lora_up.weight.to(device, torch.float32)
+            down, up = (weight.to(device, torch.float32) for weight in lora.factors())
             norm = lora.delta_weight(up, down, lora.scale).norm().clamp(min=max_norm_value / 2)
             ratio = float(norm.clamp(max=max_norm_value) / norm)
             if ratio != 1.0:
                 scaled += 1
-                lora.lora_down.weight.mul_(math.sqrt(ratio))
-                lora.lora_up.weight.mul_(math.sqrt(ratio))
+                for param in lora.parameters():  # the factors' tensors
+                    param.mul_(math.sqrt(ratio))
             norms.append(float(norm) * ratio)
         if not norms:
             return 0, 0.0, 0.0
@@ -689,6 +701,7 @@ def build_network(
     unknown = sorted(set(kwargs) - known_args)
     if unknown:
         logger.warning("%s ignores unknown network_args: %s", network_class.__module__, ", ".join(unknown))
+    kwargs = {key: value for key, value in kwargs.items() if key in known_args}
 
     network_dim = 4 if network_dim is None else int(network_dim)
     network_alpha = 1.0 if network_alpha is None else float(network_alpha)
@@ -765,6 +778,19 @@ def create_network_from_weights(
     applied yet (``apply_to`` for inference by hooking, or ``merge_to`` to bake the weights in).
     ``for_inference`` is accepted for sd-scripts compatibility (dropout is off outside training anyway).
     """
+    return build_network_from_weights(LoRANetwork, multiplier, file, text_encoder, unet, weights_sd)
+
+
+def build_network_from_weights(
+    network_class: type[LoRANetwork],
+    multiplier: float,
+    file: str | None,
+    text_encoder: Any,
+    unet: nn.Module,
+    weights_sd: dict[str, torch.Tensor] | None = None,
+    **network_options: Any,
+) -> tuple[LoRANetwork, dict[str, torch.Tensor]]:
+    """:func:`create_network_from_weights` for ``network_class``; ``network_options`` go to its constructor."""
     if weights_sd is None:
         if file is None:
             raise ValueError("create_network_from_weights needs a file or a weights_sd state dict")
@@ -786,12 +812,13 @@ def create_network_from_weights(
     for lora_name, dim in modules_dim.items():
         modules_alpha.setdefault(lora_name, float(dim))
 
-    network = LoRANetwork(
+    network = network_class(
         _text_encoder_list(text_encoder),
         unet,
         multiplier=multiplier,
         modules_dim=modules_dim,
         modules_alpha=modules_alpha,
+        **network_options,
     )
     created = {lora.lora_name for lora in network.text_encoder_loras + network.unet_loras}
     unmatched = sorted(set(modules_dim) - created)
