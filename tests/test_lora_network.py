@@ -400,14 +400,15 @@ def upstream_sdxl_block(lora_name: str) -> int:
     raise AssertionError(f"no SDXL block for {lora_name}")
 
 
+@pytest.mark.slow
 def test_sdxl_block_dims_follow_the_23_block_layout(real_models_on_meta):
-    encoders, unet = real_models_on_meta["sdxl"]
+    unet = real_models_on_meta["sdxl"][1]  # U-Net only: block settings do not touch the text encoders
     with torch.device("meta"):
-        default_names = module_names(create_network(1.0, 4, 1.0, None, encoders, unet, conv_dim="4"))[1]
+        default_names = module_names(create_network(1.0, 4, 1.0, None, None, unet, conv_dim="4"))[1]
         dims = [i % 5 + 1 for i in range(23)]
         dims[5] = dims[18] = 0  # input_blocks_4, output_blocks_5: no modules
         conv_dims = [i % 3 + 1 for i in range(23)]
-        network = create_network(1.0, 4, 1.0, None, encoders, unet, block_dims=",".join(map(str, dims)),
+        network = create_network(1.0, 4, 1.0, None, None, unet, block_dims=",".join(map(str, dims)),
                                  block_alphas=",".join(str(d / 2) for d in range(23)),
                                  conv_block_dims=",".join(map(str, conv_dims)))
     expected = {}
@@ -422,15 +423,15 @@ def test_sdxl_block_dims_follow_the_23_block_layout(real_models_on_meta):
     assert got == expected
     assert not any("input_blocks_4_" in n and not n.endswith(("_in_layers_2", "_out_layers_3")) for n in got)
     with pytest.raises(ValueError, match="block_dims needs 23 values"):
-        create_network(1.0, 4, 1.0, None, encoders, unet, block_dims=",".join(["4"] * 25))
+        create_network(1.0, 4, 1.0, None, None, unet, block_dims=",".join(["4"] * 25))
 
 
 def test_sdxl_lr_weight_presets_and_lists(real_models_on_meta):
-    encoders, unet = real_models_on_meta["sdxl"]
+    unet = real_models_on_meta["sdxl"][1]  # U-Net only: block settings do not touch the text encoders
     with torch.device("meta"):
-        network = create_network(1.0, 4, 1.0, None, encoders, unet, down_lr_weight="linear",
+        network = create_network(1.0, 4, 1.0, None, None, unet, down_lr_weight="linear",
                                  mid_lr_weight="1,0.5,1", up_lr_weight="sine+0.5")
-        network.apply_to(encoders, unet, apply_text_encoder=False)
+        network.apply_to(None, unet)
         groups, descriptions = network.prepare_optimizer_params(None, 1e-3, 1e-3)
     sine = [math.sin(math.pi / 2 * i / 8) + 0.5 for i in range(9)]
     weights = [1.0] + SDXL_LINEAR + [1.0, 0.5, 1.0] + sine + [1.0]
