@@ -728,7 +728,11 @@ def build_network(
         elif conv_dim:
             conv_block_dims, conv_block_alphas = [conv_dim] * n, [conv_alpha] * n
     else:
-        ignored = [key for key in ("block_alphas", "conv_block_dims", "conv_block_alphas") if kwargs.get(key)]
+        ignored = [
+            key
+            for key in ("block_alphas", "conv_block_dims", "conv_block_alphas", "block_lr_zero_threshold")
+            if kwargs.get(key)
+        ]
         if ignored:
             logger.warning(
                 "network_args: %s have no effect without block_dims or a *_lr_weight (as in sd-scripts)",

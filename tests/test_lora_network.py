@@ -479,6 +479,11 @@ def test_lr_weight_parsing_like_sd_scripts(caplog):
         create_network(1.0, 4, 1.0, None, encoders[0], unet, down_lr_weight="0.5")
     with pytest.raises(ValueError, match="expected a number after"):
         create_network(1.0, 4, 1.0, None, encoders[0], unet, down_lr_weight="linear+x")
+    caplog.clear()
+    network = create_network(1.0, 4, 1.0, None, encoders[0], unet, conv_block_dims=",".join(["2"] * 25),
+                             block_lr_zero_threshold="0.5")
+    assert "conv_block_dims, block_lr_zero_threshold have no effect without block_dims" in caplog.text
+    assert network.block_lr_weight is None and network.conv_block_dims is None  # ignored, as in sd-scripts
 
 
 # --------------------------------------------------------------------------------------------- network args
