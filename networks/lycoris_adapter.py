@@ -109,14 +109,15 @@ class LycorisKohya:
         vae: Any,
         text_encoder: Any,
         unet: nn.Module,
-        neuron_dropout: float | None = None,
+        *args: Any,
         **kwargs: Any,
     ) -> Any:
+        """LyCORIS' ``create_network`` (every argument passed on as given) with the preset deduplicated."""
         preset = self._preset(kwargs.get("preset", "full"))
         fixed = None if preset is None else deduplicated_preset(preset, text_encoder, unet)
         if fixed is None:  # nothing to remove (or a preset LyCORIS itself will refuse)
             return self._module.create_network(
-                multiplier, network_dim, network_alpha, vae, text_encoder, unet, neuron_dropout, **kwargs
+                multiplier, network_dim, network_alpha, vae, text_encoder, unet, *args, **kwargs
             )
         import toml
 
@@ -124,7 +125,7 @@ class LycorisKohya:
             file = Path(folder) / "preset.toml"
             file.write_text(toml.dumps(fixed), encoding="utf-8")
             return self._module.create_network(
-                multiplier, network_dim, network_alpha, vae, text_encoder, unet, neuron_dropout,
+                multiplier, network_dim, network_alpha, vae, text_encoder, unet, *args,
                 **{**kwargs, "preset": str(file)},
             )  # fmt: skip
 

@@ -51,6 +51,20 @@ def test_builtin_presets_lose_only_the_time_embedding_names():
     assert deduplicated_preset(lycoris_kohya.PRESET["attn-mlp"], text_encoder, unet) is None
 
 
+def test_arguments_reach_lycoris_unchanged_but_the_preset(monkeypatch):
+    calls = []
+    monkeypatch.setattr(lycoris_kohya, "create_network", lambda *args, **kwargs: calls.append((args, kwargs)))
+    module = import_network_module("lycoris.kohya")
+    text_encoder, unet = tiny_sd1()
+    module.create_network(1.0, 4, 2.0, None, text_encoder, unet, False, neuron_dropout=0.1, algo="loha")
+    module.create_network(1.0, 4, 2.0, None, text_encoder, unet, preset="attn-mlp")
+    (args, kwargs), (args2, kwargs2) = calls
+    assert args[:3] == (1.0, 4, 2.0) and args[4:] == (text_encoder, unet, False)
+    assert kwargs.keys() == {"neuron_dropout", "algo", "preset"} and kwargs["preset"].endswith("preset.toml")
+    assert (kwargs["neuron_dropout"], kwargs["algo"]) == (0.1, "loha")
+    assert args2[6:] == () and kwargs2 == {"preset": "attn-mlp"}  # nothing to fix: passed on as given
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", ["locon", "loha", "lokr"])
 def test_default_preset_trains_with_anlo_and_loads_back(algo, tmp_path):
