@@ -58,6 +58,7 @@ from library.validation import (
     validation_loss,
     validation_seed,
 )
+from networks import lycoris_adapter
 
 DEFAULT_NETWORK_MODULE = "networks.lora"
 logger = logging.getLogger(__name__)
@@ -101,9 +102,10 @@ def parse_network_args(network_args: list[str] | None) -> dict[str, str]:
 
 def import_network_module(name: str) -> Any:
     """The ``--network_module`` (``networks.lora``, ``lycoris.kohya``, ...); a name that does not exist is the
-    user's error, while a module that exists but fails to import keeps its traceback."""
+    user's error, while a module that exists but fails to import keeps its traceback. ``lycoris.kohya`` comes
+    wrapped (``networks.lycoris_adapter``: its default preset creates duplicate modules on diffusers U-Nets)."""
     try:
-        return importlib.import_module(name)
+        return lycoris_adapter.adapted(name, importlib.import_module(name))
     except ModuleNotFoundError as error:
         if error.name is None or not (name == error.name or name.startswith(error.name + ".")):
             raise

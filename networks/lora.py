@@ -13,9 +13,16 @@ Each :class:`LoRAModule` wraps its base layer's ``forward`` (the layer stays in 
 state-dict keys are unchanged): ``out = org(x) + lora_up(lora_down(x)) · multiplier · alpha / rank``.
 Key names and the file format live in ``library.lora_format``.
 
-Block-wise settings use the LDM block index of a U-Net module: ``input_blocks.{i}`` → ``i``, ``middle_block`` →
-12, ``output_blocks.{i}`` → ``13 + i`` (the same numbers as sd-scripts for SD 1.x/2.x, where ``down_lr_weight`` /
-``up_lr_weight`` take 12 values and ``block_dims`` 25).
+Block-wise settings (``block_dims``, ``down_lr_weight``, ...) index U-Net modules by their LDM block, with
+sd-scripts' numbering (:data:`SD_BLOCKS`, :data:`SDXL_BLOCKS`):
+
+- SD 1.x/2.x, 25 blocks: ``input_blocks.{i}`` → ``i`` (0–11), ``middle_block`` → 12, ``output_blocks.{i}`` →
+  ``13 + i``; ``down_lr_weight`` / ``up_lr_weight`` take 12 values, ``mid_lr_weight`` 1.
+- SDXL, 23 blocks: ``time_embed`` / ``label_emb`` → 0, ``input_blocks.{i}`` → ``1 + i`` (1–9),
+  ``middle_block.{j}`` → ``10 + j``, ``output_blocks.{i}`` → ``13 + i`` (13–21), ``out`` → 22;
+  ``down_lr_weight`` / ``up_lr_weight`` take 9 values, ``mid_lr_weight`` 3.
+
+U-Net modules of a block whose lr weight is 0 are not created (no keys in the saved file), as in sd-scripts.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,8 +46,25 @@ UNET_TARGET_MODULES = ("Transformer2DModel",)
 UNET_CONV_TARGET_MODULES = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TEXT_ENCODER_TARGET_MODULES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
 
-NUM_OF_BLOCKS = 12  # down (= up) blocks of the SD 1.x U-Net; middle block index; lists per side have 12 values
-NUM_OF_ALL_BLOCKS = NUM_OF_BLOCKS * 2 + 1
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """sd-scripts' block numbering of a U-Net family: ``leading`` + ``side`` down + ``mid`` + ``side`` up +
+    ``trailing`` blocks; the lr-weight lists cover the down, mid and up parts."""
+
+    side: int
+    mid: int
+    leading: int
+    trailing: int
+
+    @property
+    def total(self) -> int:
+        return self.leading + 2 * self.side + self.mid + self.trailing
+
+
+SD_BLOCKS = BlockLayout(side=12, mid=1, leading=0, trailing=0)  # 25 = 12 + 1 + 12
+SDXL_BLOCKS = BlockLayout(side=9, mid=3, leading=1, trailing=1)  # 23 = 1 + 9 + 3 + 9 + 1
 
 BLOCK_LR_PRESETS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
 
@@ -147,6 +172,10 @@ class LoRAModule(nn.Module):
             scale = scale / (1.0 - self.rank_dropout)  # keep the expected update unchanged
         return org_out + (self.lora_up(lx) * (self.multiplier * scale)).to(org_out.dtype)
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lora_down, lora_up)`` weights as the file stores them."""
+        return self.lora_down.weight, self.lora_up.weight
+
     def delta_weight(self, up: torch.Tensor, down: torch.Tensor, scale: float) -> torch.Tensor:
         """``scale · up @ down`` shaped like the base layer's weight (Linear, 1×1 or k×k conv)."""
         up_2d = up.reshape(up.shape[0], up.shape[1])
@@ -173,20 +202,35 @@ class LoRAModule(nn.Module):
 # --------------------------------------------------------------------------------------------- the network
 
 
-def _block_index(sai_path: str) -> int:
-    """LDM block index of a U-Net module path in SAI layout (``-1`` outside the three block lists)."""
+def _block_index(sai_path: str, is_sdxl: bool) -> int:
+    """sd-scripts' block index of a U-Net module path in SAI layout (``-1`` outside the numbered blocks)."""
     parts = sai_path.split(".")
+    if not is_sdxl:
+        if parts[0] == "input_blocks":
+            return int(parts[1])
+        if parts[0] == "middle_block":
+            return SD_BLOCKS.side
+        if parts[0] == "output_blocks":
+            return SD_BLOCKS.side + 1 + int(parts[1])
+        return -1
+    if parts[0] in ("time_embed", "label_emb"):
+        return 0
     if parts[0] == "input_blocks":
-        return int(parts[1])
+        return SDXL_BLOCKS.leading + int(parts[1])
     if parts[0] == "middle_block":
-        return NUM_OF_BLOCKS
+        return SDXL_BLOCKS.leading + SDXL_BLOCKS.side + int(parts[1])
     if parts[0] == "output_blocks":
-        return NUM_OF_BLOCKS + 1 + int(parts[1])
+        return SDXL_BLOCKS.leading + SDXL_BLOCKS.side + SDXL_BLOCKS.mid + int(parts[1])
+    if parts[0] == "out":
+        return SDXL_BLOCKS.total - 1
     return -1
 
 
 class LoRANetwork(nn.Module):
     """All LoRA modules of one model; a ``torch.nn.Module`` whose state dict is the LoRA file's content."""
+
+    #: Parameter-name part of the up factor, which LoRA+ trains at ``lr × ratio``.
+    UP_FACTOR = "lora_up"
 
     def __init__(
         self,
@@ -206,6 +250,7 @@ class LoRANetwork(nn.Module):
         conv_block_alphas: Sequence[float] | None = None,
         modules_dim: dict[str, int] | None = None,
         modules_alpha: dict[str, float] | None = None,
+        block_lr_weight: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         self.multiplier = multiplier
@@ -226,9 +271,7 @@ class LoRANetwork(nn.Module):
         self.loraplus_lr_ratio: float | None = None
         self.loraplus_unet_lr_ratio: float | None = None
         self.loraplus_text_encoder_lr_ratio: float | None = None
-        self.down_lr_weight: list[float] | None = None
-        self.mid_lr_weight: float | None = None
-        self.up_lr_weight: list[float] | None = None
+        self.block_lr_weight: list[float] | None = None if block_lr_weight is None else list(block_lr_weight)
 
         self.num_text_encoders = len(text_encoders)
         self.text_encoder_loras: list[LoRAModule] = []
@@ -245,7 +288,7 @@ class LoRANetwork(nn.Module):
 
         def unet_name(path: str) -> tuple[str, int]:
             return lora_format.unet_lora_name(path, naming_map), _block_index(
-                sai_names.convert_module_path(path, sai_map)
+                sai_names.convert_module_path(path, sai_map), self.is_sdxl
             )
 
         unet_targets = UNET_TARGET_MODULES
@@ -264,6 +307,8 @@ class LoRANetwork(nn.Module):
             if lora_name not in self.modules_dim:
                 return None, None
             return self.modules_dim[lora_name], self.modules_alpha.get(lora_name)
+        if block_index >= 0 and self.block_lr_weight is not None and self.block_lr_weight[block_index] == 0:
+            return None, None  # sd-scripts creates no module where the block's lr weight is 0
         if block_index >= 0 and self.block_dims is not None and not is_conv3x3:
             return self.block_dims[block_index], self.block_alphas[block_index]
         if block_index >= 0 and is_conv3x3 and self.conv_block_dims is not None:
@@ -292,19 +337,23 @@ class LoRANetwork(nn.Module):
                 dim, alpha = self._dim_and_alpha(lora_name, is_conv3x3, block_index)
                 if not dim:
                     continue
-                lora = LoRAModule(
-                    lora_name,
-                    child,
-                    self.multiplier,
-                    dim,
-                    alpha,
-                    dropout=self.dropout,
-                    rank_dropout=self.rank_dropout,
-                    module_dropout=self.module_dropout,
-                )
+                lora = self._new_module(lora_name, child, dim, alpha)
                 lora.block_index = block_index
                 loras.append(lora)
         return loras
+
+    def _new_module(self, lora_name: str, org_module: nn.Module, dim: int, alpha: float | None) -> LoRAModule:
+        """One module of this network (subclasses return their own kind)."""
+        return LoRAModule(
+            lora_name,
+            org_module,
+            self.multiplier,
+            dim,
+            alpha,
+            dropout=self.dropout,
+            rank_dropout=self.rank_dropout,
+            module_dropout=self.module_dropout,
+        )
 
     # ----------------------------------------------------------------------------- trainer hooks
 
@@ -352,30 +401,19 @@ class LoRANetwork(nn.Module):
         self.loraplus_unet_lr_ratio = loraplus_unet_lr_ratio
         self.loraplus_text_encoder_lr_ratio = loraplus_text_encoder_lr_ratio
 
-    def set_block_lr_weight(
-        self, up_lr_weight: list[float] | None, mid_lr_weight: float | None, down_lr_weight: list[float] | None
-    ) -> None:
-        self.up_lr_weight = up_lr_weight
-        self.mid_lr_weight = mid_lr_weight
-        self.down_lr_weight = down_lr_weight
+    def set_block_lr_weight(self, block_lr_weight: Sequence[float] | None) -> None:
+        """Per-block lr factors, one per block of the U-Net's layout (25 SD 1.x/2.x, 23 SDXL; ``None``: off)."""
+        self.block_lr_weight = None if block_lr_weight is None else list(block_lr_weight)
 
     def get_lr_weight(self, lora: LoRAModule) -> float:
         """The block-wise lr factor of a U-Net LoRA module (1 where no weight is set)."""
-        index = lora.block_index
-        if index < 0:
+        if self.block_lr_weight is None or lora.block_index < 0:
             return 1.0
-        if index < NUM_OF_BLOCKS:
-            return 1.0 if self.down_lr_weight is None else self.down_lr_weight[index]
-        if index == NUM_OF_BLOCKS:
-            return 1.0 if self.mid_lr_weight is None else self.mid_lr_weight
-        up_index = index - NUM_OF_BLOCKS - 1
-        if self.up_lr_weight is None or up_index >= len(self.up_lr_weight):
-            return 1.0
-        return self.up_lr_weight[up_index]
+        return self.block_lr_weight[lora.block_index]
 
     @property
     def block_lr(self) -> bool:
-        return any(w is not None for w in (self.down_lr_weight, self.mid_lr_weight, self.up_lr_weight))
+        return self.block_lr_weight is not None
 
     def prepare_optimizer_params(
         self,
@@ -399,7 +437,9 @@ class LoRANetwork(nn.Module):
             plus: dict[str, nn.Parameter] = {}
             for lora in loras:
                 for name, param in lora.named_parameters():
-                    target = plus if ratio is not None and "lora_up" in name else plain
+                    if not param.requires_grad:  # frozen by the network kind (LoRA-FA's lora_down)
+                        continue
+                    target = plus if ratio is not None and self.UP_FACTOR in name else plain
                     target[f"{lora.lora_name}.{name}"] = param
             plus_lr = None if lr is None or ratio is None else lr * ratio
             for params, group_lr, suffix in ((plain, lr, ""), (plus, plus_lr, " plus")):
@@ -509,14 +549,13 @@ class LoRANetwork(nn.Module):
         scaled = 0
         norms: list[float] = []
         for lora in self.text_encoder_loras + self.unet_loras:
-            down = lora.lora_down.weight.to(device, torch.float32)
-            up = lora.lora_up.weight.to(device, torch.float32)
+            down, up = (weight.to(device, torch.float32) for weight in lora.factors())
             norm = lora.delta_weight(up, down, lora.scale).norm().clamp(min=max_norm_value / 2)
             ratio = float(norm.clamp(max=max_norm_value) / norm)
             if ratio != 1.0:
                 scaled += 1
-                lora.lora_down.weight.mul_(math.sqrt(ratio))
-                lora.lora_up.weight.mul_(math.sqrt(ratio))
+                for param in lora.parameters():  # the factors' tensors
+                    param.mul_(math.sqrt(ratio))
             norms.append(float(norm) * ratio)
         if not norms:
             return 0, 0.0, 0.0
@@ -552,39 +591,65 @@ def _number_list(key: str, value: Any, kind: type, expected_len: int | None = No
     return numbers
 
 
-def _block_lr_list(key: str, value: Any, zero_threshold: float) -> list[float] | None:
-    """``down_lr_weight`` / ``up_lr_weight``: a preset (``name`` or ``name+base``) or a list of 12 numbers."""
+def _lr_weight_preset(key: str, value: str, count: int) -> list[float]:
+    """sd-scripts' ``down_lr_weight`` / ``up_lr_weight`` presets over ``count`` blocks, ``name`` or ``name+base``."""
+    name, plus, base = value.partition("+")
+    name = name.strip()
+    if name not in BLOCK_LR_PRESETS:
+        raise ValueError(
+            f"network_args: unknown {key} preset {name!r}; expected one of {', '.join(BLOCK_LR_PRESETS)} "
+            f"(optionally +number) or {count} comma-separated numbers"
+        )
+    try:
+        base_lr = float(base) if plus else 0.0
+    except ValueError:
+        raise ValueError(f"network_args: {key}={value!r}: expected a number after '+'") from None
+    ramp = [i / (count - 1) for i in range(count)]
+    weights = {
+        "cosine": [math.sin(math.pi * r / 2) for r in reversed(ramp)],
+        "sine": [math.sin(math.pi * r / 2) for r in ramp],
+        "linear": ramp,
+        "reverse_linear": list(reversed(ramp)),
+        "zeros": [0.0] * count,
+    }[name]
+    return [w + base_lr for w in weights]
+
+
+def _lr_weight_list(key: str, value: Any, count: int, zero_threshold: float, presets: bool) -> list[float] | None:
+    """One part of the block lr weights: a preset (``presets``; a value without a comma) or comma-separated
+    numbers (empty items are 0), cut or filled with 1.0 to ``count`` values; weights up to ``zero_threshold``
+    become 0."""
     if value is None:
         return None
-    if isinstance(value, str) and not any(ch.isdigit() for ch in value.split("+")[0]):
-        name, _, base = value.partition("+")
-        base_lr = float(base) if base else 0.0
-        steps = [i / (NUM_OF_BLOCKS - 1) for i in range(NUM_OF_BLOCKS)]
-        if name == "cosine":
-            weights = [math.sin(math.pi * s / 2) for s in reversed(steps)]
-        elif name == "sine":
-            weights = [math.sin(math.pi * s / 2) for s in steps]
-        elif name == "linear":
-            weights = steps
-        elif name == "reverse_linear":
-            weights = list(reversed(steps))
-        elif name == "zeros":
-            weights = [0.0] * NUM_OF_BLOCKS
-        else:
-            raise ValueError(
-                f"network_args: unknown {key} preset {name!r}; expected one of {', '.join(BLOCK_LR_PRESETS)} "
-                f"(optionally +base) or {NUM_OF_BLOCKS} comma-separated numbers"
-            )
-        weights = [w + base_lr for w in weights]
+    if presets and isinstance(value, str) and "," not in value:
+        weights = _lr_weight_preset(key, value, count)
     else:
-        weights = _number_list(key, value, float)
-    if len(weights) > NUM_OF_BLOCKS:
-        logger.warning("network_args: %s has %d values; only the first %d are used", key, len(weights), NUM_OF_BLOCKS)
-        weights = weights[:NUM_OF_BLOCKS]
-    if len(weights) < NUM_OF_BLOCKS:
-        logger.warning("network_args: %s has %d values; the remaining blocks get 1.0", key, len(weights))
-        weights = weights + [1.0] * (NUM_OF_BLOCKS - len(weights))
+        items = value.split(",") if isinstance(value, str) else list(value)
+        try:
+            weights = [float(item) if str(item).strip() else 0.0 for item in items]
+        except ValueError:
+            raise ValueError(f"network_args: {key} must be comma-separated numbers, got {value!r}") from None
+    if len(weights) > count:
+        logger.warning("network_args: %s has %d values; only the first %d are used", key, len(weights), count)
+        weights = weights[:count]
+    if len(weights) < count:
+        logger.warning("network_args: %s has %d values; the remaining %d blocks get 1.0", key, len(weights), count)
+        weights = weights + [1.0] * (count - len(weights))
     return [w if w > zero_threshold else 0.0 for w in weights]
+
+
+def parse_block_lr_weight(kwargs: dict[str, Any], layout: BlockLayout) -> list[float] | None:
+    """``down_lr_weight`` / ``mid_lr_weight`` / ``up_lr_weight`` as one factor per block of ``layout`` (blocks
+    outside the three lists get 1.0); ``None`` when none of the three is given."""
+    keys = ("down_lr_weight", "mid_lr_weight", "up_lr_weight")
+    if all(kwargs.get(key) is None for key in keys):
+        return None
+    zero_threshold = _optional(kwargs, "block_lr_zero_threshold", float) or 0.0
+    parts = []
+    for key, count in zip(keys, (layout.side, layout.mid, layout.side)):
+        weights = _lr_weight_list(key, kwargs.get(key), count, zero_threshold, presets=key != "mid_lr_weight")
+        parts += [1.0] * count if weights is None else weights
+    return [1.0] * layout.leading + parts + [1.0] * layout.trailing
 
 
 def _text_encoder_list(text_encoder: Any) -> list[nn.Module]:
@@ -610,13 +675,33 @@ def create_network(
     ``kwargs`` are the ``--network_args`` (strings, or already-typed values): ``conv_dim``, ``conv_alpha``,
     ``dropout`` (overrides ``neuron_dropout``), ``rank_dropout``, ``module_dropout``, ``loraplus_lr_ratio``,
     ``loraplus_unet_lr_ratio``, ``loraplus_text_encoder_lr_ratio``, ``down_lr_weight`` / ``up_lr_weight``
-    (presets cosine, sine, linear, reverse_linear, zeros — ``+base`` adds a constant — or 12 numbers),
-    ``mid_lr_weight``, ``block_lr_zero_threshold``, ``block_dims`` / ``block_alphas`` / ``conv_block_dims`` /
-    ``conv_block_alphas`` (25 numbers each). Unknown names are warned about and ignored.
+    (presets cosine, sine, linear, reverse_linear, zeros — ``+number`` adds a constant — or comma-separated
+    numbers: 12 per side for SD 1.x/2.x, 9 for SDXL), ``mid_lr_weight`` (1 number; SDXL 3),
+    ``block_lr_zero_threshold``, ``block_dims`` / ``block_alphas`` / ``conv_block_dims`` / ``conv_block_alphas``
+    (25 numbers each; SDXL 23). Unknown names are warned about and ignored.
     """
-    unknown = sorted(set(kwargs) - KNOWN_NETWORK_ARGS)
+    return build_network(LoRANetwork, KNOWN_NETWORK_ARGS, multiplier, network_dim, network_alpha, text_encoder,
+                         unet, neuron_dropout, kwargs)
+
+
+def build_network(
+    network_class: type[LoRANetwork],
+    known_args: frozenset[str],
+    multiplier: float,
+    network_dim: int | None,
+    network_alpha: float | None,
+    text_encoder: Any,
+    unet: nn.Module,
+    neuron_dropout: float | None,
+    kwargs: dict[str, Any],
+    **network_options: Any,
+) -> LoRANetwork:
+    """:func:`create_network` for ``network_class`` (a :class:`LoRANetwork` subclass) with ``known_args`` as
+    its ``--network_args`` names; ``network_options`` go to its constructor as they are."""
+    unknown = sorted(set(kwargs) - known_args)
     if unknown:
-        logger.warning("networks.lora ignores unknown network_args: %s", ", ".join(unknown))
+        logger.warning("%s ignores unknown network_args: %s", network_class.__module__, ", ".join(unknown))
+    kwargs = {key: value for key, value in kwargs.items() if key in known_args}
 
     network_dim = 4 if network_dim is None else int(network_dim)
     network_alpha = 1.0 if network_alpha is None else float(network_alpha)
@@ -628,19 +713,34 @@ def create_network(
     if dropout is None:
         dropout = None if neuron_dropout is None else float(neuron_dropout)
 
-    block_dims = _number_list("block_dims", kwargs.get("block_dims"), int, NUM_OF_ALL_BLOCKS)
-    block_alphas = _number_list("block_alphas", kwargs.get("block_alphas"), float, NUM_OF_ALL_BLOCKS)
-    conv_block_dims = _number_list("conv_block_dims", kwargs.get("conv_block_dims"), int, NUM_OF_ALL_BLOCKS)
-    conv_block_alphas = _number_list("conv_block_alphas", kwargs.get("conv_block_alphas"), float, NUM_OF_ALL_BLOCKS)
-    if block_dims is not None and block_alphas is None:
-        block_alphas = [network_alpha] * NUM_OF_ALL_BLOCKS
-    if conv_block_dims is not None and conv_block_alphas is None:
-        conv_block_alphas = [conv_alpha or 1.0] * NUM_OF_ALL_BLOCKS
-    if block_dims is not None and conv_block_dims is None and conv_dim:
-        conv_block_dims = [conv_dim] * NUM_OF_ALL_BLOCKS
-        conv_block_alphas = [conv_alpha] * NUM_OF_ALL_BLOCKS
+    layout = SDXL_BLOCKS if lora_format.is_sdxl_unet(unet) else SD_BLOCKS
+    n = layout.total
+    block_lr_weight = parse_block_lr_weight(kwargs, layout)
+    block_dims = _number_list("block_dims", kwargs.get("block_dims"), int, n)
+    block_alphas = _number_list("block_alphas", kwargs.get("block_alphas"), float, n)
+    conv_block_dims = _number_list("conv_block_dims", kwargs.get("conv_block_dims"), int, n)
+    conv_block_alphas = _number_list("conv_block_alphas", kwargs.get("conv_block_alphas"), float, n)
+    if block_dims is not None or block_lr_weight is not None:  # block-wise ranks, as in sd-scripts
+        block_dims = block_dims or [network_dim] * n
+        block_alphas = block_alphas or [network_alpha] * n
+        if conv_block_dims is not None:
+            conv_block_alphas = conv_block_alphas or [conv_alpha or 1.0] * n
+        elif conv_dim:
+            conv_block_dims, conv_block_alphas = [conv_dim] * n, [conv_alpha] * n
+    else:
+        ignored = [
+            key
+            for key in ("block_alphas", "conv_block_dims", "conv_block_alphas", "block_lr_zero_threshold")
+            if kwargs.get(key)
+        ]
+        if ignored:
+            logger.warning(
+                "network_args: %s have no effect without block_dims or a *_lr_weight (as in sd-scripts)",
+                ", ".join(ignored),
+            )
+        block_alphas = conv_block_dims = conv_block_alphas = None
 
-    network = LoRANetwork(
+    network = network_class(
         _text_encoder_list(text_encoder),
         unet,
         multiplier=multiplier,
@@ -655,21 +755,13 @@ def create_network(
         block_alphas=block_alphas,
         conv_block_dims=conv_block_dims,
         conv_block_alphas=conv_block_alphas,
+        block_lr_weight=block_lr_weight,
+        **network_options,
     )
-
     network.set_loraplus_lr_ratio(
         _optional(kwargs, "loraplus_lr_ratio", float),
         _optional(kwargs, "loraplus_unet_lr_ratio", float),
         _optional(kwargs, "loraplus_text_encoder_lr_ratio", float),
-    )
-    zero_threshold = _optional(kwargs, "block_lr_zero_threshold", float) or 0.0
-    mid_lr_weight = _optional(kwargs, "mid_lr_weight", float)
-    if mid_lr_weight is not None and mid_lr_weight <= zero_threshold:
-        mid_lr_weight = 0.0
-    network.set_block_lr_weight(
-        _block_lr_list("up_lr_weight", kwargs.get("up_lr_weight"), zero_threshold),
-        mid_lr_weight,
-        _block_lr_list("down_lr_weight", kwargs.get("down_lr_weight"), zero_threshold),
     )
     return network
 
@@ -690,6 +782,19 @@ def create_network_from_weights(
     applied yet (``apply_to`` for inference by hooking, or ``merge_to`` to bake the weights in).
     ``for_inference`` is accepted for sd-scripts compatibility (dropout is off outside training anyway).
     """
+    return build_network_from_weights(LoRANetwork, multiplier, file, text_encoder, unet, weights_sd)
+
+
+def build_network_from_weights(
+    network_class: type[LoRANetwork],
+    multiplier: float,
+    file: str | None,
+    text_encoder: Any,
+    unet: nn.Module,
+    weights_sd: dict[str, torch.Tensor] | None = None,
+    **network_options: Any,
+) -> tuple[LoRANetwork, dict[str, torch.Tensor]]:
+    """:func:`create_network_from_weights` for ``network_class``; ``network_options`` go to its constructor."""
     if weights_sd is None:
         if file is None:
             raise ValueError("create_network_from_weights needs a file or a weights_sd state dict")
@@ -711,12 +816,13 @@ def create_network_from_weights(
     for lora_name, dim in modules_dim.items():
         modules_alpha.setdefault(lora_name, float(dim))
 
-    network = LoRANetwork(
+    network = network_class(
         _text_encoder_list(text_encoder),
         unet,
         multiplier=multiplier,
         modules_dim=modules_dim,
         modules_alpha=modules_alpha,
+        **network_options,
     )
     created = {lora.lora_name for lora in network.text_encoder_loras + network.unet_loras}
     unmatched = sorted(set(modules_dim) - created)

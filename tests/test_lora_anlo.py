@@ -103,7 +103,7 @@ def test_layer_mode_without_param_names_normalizes_each_tensor():
 def test_lycoris_network_trains_with_anlo():
     lycoris_kohya = pytest.importorskip("lycoris.kohya")
     text_encoder, unet = tiny_sd1()
-    # "attn-mlp": LyCORIS' default "full" preset also names U-Net layers that collide under diffusers 0.42
+    # "attn-mlp": stock LyCORIS 4.1's default "full" preset collides (tests/test_lycoris_adapter.py)
     network = lycoris_kohya.create_network(1.0, 4, 1.0, None, text_encoder, unet, algo="locon", preset="attn-mlp")
     network.apply_to(text_encoder, unet, True, True)
     network.prepare_grad_etc(text_encoder, unet)

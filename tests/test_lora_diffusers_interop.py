@@ -6,6 +6,8 @@ here checks our key names, alphas and shapes against an independent reader. Need
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -77,3 +79,31 @@ def test_diffusers_loads_our_file_with_identical_outputs(tmp_path, name, network
     for ours_h, theirs_h, base_h in zip(our_hidden, their_hidden, base_hidden):
         assert not torch.allclose(ours_h, base_h, atol=1e-3)
         torch.testing.assert_close(theirs_h, ours_h, rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module_name, network_args", [("networks.lora_fa", {"conv_dim": "2"}),
+                                                       ("networks.dylora", {"conv_dim": "4", "unit": "2"})])
+def test_diffusers_loads_lora_fa_and_dylora_files(tmp_path, module_name, network_args):
+    """Both write kohya LoRA files: diffusers reads them and gives our network's (eval-mode) outputs."""
+    ours = build_pipeline("tiny-sd1")
+    network = importlib.import_module(module_name).create_network(
+        1.0, 4, 2.0, None, ours.text_encoder, ours.unet, **network_args
+    )
+    network.apply_to(ours.text_encoder, ours.unet)
+    network.eval()
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for param_name, param in network.named_parameters():
+            if "lora_up" in param_name or ".lora_B." in param_name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    path = tmp_path / "lora.safetensors"
+    network.save_weights(str(path), torch.float32, {"ss_network_module": module_name})
+    our_sample, our_hidden = outputs(ours)
+
+    theirs = build_pipeline("tiny-sd1")
+    theirs.load_lora_weights(str(path))
+    their_sample, their_hidden = outputs(theirs)
+    torch.testing.assert_close(their_sample, our_sample, rtol=0, atol=1e-4)
+    torch.testing.assert_close(their_hidden[0], our_hidden[0], rtol=0, atol=1e-4)
+    assert not torch.allclose(our_sample, outputs(build_pipeline("tiny-sd1"))[0], atol=1e-3)

@@ -366,8 +366,9 @@ def test_block_lr_presets_and_lists():
     network = create_network(1.0, 4, 1.0, None, encoders[0], unet,
                              down_lr_weight="cosine+0.25", up_lr_weight="0.5,0,2", block_lr_zero_threshold="0.1")
     cosine = [math.cos(math.pi / 2 * i / 11) + 0.25 for i in range(12)]
-    assert network.down_lr_weight == pytest.approx(cosine)
-    assert network.up_lr_weight == [0.5, 0.0, 2.0] + [1.0] * 9  # short lists are filled with 1
+    assert network.block_lr_weight[:12] == pytest.approx(cosine)
+    assert network.block_lr_weight[12] == 1.0  # mid: not given
+    assert network.block_lr_weight[13:] == [0.5, 0.0, 2.0] + [1.0] * 9  # short lists are filled with 1
     with pytest.raises(ValueError, match="unknown down_lr_weight preset 'wave'"):
         create_network(1.0, 4, 1.0, None, encoders[0], unet, down_lr_weight="wave")
 
@@ -382,6 +383,107 @@ def test_block_dims_and_alphas():
     assert by_block == {(4, 2, 3.0), (12, 6, 3.0), (14, 8, 3.0)}
     with pytest.raises(ValueError, match="block_dims needs 25 values"):
         create_network(1.0, 4, 1.0, None, encoders[0], unet, block_dims="4,4")
+
+
+# SDXL block-wise settings, checked against sd-scripts' rules written out here from its networks/lora.py:
+# a U-Net module's block is read from its kohya name — input_blocks_{k} → 1 + k, middle_block_{k} → 10 + k,
+# output_blocks_{k} → 13 + k (0 and 22, time_embed / out, have no LoRA); the lr weights are
+# [1.0] + down (9) + mid (3) + up (9) + [1.0], and the presets ramp over 9 blocks.
+SDXL_LINEAR = [0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]
+
+
+def upstream_sdxl_block(lora_name: str) -> int:
+    name = lora_name.removeprefix("lora_unet_")
+    for prefix, first in (("input_blocks_", 1), ("middle_block_", 10), ("output_blocks_", 13)):
+        if name.startswith(prefix):
+            return first + int(name[len(prefix):].split("_")[0])
+    raise AssertionError(f"no SDXL block for {lora_name}")
+
+
+@pytest.mark.slow
+def test_sdxl_block_dims_follow_the_23_block_layout(real_models_on_meta):
+    unet = real_models_on_meta["sdxl"][1]  # U-Net only: block settings do not touch the text encoders
+    with torch.device("meta"):
+        default_names = module_names(create_network(1.0, 4, 1.0, None, None, unet, conv_dim="4"))[1]
+        dims = [i % 5 + 1 for i in range(23)]
+        dims[5] = dims[18] = 0  # input_blocks_4, output_blocks_5: no modules
+        conv_dims = [i % 3 + 1 for i in range(23)]
+        network = create_network(1.0, 4, 1.0, None, None, unet, block_dims=",".join(map(str, dims)),
+                                 block_alphas=",".join(str(d / 2) for d in range(23)),
+                                 conv_block_dims=",".join(map(str, conv_dims)))
+    expected = {}
+    for name in default_names:
+        block = upstream_sdxl_block(name)
+        conv3x3 = name.endswith(("_in_layers_2", "_out_layers_3", "_op", "_conv"))
+        if not conv3x3 and dims[block]:
+            expected[name] = (dims[block], block / 2)
+        elif conv3x3:
+            expected[name] = (conv_dims[block], 1.0)  # conv_block_alphas default: conv_alpha, else 1
+    got = {m.lora_name: (m.lora_dim, round(m.scale * m.lora_dim, 6)) for m in network.unet_loras}  # meta alpha
+    assert got == expected
+    assert not any("input_blocks_4_" in n and not n.endswith(("_in_layers_2", "_out_layers_3")) for n in got)
+    with pytest.raises(ValueError, match="block_dims needs 23 values"):
+        create_network(1.0, 4, 1.0, None, None, unet, block_dims=",".join(["4"] * 25))
+
+
+def test_sdxl_lr_weight_presets_and_lists(real_models_on_meta):
+    unet = real_models_on_meta["sdxl"][1]  # U-Net only: block settings do not touch the text encoders
+    with torch.device("meta"):
+        network = create_network(1.0, 4, 1.0, None, None, unet, down_lr_weight="linear",
+                                 mid_lr_weight="1,0.5,1", up_lr_weight="sine+0.5")
+        network.apply_to(None, unet)
+        groups, descriptions = network.prepare_optimizer_params(None, 1e-3, 1e-3)
+    sine = [math.sin(math.pi / 2 * i / 8) + 0.5 for i in range(9)]
+    weights = [1.0] + SDXL_LINEAR + [1.0, 0.5, 1.0] + sine + [1.0]
+    checked = set()
+    for group, description in zip(groups, descriptions):
+        for name in group["param_names"]:
+            block = upstream_sdxl_block(name.split(".")[0])
+            assert description == f"unet_block{block}"
+            assert group["lr"] == pytest.approx(1e-3 * weights[block])
+            checked.add(block)
+    assert checked == {5, 6, 8, 9, 11, 13, 14, 15, 16, 17, 18}  # SDXL's attention blocks
+    assert network.block_lr_weight[9] == 1.0  # input_blocks_8 trains at the full lr (linear reaches 1.0)
+
+
+def test_sdxl_zero_lr_weight_blocks_have_no_modules(tmp_path):
+    encoders, unet = tiny("tiny-sdxl")
+    network = create_network(1.0, 4, 1.0, None, encoders, unet, conv_dim="2", mid_lr_weight="1,0,1",
+                             up_lr_weight="0,0,1,1,1,1,1,1,1")
+    full = create_network(1.0, 4, 1.0, None, encoders, unet, conv_dim="2")
+    removed = {n for n in module_names(full)[1] if upstream_sdxl_block(n) in (11, 13, 14)}
+    assert removed and module_names(network)[1] == module_names(full)[1] - removed
+    assert module_names(network)[0] == module_names(full)[0]  # text encoders keep every module
+    network.apply_to(encoders, unet)
+    network.save_weights(str(tmp_path / "blocks.safetensors"), torch.float32, {})
+    keys, _ = lora_format.load_lora_file(str(tmp_path / "blocks.safetensors"))
+    assert not any(k.startswith(("lora_unet_middle_block_1_", "lora_unet_output_blocks_0_")) for k in keys)
+    assert any(k.startswith("lora_unet_middle_block_2_") for k in keys)
+
+
+def test_sd1_zero_lr_weight_blocks_have_no_modules():
+    encoders, unet = tiny("tiny-sd1")
+    network = create_network(1.0, 4, 1.0, None, encoders[0], unet, down_lr_weight="zeros")
+    names = module_names(network)[1]
+    assert names and not any(n.startswith("lora_unet_down_blocks_") for n in names)
+    with pytest.raises(ValueError, match="block_dims needs 25 values"):
+        create_network(1.0, 4, 1.0, None, encoders[0], unet, block_dims=",".join(["4"] * 23))
+
+
+def test_lr_weight_parsing_like_sd_scripts(caplog):
+    encoders, unet = tiny("tiny-sd1")
+    network = create_network(1.0, 4, 1.0, None, encoders[0], unet, up_lr_weight="0.5,,2", mid_lr_weight="1,0.5,1")
+    assert network.block_lr_weight[12:16] == [1.0, 0.5, 0.0, 2.0]  # SD 1.x mid takes 1 value; '' is 0
+    assert "mid_lr_weight has 3 values; only the first 1 are used" in caplog.text
+    with pytest.raises(ValueError, match="unknown down_lr_weight preset '0.5'"):
+        create_network(1.0, 4, 1.0, None, encoders[0], unet, down_lr_weight="0.5")
+    with pytest.raises(ValueError, match="expected a number after"):
+        create_network(1.0, 4, 1.0, None, encoders[0], unet, down_lr_weight="linear+x")
+    caplog.clear()
+    network = create_network(1.0, 4, 1.0, None, encoders[0], unet, conv_block_dims=",".join(["2"] * 25),
+                             block_lr_zero_threshold="0.5")
+    assert "conv_block_dims, block_lr_zero_threshold have no effect without block_dims" in caplog.text
+    assert network.block_lr_weight is None and network.conv_block_dims is None  # ignored, as in sd-scripts
 
 
 # --------------------------------------------------------------------------------------------- network args
