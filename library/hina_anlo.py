@@ -31,11 +31,6 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-try:  # the fused CPU kernel lives beside this file; copied alone, ANLO uses torch ops everywhere
-    from . import anlo_cpu_kernel as _cpu_kernel
-except ImportError:
-    _cpu_kernel = None
-
 __all__ = ["ANLO", "lora_module_key"]
 
 logger = logging.getLogger(__name__)
@@ -84,7 +79,7 @@ _GROUP_OPTIONS = (
 # Optimizer-wide options: constructor only.
 _OPTIMIZER_OPTIONS = (
     "normalization", "normalize_frequency", "sinkgd_iterations", "orthogonalize", "stochastic_rounding", "foreach",
-    "fused", "verbose",
+    "verbose",
 )  # fmt: skip
 #: Values of the ``normalization`` option: which norm each step divides by.
 NORMALIZATIONS = ("layer", "alternating", "global")
@@ -122,22 +117,6 @@ def _check_real(name: str, value: Any, low: float = 0.0, high: float = math.inf)
     ):
         bounds = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
         raise ValueError(f"Invalid {name}: {value!r} (must be a finite number {bounds})")
-
-
-def _check_fused_supported(params: list[Tensor]) -> None:
-    """Raise unless ``fused=True`` can step ``params``: the kernel builds and every parameter is float32 on the CPU."""
-    unsupported = [p for p in params if p.device.type != "cpu" or p.dtype != torch.float32]
-    if unsupported:
-        p = unsupported[0]
-        raise ValueError(
-            f"ANLO(fused=True) steps float32 CPU parameters only, got {p.dtype} on {p.device}; "
-            "leave fused=None to use the kernel where it applies"
-        )
-    if _cpu_kernel is None or _cpu_kernel.load() is None:
-        raise RuntimeError(
-            "ANLO(fused=True): the fused CPU kernel is unavailable (no C compiler, Windows, ANLO_CPU_KERNEL=0, "
-            "or library/anlo_cpu_kernel.py missing; the log says which); leave fused=None to fall back"
-        )
 
 
 def _check_bool(name: str, value: Any) -> None:
@@ -422,24 +401,16 @@ class _Bucket:
 
     def __init__(
         self, device: torch.device, dtype: torch.dtype, positions: list[int], index: Optional[Tensor],
-        stat_dtype: torch.dtype, kernel: Any, numels: list[int],
+        stat_dtype: torch.dtype,
     ) -> None:  # fmt: skip
         self.device = device
         self.dtype = dtype
         self.positions = positions
         self.index = index  # selects the bucket from the per-tensor vectors; None if it is all of them
-        self.kernel = kernel  # the fused CPU kernel library for a CPU float32 bucket, else None
         self.coefs = torch.empty(len(positions), dtype=stat_dtype, device=device)
         self.decays = torch.empty_like(self.coefs)
         self.coef_views = self.coefs.unbind(0)
         self.decay_views = self.decays.unbind(0)
-        self.numels = torch.tensor(numels, dtype=torch.int64) if kernel is not None else None
-
-    def kernel_batch(self, params: list[Tensor], grads: list[Tensor]) -> Any:
-        """This step's :class:`anlo_cpu_kernel.Batch` if the fused kernel can step the bucket, else None."""
-        if self.kernel is None:
-            return None
-        return _cpu_kernel.batch(self.kernel, self.select(params), self.select(grads), self.numels)
 
     def select(self, tensors: list[Tensor]) -> list[Tensor]:
         """This bucket's entries of a per-tensor list (the list itself when the bucket is all of it)."""
@@ -450,7 +421,7 @@ class _Bucket:
         buffer.copy_(vector if self.index is None else vector[self.index])
 
     def tensors(self) -> list[Tensor]:
-        return [t for t in (self.index, self.coefs, self.decays, self.numels) if t is not None]
+        return [t for t in (self.index, self.coefs, self.decays) if t is not None]
 
 
 @dataclass
@@ -540,14 +511,8 @@ class ANLO(torch.optim.Optimizer):
             updates are not lost to round-to-nearest. Other dtypes are unaffected. (default: True)
         foreach: use the multi-tensor (``torch._foreach_*``) implementation; False runs a plain loop
             over tensors with the same arithmetic. (default: None = True)
-        fused: step float32 CPU tensors with ANLO's fused CPU kernel (``library/anlo_cpu_kernel.py``,
-            built with the system C compiler on first use): one call per pass over all tensors instead
-            of one torch kernel per tensor. None uses it where it can be built, unless ``foreach=False``;
-            True requires it (and float32 CPU parameters); False never uses it. Other devices and
-            dtypes always use ``foreach``. (default: None)
-
     All options except ``normalization``, ``normalize_frequency``, ``sinkgd_iterations``, ``orthogonalize``,
-    ``stochastic_rounding``, ``foreach``, ``fused`` and ``verbose`` can be set per parameter group.
+    ``stochastic_rounding``, ``foreach`` and ``verbose`` can be set per parameter group.
     Unknown keyword arguments raise ``TypeError``.
     """
 
@@ -575,7 +540,6 @@ class ANLO(torch.optim.Optimizer):
         orthogonalize: bool = False,
         stochastic_rounding: bool = True,
         foreach: Optional[bool] = None,
-        fused: Optional[bool] = None,
         **kwargs: Any,
     ) -> None:
         if kwargs:
@@ -600,10 +564,6 @@ class ANLO(torch.optim.Optimizer):
         _check_bool("stochastic_rounding", stochastic_rounding)
         if foreach is not None:
             _check_bool("foreach", foreach)
-        if fused is not None:
-            _check_bool("fused", fused)
-        if fused and foreach:
-            raise ValueError("Invalid foreach/fused: they cannot both be True (fused is its own implementation)")
         defaults = dict(
             lr=lr,
             eps=eps,
@@ -623,7 +583,6 @@ class ANLO(torch.optim.Optimizer):
         self.orthogonalize = orthogonalize
         self.stochastic_rounding = stochastic_rounding
         self.foreach = True if foreach is None else foreach
-        self.fused = fused
         self.verbose = verbose
         self._init_runtime_state()
         super().__init__(params, defaults)
@@ -650,7 +609,6 @@ class ANLO(torch.optim.Optimizer):
             orthogonalize=self.orthogonalize,
             stochastic_rounding=self.stochastic_rounding,
             foreach=self.foreach,
-            fused=self.fused,
             verbose=self.verbose,
         )
         return state
@@ -663,7 +621,8 @@ class ANLO(torch.optim.Optimizer):
             return
         step = state.pop("_step", 0)
         # Pickled before these options existed: what ANLO did then.
-        legacy = {"normalization": "alternating", "sinkgd_iterations": 0, "orthogonalize": False, "fused": None}
+        state.pop("fused", None)  # an option of the fused CPU kernel, removed
+        legacy = {"normalization": "alternating", "sinkgd_iterations": 0, "orthogonalize": False}
         for name, value in legacy.items():
             state.setdefault(name, value)
         self._init_runtime_state()
@@ -687,9 +646,7 @@ class ANLO(torch.optim.Optimizer):
                     f"Invalid param_names: expected {len(group['params'])} strings, one per parameter "
                     f"of the group, got {len(names)} entries"
                 )
-            if self.fused:
-                _check_fused_supported(group["params"])
-        except (ValueError, RuntimeError):
+        except ValueError:
             self.param_groups.pop()
             raise
         self._layout = None
@@ -771,14 +728,8 @@ class ANLO(torch.optim.Optimizer):
 
         # Pass 1 reads every gradient once: squared norms per tensor, then everything else works on
         # vectors with one entry per tensor.
-        kernels = [bucket.kernel_batch(params, grads) for bucket in layout.buckets]
         grad_sq = self._gather(
-            [
-                _squared_norms(bucket.select(grads), layout.stat_dtype, self.foreach)
-                if kernel is None
-                else kernel.squared_norms().to(layout.stat_dtype)
-                for bucket, kernel in zip(layout.buckets, kernels)
-            ],
+            [_squared_norms(bucket.select(grads), layout.stat_dtype, self.foreach) for bucket in layout.buckets],
             layout,
         )
         update_sq, update_dot_grad = self._apply_coupled_decay_to_norms(params, grads, grad_sq, layout)
@@ -796,7 +747,7 @@ class ANLO(torch.optim.Optimizer):
             # The flag is already in host memory, so reading it costs no synchronization; skip here.
             self._report_skipped_steps()
         else:
-            self._apply_updates(params, grads, coefs, decays, decayed, layout, kernels, step)
+            self._apply_updates(params, grads, coefs, decays, decayed, layout, step)
         self._step += 1
         if self.verbose and self._step % self.log_interval == 0:
             self._log_summary()
@@ -883,9 +834,7 @@ class ANLO(torch.optim.Optimizer):
         identity = len(by_kind) == 1
         buckets = [
             _Bucket(
-                dev, dtype, positions, None if identity else torch.tensor(positions, device=device), stat_dtype,
-                kernel=self._kernel() if dev.type == "cpu" and dtype == torch.float32 else None,
-                numels=[params[i].numel() for i in positions],
+                dev, dtype, positions, None if identity else torch.tensor(positions, device=device), stat_dtype
             )
             for (dev, dtype), positions in by_kind.items()
         ]  # fmt: skip
@@ -904,11 +853,6 @@ class ANLO(torch.optim.Optimizer):
             buckets=buckets,
             inverse_order=inverse_order,
         )
-
-    def _kernel(self) -> Any:
-        """The fused CPU kernel library when this optimizer may use it and it builds, else None."""
-        wanted = self.fused if self.fused is not None else self.foreach
-        return _cpu_kernel.load() if wanted and _cpu_kernel is not None else None
 
     @staticmethod
     def _gather(vectors: list[Tensor], layout: _Layout) -> Tensor:
@@ -1056,12 +1000,10 @@ class ANLO(torch.optim.Optimizer):
         decays: Optional[Tensor],
         decayed: list[bool],
         layout: _Layout,
-        kernels: list[Any],
         step: int,
     ) -> None:
-        """Write ``p <- p * d + c * g``, one (device, dtype) bucket at a time (``kernels``: per bucket, the
-        fused CPU kernel's batch or None)."""
-        for bucket, kernel in zip(layout.buckets, kernels):
+        """Write ``p <- p * d + c * g``, one (device, dtype) bucket at a time."""
+        for bucket in layout.buckets:
             b_params, b_grads = bucket.select(params), bucket.select(grads)
             if not layout.on_host:
                 # The skip decision stays on the device, so non-finite gradients must not reach the
@@ -1071,14 +1013,6 @@ class ANLO(torch.optim.Optimizer):
             bucket.load(bucket.coefs, coefs)
             if decays is not None:
                 bucket.load(bucket.decays, decays)
-            if kernel is not None:
-                # Tensors without decay have d = 1 exactly, and p * 1 + c * g is p + c * g bit for bit.
-                b_coefs, b_decays_vector = bucket.coefs, bucket.decays if decays is not None else None
-                if b_coefs.dtype != torch.float32:  # float64 statistics, when a float64 bucket exists
-                    b_coefs = b_coefs.float()
-                    b_decays_vector = None if b_decays_vector is None else b_decays_vector.float()
-                kernel.update_(b_coefs, b_decays_vector)
-                continue
             b_decays: list[Optional[Tensor]] = [None] * len(b_params)
             if decays is not None:
                 b_decays = [d if decayed[i] else None for d, i in zip(bucket.decay_views, bucket.positions)]

@@ -5,7 +5,8 @@
 the skip and cautious counters, and, for the resume case, the parameters and ``state_dict()`` half way.
 ``tests/test_anlo_golden.py`` reruns the cases and asserts the parameters are equal bit for bit, so a
 change to the optimizer's code that moves any number fails there. The fixture was written by the
-implementation of commit 5385cdf (before the step was restructured).
+implementation of commit 5385cdf (before the step was restructured), every case with ``fused=False``: torch's
+own ops, the only path since the fused CPU kernel was removed.
 """
 
 from __future__ import annotations
@@ -22,14 +23,6 @@ if __name__ == "__main__":
 from library.hina_anlo import ANLO  # noqa: E402
 
 FIXTURE = Path(__file__).with_name("data") / "anlo_golden.pt"
-#: Options every case runs with: torch's own (foreach) write path, the path the golden numbers pin down.
-BASE_OPTIONS: dict[str, Any] = {"fused": False}
-#: Cases also recorded with the fused CPU kernel (the default path where it builds when the fixture was made),
-#: stored as ``"<case>@kernel"``.
-KERNEL_CASES = (
-    "default", "default_unnamed", "alternating", "loraplus", "coupled_decay", "decoupled_decay",
-    "cautious_coupled", "nonfinite_skip", "resume_alternating",
-)  # fmt: skip
 STEPS = 5
 RESUME_AT = 3
 
@@ -143,7 +136,7 @@ def set_grads(params: list[torch.Tensor], case: dict[str, Any], step: int) -> No
             p.grad = None
 
 
-def build(case: dict[str, Any], params: list[torch.Tensor], base: Optional[dict[str, Any]] = None) -> ANLO:
+def build(case: dict[str, Any], params: list[torch.Tensor]) -> ANLO:
     names = list(SHAPES)
     grouping = case.get("groups", "one")
     if grouping == "one":
@@ -162,8 +155,7 @@ def build(case: dict[str, Any], params: list[torch.Tensor], base: Optional[dict[
         if case["names"]:
             group["param_names"] = [names[i] for i in indices]
         groups.append(group)
-    options = dict(BASE_OPTIONS if base is None else base)
-    return ANLO(groups, **options, **case["options"])
+    return ANLO(groups, **case["options"])
 
 
 def run(case: dict[str, Any], steps: range, params: list[torch.Tensor], optimizer: ANLO) -> None:
@@ -177,10 +169,10 @@ def flat(params: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([p.detach().double().reshape(-1) for p in params])
 
 
-def record(case: dict[str, Any], base: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def record(case: dict[str, Any]) -> dict[str, Any]:
     """Run ``case`` from the start and return what the fixture stores for it."""
     params = initial_params(case)
-    optimizer = build(case, params, base)
+    optimizer = build(case, params)
     result: dict[str, Any] = {}
     if case.get("resume"):
         run(case, range(RESUME_AT), params, optimizer)
@@ -199,7 +191,6 @@ def record(case: dict[str, Any], base: Optional[dict[str, Any]] = None) -> dict[
 def main() -> None:
     torch.set_num_threads(1)
     fixture = {name: record(case) for name, case in CASES.items()}
-    fixture.update({f"{name}@kernel": record(CASES[name], base={}) for name in KERNEL_CASES})
     FIXTURE.parent.mkdir(exist_ok=True)
     torch.save(fixture, FIXTURE)
     print(f"wrote {FIXTURE} ({FIXTURE.stat().st_size} bytes, {len(fixture)} cases)")

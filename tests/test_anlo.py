@@ -534,13 +534,13 @@ def test_accelerate_save_state_and_load_state_resume(tmp_path):
     accelerate = pytest.importorskip("accelerate")
     params = _make_params(torch.float32)
     model = torch.nn.ParameterList(params)
-    opt = _build(params, [_config(), _config()], normalization="layer", sinkgd_iterations=1, fused=False)
+    opt = _build(params, [_config(), _config()], normalization="layer", sinkgd_iterations=1, foreach=False)
     grads = _make_grads(5, torch.float32)
     accelerator = accelerate.Accelerator(cpu=True)
     try:
         model, prepared = accelerator.prepare(model, opt)
         # prepare() round-trips the optimizer through load_state_dict(): the options must survive it
-        assert (opt.normalization, opt.sinkgd_iterations, opt.fused) == ("layer", 1, False)
+        assert (opt.normalization, opt.sinkgd_iterations, opt.foreach) == ("layer", 1, False)
         _run(prepared, params, grads[:3])
         accelerator.save_state(str(tmp_path / "state"))
         _run(prepared, params, grads[3:])
@@ -558,11 +558,11 @@ def test_load_state_dict_keeps_the_options_and_counters():
     """torch's load_state_dict() hands __setstate__ only "state" and "param_groups"."""
     params = _make_params()
     opt = _build(
-        params, [_config(), _config()], normalization="global", sinkgd_iterations=2, orthogonalize=True, fused=False
+        params, [_config(), _config()], normalization="global", sinkgd_iterations=2, orthogonalize=True, foreach=False
     )
     _run(opt, params, _make_grads(3))
     opt.load_state_dict(opt.state_dict())
-    assert (opt.normalization, opt.sinkgd_iterations, opt.orthogonalize, opt.fused) == ("global", 2, True, False)
+    assert (opt.normalization, opt.sinkgd_iterations, opt.orthogonalize, opt.foreach) == ("global", 2, True, False)
     assert opt.get_normalization_stats()["step_count"] == 3
 
 
@@ -617,6 +617,18 @@ def test_pickle_keeps_step_and_options():
     assert pickle.loads(pickle.dumps(single_mode)).normalization == "global"
     copied = copy.deepcopy(opt)
     assert copied.state_dict()["anlo_step"] == 4
+
+
+def test_an_optimizer_pickled_with_the_removed_fused_option_unpickles():
+    params = _make_params()
+    opt = _build(params, [_config(), _config()])
+    state = opt.__getstate__()
+    state["fused"] = None  # what ANLO pickled while it had its fused CPU kernel
+    clone = ANLO.__new__(ANLO)
+    clone.__setstate__(state)
+    assert not hasattr(clone, "fused")
+    _run(clone, params, _make_grads(1))
+    assert clone.get_normalization_stats()["step_count"] == 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -719,7 +731,7 @@ def test_foreach_and_for_loop_paths_agree():
     results = []
     for foreach in (True, False):
         params = _mixed_params()
-        opt = _sample_optimizer(params, foreach=foreach, fused=False, normalize_frequency=2)
+        opt = _sample_optimizer(params, foreach=foreach, normalize_frequency=2)
         _run(opt, params, [[g.to(p.dtype) for g, p in zip(step, params)] for step in grads])
         results.append(params)
     for a, b in zip(*results):
