@@ -619,6 +619,39 @@ def test_pickle_keeps_step_and_options():
     assert copied.state_dict()["anlo_step"] == 4
 
 
+def test_the_seeds_normalization_seams_return_the_scales_and_write_nothing():
+    params = _make_params()
+    lrs = (1e-3, 1e-2)
+    opt = _build(params, [_config(lr=lrs[0]), _config(lr=lrs[1])], normalization="layer", sinkgd_iterations=1)
+    grads = _make_grads(1)[0]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    before = [p.detach().clone() for p in params]
+    global_scales = opt._apply_global_normalization()
+    layer_scales = opt._apply_layer_normalization()
+    for p, b, g in zip(params, before, grads):  # neither the weights nor the gradients (SinkGD ran on a copy)
+        assert torch.equal(p.detach(), b) and torch.equal(p.grad, g)
+    assert opt.get_normalization_stats()["step_count"] == 0
+    transformed = [g.clone() for g in grads]
+    for g in transformed:
+        hina_anlo._row_column_normalize_(g, 1)
+    eps_t = 1e-8 * 10  # adaptive eps at step 0
+    total = math.sqrt(sum(float(g.double().square().sum()) for g in transformed))
+    n = sum(g.numel() for g in transformed)
+    for scale in global_scales.tolist():
+        assert scale == pytest.approx(math.sqrt(n) / (total + eps_t), rel=1e-6)
+    for i, scale in enumerate(layer_scales.tolist()):
+        members = [j for j in range(len(params)) if LAYER_OF[j] == LAYER_OF[i]]
+        norm = math.sqrt(sum(float(transformed[j].double().square().sum()) for j in members))
+        numel = sum(transformed[j].numel() for j in members)
+        assert scale == pytest.approx(math.sqrt(numel) / (norm + eps_t), rel=1e-6)
+    # the step itself then applies exactly those layer scales: p - lr * s * u
+    opt.step()
+    for i, (p, b) in enumerate(zip(params, before)):
+        expected = b - lrs[GROUP_OF[i]] * layer_scales[i] * transformed[i]
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-15)
+
+
 def test_an_optimizer_pickled_with_the_removed_fused_option_unpickles():
     params = _make_params()
     opt = _build(params, [_config(), _config()])
