@@ -10,9 +10,9 @@ norm over every gradient of every parameter group)::
     s     = w_global * sqrt(N)   / (||u_all||_2 + eps_t)       global steps
     p    <- p - lr_p * s * u_p                (per parameter group lr, so LoRA+ ratios survive)
 
-By default every step is a layer step (``normalization="layer"``): in the LoRA benchmark it ended 1 %
-below the seed algorithm, ``normalization="alternating"``, which alternates global and layer steps
-every ``normalize_frequency`` steps (docs/benchmarks.md).
+By default every step is a layer step (``normalization="layer"``); the seed algorithm,
+``normalization="alternating"``, alternates global and layer steps every ``normalize_frequency`` steps.
+:func:`_anlo_step_` is the step; docs/benchmarks.md has what was measured.
 
 See ``docs/ANLO.md`` for the full definition, the options and the statistics. The module depends on
 torch only.
@@ -744,25 +744,26 @@ class ANLO(torch.optim.Optimizer):
         verbose: log a one-line summary every ``log_interval`` (100) steps via ``logging``; reading
             the numbers synchronizes with the device at those steps only. (default: False)
         decoupled_weight_decay: True decays AdamW-style, ``p *= 1 - lr * wd``; False decays like the
-            seed algorithm (``wd * p`` added to the gradient before normalization), which in the LoRA
-            benchmark (docs/benchmarks.md) cost 26 % validation loss at wd 0.01. (default: True)
+            seed algorithm (``wd * p`` added to the gradient before normalization, where it competes with
+            the gradient for the fixed step size; one more pass over gradients and parameters). (default: True)
         normalization: ``"layer"`` (every step a layer step), ``"alternating"`` (global and layer steps
             in turn, see ``normalize_frequency``: the seed algorithm) or ``"global"`` (every step a global
             step). (default: None = ``"layer"``, or ``"alternating"`` if ``normalize_frequency`` > 1)
         sinkgd_iterations: before normalizing, rescale the rows and columns of every >= 2-D gradient
             to unit RMS this many times, in place in ``p.grad`` (SinkGD, arXiv 2502.06742). 0 = off.
-            At 1 it ended 0.2-0.5 % below the default in the LoRA benchmark (5 did no better), but its
-            per-tensor loops made a CPU step about 3.7x slower. (default: 0)
+            Costs a few torch operations per tensor and iteration, and a float32 temporary of one
+            gradient. (default: 0)
         orthogonalize: before normalizing (after SinkGD), replace every >= 2-D gradient, in place in
             ``p.grad``, by its orthogonal polar factor: every singular value set to 1 (SWAN's whitening,
             arXiv 2412.13148; Muon without momentum), singular values far below the largest damped instead.
             From each gradient's small Gram matrix (rank x rank for a LoRA factor): by ``eigh`` on the CPU,
-            by Newton-Schulz steps without host synchronization on CUDA. In the LoRA benchmark it ended about
-            1 % below AdamW, but it made a CPU step about 10x as long. (default: False)
+            by Newton-Schulz steps without host synchronization on CUDA. Costs about ``4 r`` flops per
+            parameter (rank ``r``) plus one small decomposition per tensor. (default: False)
         stochastic_rounding: update bfloat16 parameters in float32 and round stochastically, so tiny
             updates are not lost to round-to-nearest. Other dtypes are unaffected. (default: True)
         foreach: use the multi-tensor (``torch._foreach_*``) implementation; False runs a plain loop
             over tensors with the same arithmetic. (default: None = True)
+
     All options except ``normalization``, ``normalize_frequency``, ``sinkgd_iterations``, ``orthogonalize``,
     ``stochastic_rounding``, ``foreach`` and ``verbose`` can be set per parameter group.
     Unknown keyword arguments raise ``TypeError``.
