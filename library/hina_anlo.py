@@ -966,6 +966,7 @@ class ANLO(torch.optim.Optimizer):
         params, grads, counts = self._collect()
         if params:
             record = self._run_step(params, grads, counts, self._mode(self._step), self._write_pass)
+            self._count_cautious_evaluations(counts)
             self._last = record
             self._skipped = _accumulate(self._skipped, ~record.finite)
             if record.fired is not None:
@@ -984,10 +985,6 @@ class ANLO(torch.optim.Optimizer):
         """:func:`_anlo_step_` with this optimizer's layout, per-tensor options and optimizer-wide options."""
         layout = self._get_layout(params, counts)
         options = self._get_options(layout)
-        for group_index, start, end in layout.group_slices:
-            if self.param_groups[group_index]["use_cautious_update"]:
-                self._cautious_evaluated += [0] * (len(self.param_groups) - len(self._cautious_evaluated))
-                self._cautious_evaluated[group_index] += end - start
         step = self._step
         return _anlo_step_(
             params, grads, layout, options, mode, step,
@@ -996,10 +993,19 @@ class ANLO(torch.optim.Optimizer):
             write_pass=None if write_pass is None else functools.partial(write_pass, step=step),
         )  # fmt: skip
 
+    def _count_cautious_evaluations(self, counts: list[int]) -> None:
+        """Add each group's tensors with gradients to its count of cautious-gate evaluations, if it has the gate."""
+        self._cautious_evaluated += [0] * (len(self.param_groups) - len(self._cautious_evaluated))
+        for group_index, (group, count) in enumerate(zip(self.param_groups, counts)):
+            if group["use_cautious_update"]:
+                self._cautious_evaluated[group_index] += count
+
     def _write_pass(self, dtype: torch.dtype, device: torch.device, step: int) -> WritePass:
         """The write pass for the parameters of one (device, dtype): the one place that chooses it."""
         if dtype == torch.bfloat16 and self.stochastic_rounding:
-            generator = self._generators.setdefault(device, torch.Generator(device=device))
+            if device not in self._generators:
+                self._generators[device] = torch.Generator(device=device)
+            generator = self._generators[device]
             generator.manual_seed(_SR_SEED + step)  # reproducible, equal on every rank, no state to save
             return functools.partial(_write_low_precision_, generator=generator)
         if dtype in (torch.float16, torch.bfloat16):
@@ -1069,10 +1075,7 @@ class ANLO(torch.optim.Optimizer):
         params, grads, counts = self._collect()
         if not params:
             return torch.empty(0)
-        n_evaluated = list(self._cautious_evaluated)
-        record = self._run_step(params, [g.clone() for g in grads], counts, mode, write_pass=None)
-        self._cautious_evaluated = n_evaluated
-        return record.scale
+        return self._run_step(params, [g.clone() for g in grads], counts, mode, write_pass=None).scale
 
     @staticmethod
     def _apply_cautious_update_optimized(
