@@ -55,7 +55,6 @@ from library.cli import quiet_import_warnings  # noqa: E402
 quiet_import_warnings()  # before diffusers (imported for the model shapes) loads bitsandbytes
 
 from library.architectures import CLIP_L_TEXT, OPENCLIP_BIGG_TEXT, SD15_UNET, SDXL_UNET  # noqa: E402
-from library import anlo_cpu_kernel  # noqa: E402
 from library.hina_anlo import ANLO  # noqa: E402
 from networks.lora import create_network  # noqa: E402
 
@@ -184,8 +183,7 @@ def optimizer_factories() -> dict[str, Callable[[list[Group]], Any]]:
         return build
 
     return {
-        "anlo": anlo(),  # on the CPU: the fused kernel, when it builds (config["anlo_cpu_kernel"] says)
-        "anlo_foreach": anlo(fused=False),
+        "anlo": anlo(),  # the default: torch's multi-tensor (foreach) ops
         "anlo_for_loop": anlo(foreach=False),
         "anlo_alternating": anlo(normalization="alternating"),  # the seed algorithm: global steps cost the same
         "anlo_sinkgd1": anlo(sinkgd_iterations=1),  # row/column normalization: an option that won a little
@@ -210,7 +208,7 @@ REFERENCES = ("floor", "two_pass_floor")
 #: Always run: the ratios are taken to these.
 ALWAYS = ("anlo", "adamw_fused")
 #: What --smoke runs and checks (besides the references).
-SMOKE = ALWAYS + ("anlo_foreach", "anlo_for_loop", "adamw_foreach")
+SMOKE = ALWAYS + ("anlo_for_loop", "adamw_foreach")
 
 
 def reference_steps(groups: list[Group]) -> dict[str, Callable[[], None]]:
@@ -360,7 +358,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "parameters": numel,
             "largest_tensor_bytes": 4 * largest,
             "device": str(device),
-            "anlo_cpu_kernel": device.type == "cpu" and anlo_cpu_kernel.load() is not None,
             "threads": torch.get_num_threads(),
             "repeats": args.repeats,
             "torch": torch.__version__,
@@ -395,7 +392,7 @@ def report(data: dict[str, Any]) -> str:
         f"{config['parameter_set']}, rank {config['rank']}: {config['tensors']} tensors in {config['groups']} groups, "
         f"{config['parameters'] / 1e6:.2f} M parameters, largest tensor {config['largest_tensor_bytes'] / MIB:.2f} MiB; "
         f"{config['device']} ({config['cpu']}), {config['threads']} thread(s), {config['repeats']} interleaved rounds, "
-        f"torch {config['torch']}; ANLO's fused CPU kernel {'on' if config['anlo_cpu_kernel'] else 'off'}",
+        f"torch {config['torch']}",
         "",
         "| optimizer | median ms | min ms | ÷ AdamW fused | ÷ floor | ÷ two-pass floor | state B/param "
         "| extra KiB in step() |",

@@ -10,9 +10,9 @@ norm over every gradient of every parameter group)::
     s     = w_global * sqrt(N)   / (||u_all||_2 + eps_t)       global steps
     p    <- p - lr_p * s * u_p                (per parameter group lr, so LoRA+ ratios survive)
 
-By default every step is a layer step (``normalization="layer"``): in the LoRA benchmark it ended 1 %
-below the seed algorithm, ``normalization="alternating"``, which alternates global and layer steps
-every ``normalize_frequency`` steps (docs/benchmarks.md).
+By default every step is a layer step (``normalization="layer"``); the seed algorithm,
+``normalization="alternating"``, alternates global and layer steps every ``normalize_frequency`` steps.
+:func:`_anlo_step_` is the step; docs/benchmarks.md has what was measured.
 
 See ``docs/ANLO.md`` for the full definition, the options and the statistics. The module depends on
 torch only.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import logging
 import math
 import warnings
@@ -30,11 +31,6 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
-
-try:  # the fused CPU kernel lives beside this file; copied alone, ANLO uses torch ops everywhere
-    from . import anlo_cpu_kernel as _cpu_kernel
-except ImportError:
-    _cpu_kernel = None
 
 __all__ = ["ANLO", "lora_module_key"]
 
@@ -84,7 +80,7 @@ _GROUP_OPTIONS = (
 # Optimizer-wide options: constructor only.
 _OPTIMIZER_OPTIONS = (
     "normalization", "normalize_frequency", "sinkgd_iterations", "orthogonalize", "stochastic_rounding", "foreach",
-    "fused", "verbose",
+    "verbose",
 )  # fmt: skip
 #: Values of the ``normalization`` option: which norm each step divides by.
 NORMALIZATIONS = ("layer", "alternating", "global")
@@ -110,56 +106,318 @@ def lora_module_key(name: str) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------------------------------
-# argument validation
+# the step
 
 
-def _check_real(name: str, value: Any, low: float = 0.0, high: float = math.inf) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or not low <= value <= high
-    ):
-        bounds = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
-        raise ValueError(f"Invalid {name}: {value!r} (must be a finite number {bounds})")
+@dataclass
+class _TensorOptions:
+    """The per-group options, expanded to one entry per tensor with a gradient (in the step's tensor order).
+
+    Numbers are float64 CPU tensors holding the groups' Python floats exactly; the step does its arithmetic on
+    them in float64, as Python would, and converts a result once, where it meets the gradients' statistics.
+    """
+
+    lr: Tensor
+    eps: Tensor
+    adaptive_eps: Tensor  # bool
+    weight_decay: Tensor
+    coupled: Tensor  # bool: weight decay joins the gradient before normalization (decoupled_weight_decay=False)
+    global_norm_weight: Tensor
+    layer_norm_weight: Tensor
+    gated: Tensor  # bool: the cautious gate applies (use_cautious_update with coupled decay; else cosine is 1)
+    cautious_threshold: Tensor
+    cautious_scale: Tensor
+    group: Tensor  # long: each tensor's index into the optimizer's param_groups
+    decayed: list[bool]  # weight_decay != 0
+    coupled_positions: list[int]  # the tensors with coupled decay
 
 
-def _check_fused_supported(params: list[Tensor]) -> None:
-    """Raise unless ``fused=True`` can step ``params``: the kernel builds and every parameter is float32 on the CPU."""
-    unsupported = [p for p in params if p.device.type != "cpu" or p.dtype != torch.float32]
-    if unsupported:
-        p = unsupported[0]
-        raise ValueError(
-            f"ANLO(fused=True) steps float32 CPU parameters only, got {p.dtype} on {p.device}; "
-            "leave fused=None to use the kernel where it applies"
+def _expand_options(groups: list[dict[str, Any]], group_slices: list[tuple[int, int, int]]) -> _TensorOptions:
+    """Each group's options repeated for its tensors (``group_slices``: group index, start, end)."""
+    counts = torch.tensor([end - start for _, start, end in group_slices])
+
+    def per_tensor(name: str, dtype: torch.dtype = torch.float64) -> Tensor:
+        values = [groups[index][name] for index, _, _ in group_slices]
+        return torch.tensor(values, dtype=dtype).repeat_interleave(counts)
+
+    weight_decay = per_tensor("weight_decay")
+    coupled = (weight_decay != 0) & ~per_tensor("decoupled_weight_decay", torch.bool)
+    return _TensorOptions(
+        lr=per_tensor("lr"),
+        eps=per_tensor("eps"),
+        adaptive_eps=per_tensor("adaptive_eps", torch.bool),
+        weight_decay=weight_decay,
+        coupled=coupled,
+        global_norm_weight=per_tensor("global_norm_weight"),
+        layer_norm_weight=per_tensor("layer_norm_weight"),
+        gated=per_tensor("use_cautious_update", torch.bool) & coupled,
+        cautious_threshold=per_tensor("cautious_threshold"),
+        cautious_scale=per_tensor("cautious_scale"),
+        group=torch.tensor([index for index, _, _ in group_slices]).repeat_interleave(counts),
+        decayed=(weight_decay != 0).tolist(),
+        coupled_positions=coupled.nonzero().view(-1).tolist(),
+    )
+
+
+#: A write pass: ``p <- p * d + c * g`` for each tensor (``d`` skipped where None), ``c`` and ``d`` 0-dim tensors.
+WritePass = Callable[[list[Tensor], list[Tensor], Sequence[Tensor], Sequence[Optional[Tensor]]], None]
+
+
+@dataclass
+class _StepRecord:
+    """What a step leaves for the statistics: device tensors, read lazily, never inside ``step()``."""
+
+    mode: str
+    grad_sq: Tensor  # (n,) squared norms of the raw gradients
+    total_sq: Tensor  # squared global norm of what was normalized (gradients + coupled decay)
+    finite: Tensor  # 0-dim bool: the step was taken (False: skipped, nothing written)
+    scale: Tensor  # (n,) the unit-RMS scale s of each tensor
+    fired: Optional[Tensor]  # (groups,) long: tensors whose update the cautious gate scaled; None without the gate
+    group_slices: list[tuple[int, int, int]]
+    num_layers: int
+
+
+def _anlo_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    layout: _Layout,
+    options: _TensorOptions,
+    mode: str,
+    step: int,
+    *,
+    n_groups: int,
+    foreach: bool,
+    sinkgd_iterations: int,
+    orthogonalize: bool,
+    write_pass: Optional[Callable[[torch.dtype, torch.device], WritePass]],
+) -> _StepRecord:
+    """One ANLO step over ``params`` (every tensor with a gradient, group by group), in the order of docs/ANLO.md.
+
+    ``mode`` is ``"global"`` or ``"layer"``. ``write_pass(dtype, device)`` gives the function that writes a
+    (device, dtype) bucket of parameters; ``None`` computes the step without writing anything. Two passes over
+    memory: one reads every gradient (its squared norm), one reads gradient and parameter and writes the
+    parameter; everything in between works on vectors with one entry per tensor and never synchronizes with
+    the device.
+    """
+    dtype, device = layout.stat_dtype, layout.device
+
+    def on_device(values: Tensor) -> Tensor:  # float64 option values -> the statistics' dtype and device
+        return values.to(dtype if values.is_floating_point() else values.dtype).to(device)
+
+    # Optional gradient transforms, in place in p.grad.
+    if sinkgd_iterations:
+        for grad in grads:
+            _row_column_normalize_(grad, sinkgd_iterations)
+    if orthogonalize:
+        _orthogonalize_(grads)
+
+    # ||g||^2 of every tensor: the pass that reads every gradient.
+    grad_sq = _gather([_squared_norms(b.select(grads), dtype, foreach) for b in layout.buckets], layout)
+    # u = g + wd * p where decay is coupled: ||u||^2 and <u, g> without forming u. Elsewhere u = g.
+    update_sq, update_dot_grad = grad_sq, grad_sq
+    if options.coupled_positions:
+        update_sq, update_dot_grad = _coupled_decay_norms(params, grads, grad_sq, options, layout)
+    total_sq = update_sq.sum()
+    finite = torch.isfinite(total_sq)
+
+    # eps_t = eps * (1 + 9 * max(0, 1 - step / 1000)) with adaptive eps, else eps.
+    eps = on_device(torch.where(options.adaptive_eps, options.eps * _adaptive_eps_factor(step), options.eps))
+    if mode == "global":  # s = w_global * sqrt(N) / (||u_all|| + eps_t): one norm over every tensor of every group
+        denominator = total_sq.sqrt() + eps
+        numerator = on_device(options.global_norm_weight * math.sqrt(layout.numel))
+        # 1 / x * y rather than y / x: the rounding tests/data/anlo_golden.pt recorded for global steps
+        scale = torch.where(denominator > 0, denominator.reciprocal() * numerator, 0.0)
+    else:  # s_L = w_layer * sqrt(N_L) / (||u_L|| + eps_t): one norm per layer, shared by the layer's tensors
+        denominator = _sum_per_layer(update_sq, layout.layer_members).sqrt_()[layout.layer_index] + eps
+        numerator = on_device(options.layer_norm_weight) * layout.layer_sqrt_numel
+        scale = torch.where(denominator > 0, numerator / denominator, 0.0)  # 0 for a zero norm with eps = 0
+
+    # c = -lr * s, each tensor with its own group's lr (LoRA+ ratios survive).
+    coef = scale * on_device(-options.lr)
+    fired = None
+    if options.gated.any():  # cautious gate: c *= cautious_scale where cosine(u, g) < cautious_threshold
+        factor, fired = _cautious_gate(
+            update_dot_grad, update_sq, grad_sq, on_device(options.cautious_threshold),
+            on_device(options.cautious_scale), on_device(options.gated),
+        )  # fmt: skip
+        coef = coef * factor
+        fired = torch.zeros(n_groups, dtype=torch.long, device=device).index_add_(
+            0, on_device(options.group), (fired & finite).long()
         )
-    if _cpu_kernel is None or _cpu_kernel.load() is None:
-        raise RuntimeError(
-            "ANLO(fused=True): the fused CPU kernel is unavailable (no C compiler, Windows, ANLO_CPU_KERNEL=0, "
-            "or library/anlo_cpu_kernel.py missing; the log says which); leave fused=None to fall back"
-        )
+    # Non-finite norm: skip the step. p * 1 + (-0.0) * g is p bit for bit (once g's non-finite entries are 0).
+    coef = torch.where(finite, coef, -0.0)
+    # d: coupled decay's part of c * u, 1 + c * wd; decoupled decay, 1 - lr * wd (1 when skipped).
+    decay = None
+    if any(options.decayed):
+        coupled_decay = 1.0 + coef * on_device(options.weight_decay)
+        decoupled_decay = torch.where(finite, on_device(1.0 - options.lr * options.weight_decay), 1.0)
+        decay = torch.where(on_device(options.coupled), coupled_decay, decoupled_decay)
+
+    record = _StepRecord(mode, grad_sq, total_sq, finite, scale, fired, layout.group_slices, layout.num_layers)
+    if write_pass is None or (layout.on_host and not finite):  # on the CPU, reading the flag costs no sync
+        return record
+    # p <- p * d + c * g: the pass that reads every gradient and parameter and writes the parameter.
+    for bucket in layout.buckets:
+        b_params, b_grads = bucket.select(params), bucket.select(grads)
+        if not layout.on_host:  # the skip stays on the device: keep NaN * 0 out of p (a no-op on finite g)
+            for g in b_grads:
+                torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+        bucket.load(bucket.coefs, coef)
+        b_decays: list[Optional[Tensor]] = [None] * len(b_params)
+        if decay is not None:
+            bucket.load(bucket.decays, decay)
+            b_decays = [d if options.decayed[i] else None for d, i in zip(bucket.decay_views, bucket.positions)]
+        write_pass(bucket.dtype, bucket.device)(b_params, b_grads, bucket.coef_views, b_decays)
+    return record
 
 
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"Invalid {name}: {value!r} (must be True or False)")
+def _adaptive_eps_factor(step: int) -> float:
+    """eps_t / eps with adaptive eps: 10 at step 0, falling linearly to 1 at step 1000 and after."""
+    return 1.0 + (_EPS_BOOST - 1.0) * max(0.0, 1.0 - step / _EPS_WARMUP_STEPS)
 
 
-def _validate_group_options(options: dict[str, Any]) -> None:
-    """Raise ``ValueError`` naming the first invalid per-group option."""
-    _check_real("lr", options["lr"])
-    _check_real("eps", options["eps"])
-    _check_real("weight_decay", options["weight_decay"])
-    _check_real("global_norm_weight", options["global_norm_weight"])
-    _check_real("layer_norm_weight", options["layer_norm_weight"])
-    _check_real("cautious_threshold", options["cautious_threshold"], 0.0, 1.0)
-    _check_real("cautious_scale", options["cautious_scale"], 0.0, 1.0)
-    for name in ("decoupled_weight_decay", "adaptive_eps", "use_cautious_update"):
-        _check_bool(name, options[name])
+def _squared_norms(tensors: list[Tensor], dtype: torch.dtype, foreach: bool) -> Tensor:
+    """Squared L2 norm of each tensor, accumulated in ``dtype``, as one 1-D tensor."""
+    if foreach:
+        norms = torch._foreach_norm(tensors, 2, dtype=dtype)
+    else:
+        norms = [torch.linalg.vector_norm(t, 2, dtype=dtype) for t in tensors]
+    return torch.stack(norms).square_()
+
+
+def _gather(vectors: list[Tensor], layout: _Layout) -> Tensor:
+    """Per-bucket vectors -> one vector in the step's tensor order (group by group), on the layout's device."""
+    if layout.inverse_order is None:
+        return vectors[0]
+    return torch.cat([v.to(layout.device) for v in vectors])[layout.inverse_order]
+
+
+def _sum_per_layer(values: Tensor, layer_members: Tensor) -> Tensor:
+    """Per layer, the sum of its tensors' entries of ``values`` (one per tensor), by ``_Layout.layer_members``.
+
+    A gather and a sum over a fixed axis, not an ``index_add_``: on CUDA that adds atomically, in an order
+    that changes from run to run, so layers of three or more tensors (LyCORIS, DoRA) would get sums that
+    differ in the last bit between runs and between data-parallel ranks.
+    """
+    padded = torch.cat([values, values.new_zeros(1)])  # index n, the padding, reads 0
+    return padded[layer_members].sum(dim=1)
+
+
+def _coupled_decay_norms(
+    params: list[Tensor], grads: list[Tensor], grad_sq: Tensor, options: _TensorOptions, layout: _Layout
+) -> tuple[Tensor, Tensor]:
+    """``||u||^2`` and ``<u, g>`` of every tensor, ``u = g + wd * p`` where decay is coupled and ``u = g`` elsewhere.
+
+    ``||g + wd p||^2 = ||g||^2 + 2 wd <g, p> + wd^2 ||p||^2``: one more pass that reads gradient and parameter
+    of those tensors; ``u`` is never formed and the gradients are not modified.
+    """
+    positions = options.coupled_positions
+    dots, params_sq = _decay_terms(
+        [grads[i] for i in positions], [params[i] for i in positions], layout.stat_dtype, layout.device
+    )
+    wd = options.weight_decay[positions]
+    on_device = functools.partial(Tensor.to, device=layout.device, dtype=layout.stat_dtype)
+    index = torch.tensor(positions, device=layout.device)
+    g_sq = grad_sq[index]
+    update_sq = (g_sq + on_device(2 * wd) * dots + on_device(wd * wd) * params_sq).clamp_min_(0)
+    update_dot_grad = g_sq + on_device(wd) * dots
+    return grad_sq.index_put((index,), update_sq), grad_sq.index_put((index,), update_dot_grad)
+
+
+def _decay_terms(
+    grads: list[Tensor], params: list[Tensor], dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """``<g, p>`` and ``||p||^2`` of each pair, accumulated in ``dtype``, as two 1-D tensors on ``device``.
+
+    Low-precision tensors are upcast one at a time, so no temporary exceeds one parameter.
+    """
+    dots, params_sq = [], []
+    for g, p in zip(grads, params):
+        g_flat, p_flat = g.reshape(-1).to(dtype), p.reshape(-1).to(dtype)
+        dots.append(torch.dot(g_flat, p_flat).to(device))
+        params_sq.append(torch.dot(p_flat, p_flat).to(device))
+    return torch.stack(dots), torch.stack(params_sq)
+
+
+def _cautious_gate(
+    dot: Tensor, update_sq: Tensor, grad_sq: Tensor, threshold: Any, scale: Any, gated: Any = True
+) -> tuple[Tensor, Tensor]:
+    """Cautious-update factors from ``<u, g>``, ``||u||^2`` and ``||g||^2`` (element-wise, no host sync).
+
+    Returns ``(factor, fired)``: ``factor`` is ``scale`` where ``gated``, cosine(u, g) < ``threshold`` and both
+    norms are positive, else 1; ``fired`` is the boolean mask of those entries.
+    """
+    cosine = dot / (update_sq.sqrt() * grad_sq.sqrt())
+    fired = (cosine < threshold) & (update_sq > 0) & (grad_sq > 0) & gated
+    return torch.where(fired, scale if isinstance(scale, Tensor) else torch.full_like(dot, scale), 1.0), fired
 
 
 # --------------------------------------------------------------------------------------------------
-# functional core: every function works on lists of tensors of one device and dtype
+# write passes: p <- p * d + c * g, interchangeable; ANLO._write_pass chooses one per (device, dtype) bucket
+
+
+def _write_foreach_(
+    params: list[Tensor], grads: list[Tensor], coefs: Sequence[Tensor], decays: Sequence[Optional[Tensor]]
+) -> None:
+    """Multi-tensor ops: one ``torch._foreach_*`` call per pass over the tensors."""
+    decayed = [(p, d) for p, d in zip(params, decays) if d is not None]
+    if decayed:
+        torch._foreach_mul_([p for p, _ in decayed], [d for _, d in decayed])
+    # The 0-dim coefficients go first: pytorch/pytorch#172731 gives a 0-dim list in that position a
+    # one-launch CUDA path (which torch versions have it is not checked here, no GPU). c * g == g * c.
+    torch._foreach_addcmul_(params, coefs, grads)
+
+
+def _write_per_tensor_(
+    params: list[Tensor], grads: list[Tensor], coefs: Sequence[Tensor], decays: Sequence[Optional[Tensor]]
+) -> None:
+    """The same arithmetic as :func:`_write_foreach_`, one tensor at a time (``foreach=False``)."""
+    for p, d in zip(params, decays):
+        if d is not None:
+            p.mul_(d)
+    for p, g, c in zip(params, grads, coefs):
+        p.addcmul_(c, g)
+
+
+def _write_low_precision_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    coefs: Sequence[Tensor],
+    decays: Sequence[Optional[Tensor]],
+    generator: Optional[torch.Generator] = None,
+) -> None:
+    """float16/bfloat16 parameters: the update in float32, rounded back stochastically into bfloat16 when a
+    ``generator`` is given, else to nearest.
+
+    The coefficients are float32 and may exceed float16's range when gradients are tiny, so they are
+    never cast to the parameter dtype. One tensor at a time: no temporary exceeds one parameter in float32.
+    """
+    for p, g, c, d in zip(params, grads, coefs, decays):
+        x = p.float()
+        if d is not None:
+            x.mul_(d)
+        x.addcmul_(g, c)
+        if generator is not None:
+            _copy_stochastically_rounded_(p, x, generator)
+        else:
+            p.copy_(x)
+
+
+def _copy_stochastically_rounded_(dst: Tensor, src: Tensor, generator: torch.Generator) -> None:
+    """Copy float32 ``src`` into bfloat16 ``dst`` with stochastic rounding (``src`` is clobbered).
+
+    bfloat16 is float32 with the low 16 bits dropped. Adding uniform noise in [0, 2^16) to those bits
+    and truncating rounds the magnitude up with probability equal to the dropped fraction, so the
+    rounding is unbiased. Values already representable in bfloat16 are returned unchanged.
+    """
+    bits = src.view(torch.int32)
+    bits.add_(torch.empty_like(bits).random_(0, 1 << 16, generator=generator))
+    bits.bitwise_and_(-65536)  # 0xFFFF0000
+    dst.copy_(src)
+
+
+# --------------------------------------------------------------------------------------------------
+# gradient transforms (options), in place in p.grad: SinkGD and orthogonalization
 
 
 def _row_column_normalize_(grad: Tensor, iterations: int, eps: float = 1e-12) -> None:
@@ -296,119 +554,6 @@ def _inverse_sqrt_newton_schulz(matrices: Tensor) -> Tensor:
     return m / scale.sqrt()
 
 
-def _squared_norms(tensors: list[Tensor], dtype: torch.dtype, foreach: bool) -> Tensor:
-    """Squared L2 norm of each tensor, accumulated in ``dtype``, as one 1-D tensor."""
-    if foreach:
-        norms = torch._foreach_norm(tensors, 2, dtype=dtype)
-    else:
-        norms = [torch.linalg.vector_norm(t, 2, dtype=dtype) for t in tensors]
-    return torch.stack(norms).square_()
-
-
-def _sum_per_layer(values: Tensor, layer_members: Tensor) -> Tensor:
-    """Per layer, the sum of its tensors' entries of ``values`` (one per tensor), by ``_Layout.layer_members``.
-
-    A gather and a sum over a fixed axis, not an ``index_add_``: on CUDA that adds atomically, in an order
-    that changes from run to run, so layers of three or more tensors (LyCORIS, DoRA) would get sums that
-    differ in the last bit between runs and between data-parallel ranks.
-    """
-    padded = torch.cat([values, values.new_zeros(1)])  # index n, the padding, reads 0
-    return padded[layer_members].sum(dim=1)
-
-
-def _decay_terms(
-    grads: list[Tensor], params: list[Tensor], dtype: torch.dtype, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """``<g, p>`` and ``||p||^2`` of each pair, accumulated in ``dtype``, as two 1-D tensors on ``device``.
-
-    Low-precision tensors are upcast one at a time, so no temporary exceeds one parameter.
-    """
-    dots, params_sq = [], []
-    for g, p in zip(grads, params):
-        g_flat, p_flat = g.reshape(-1).to(dtype), p.reshape(-1).to(dtype)
-        dots.append(torch.dot(g_flat, p_flat).to(device))
-        params_sq.append(torch.dot(p_flat, p_flat).to(device))
-    return torch.stack(dots), torch.stack(params_sq)
-
-
-def _update_(
-    params: list[Tensor],
-    grads: list[Tensor],
-    coefs: Sequence[Tensor],
-    decays: Sequence[Optional[Tensor]],
-    foreach: bool,
-) -> None:
-    """``p <- p * d + c * g`` in place, ``d`` skipped where ``None``. ``c`` and ``d`` are 0-dim tensors."""
-    decayed = [(p, d) for p, d in zip(params, decays) if d is not None]
-    if foreach:
-        if decayed:
-            torch._foreach_mul_([p for p, _ in decayed], [d for _, d in decayed])
-        # The 0-dim coefficients go first: pytorch/pytorch#172731 gives a 0-dim list in that position a
-        # one-launch CUDA path (which torch versions have it is not checked here, no GPU). c * g == g * c.
-        torch._foreach_addcmul_(params, coefs, grads)
-    else:
-        for p, d in decayed:
-            p.mul_(d)
-        for p, g, c in zip(params, grads, coefs):
-            p.addcmul_(c, g)
-
-
-def _copy_stochastically_rounded_(dst: Tensor, src: Tensor, generator: torch.Generator) -> None:
-    """Copy float32 ``src`` into bfloat16 ``dst`` with stochastic rounding (``src`` is clobbered).
-
-    bfloat16 is float32 with the low 16 bits dropped. Adding uniform noise in [0, 2^16) to those bits
-    and truncating rounds the magnitude up with probability equal to the dropped fraction, so the
-    rounding is unbiased. Values already representable in bfloat16 are returned unchanged.
-    """
-    bits = src.view(torch.int32)
-    bits.add_(torch.empty_like(bits).random_(0, 1 << 16, generator=generator))
-    bits.bitwise_and_(-65536)  # 0xFFFF0000
-    dst.copy_(src)
-
-
-def _update_low_precision_(
-    params: list[Tensor],
-    grads: list[Tensor],
-    coefs: Sequence[Tensor],
-    decays: Sequence[Optional[Tensor]],
-    generator: Optional[torch.Generator],
-) -> None:
-    """Same update as :func:`_update_` for float16/bfloat16 params, computed in float32.
-
-    The coefficients are float32 and may exceed float16's range when gradients are tiny, so they are
-    never cast to the parameter dtype. The result is rounded stochastically into bfloat16 params when
-    a ``generator`` is given, else to nearest. Works one tensor at a time, so the temporaries never
-    exceed one parameter (in float32).
-    """
-    for p, g, c, d in zip(params, grads, coefs, decays):
-        x = p.float()
-        if d is not None:
-            x.mul_(d)
-        x.addcmul_(g, c)
-        if generator is not None:
-            _copy_stochastically_rounded_(p, x, generator)
-        else:
-            p.copy_(x)
-
-
-def _safe_div(numerator: Union[Tensor, float], denominator: Tensor) -> Tensor:
-    """``numerator / denominator``, and 0 where the denominator is 0 (a zero norm with ``eps=0``)."""
-    return torch.where(denominator > 0, numerator / denominator, 0.0)
-
-
-def _cautious_gate(
-    dot: Tensor, update_sq: Tensor, grad_sq: Tensor, threshold: float, scale: float
-) -> tuple[Tensor, Tensor]:
-    """Cautious-update factors from ``<u, g>``, ``||u||^2`` and ``||g||^2`` (element-wise, no host sync).
-
-    Returns ``(factor, fired)``: ``factor`` is ``scale`` where cosine(u, g) < ``threshold`` and both
-    norms are positive, else 1; ``fired`` is the boolean mask of those entries.
-    """
-    cosine = dot / (update_sq.sqrt() * grad_sq.sqrt())
-    fired = (cosine < threshold) & (update_sq > 0) & (grad_sq > 0)
-    return torch.where(fired, torch.full_like(dot, scale), 1.0), fired
-
-
 # --------------------------------------------------------------------------------------------------
 # cached structure of one parameter layout
 
@@ -422,24 +567,16 @@ class _Bucket:
 
     def __init__(
         self, device: torch.device, dtype: torch.dtype, positions: list[int], index: Optional[Tensor],
-        stat_dtype: torch.dtype, kernel: Any, numels: list[int],
+        stat_dtype: torch.dtype,
     ) -> None:  # fmt: skip
         self.device = device
         self.dtype = dtype
         self.positions = positions
         self.index = index  # selects the bucket from the per-tensor vectors; None if it is all of them
-        self.kernel = kernel  # the fused CPU kernel library for a CPU float32 bucket, else None
         self.coefs = torch.empty(len(positions), dtype=stat_dtype, device=device)
         self.decays = torch.empty_like(self.coefs)
         self.coef_views = self.coefs.unbind(0)
         self.decay_views = self.decays.unbind(0)
-        self.numels = torch.tensor(numels, dtype=torch.int64) if kernel is not None else None
-
-    def kernel_batch(self, params: list[Tensor], grads: list[Tensor]) -> Any:
-        """This step's :class:`anlo_cpu_kernel.Batch` if the fused kernel can step the bucket, else None."""
-        if self.kernel is None:
-            return None
-        return _cpu_kernel.batch(self.kernel, self.select(params), self.select(grads), self.numels)
 
     def select(self, tensors: list[Tensor]) -> list[Tensor]:
         """This bucket's entries of a per-tensor list (the list itself when the bucket is all of it)."""
@@ -450,7 +587,7 @@ class _Bucket:
         buffer.copy_(vector if self.index is None else vector[self.index])
 
     def tensors(self) -> list[Tensor]:
-        return [t for t in (self.index, self.coefs, self.decays, self.numels) if t is not None]
+        return [t for t in (self.index, self.coefs, self.decays) if t is not None]
 
 
 @dataclass
@@ -469,6 +606,7 @@ class _Layout:
     layer_sqrt_numel: Tensor  # (n,): sqrt(N_L) of each tensor's layer
     buckets: list[_Bucket]
     inverse_order: Optional[Tensor]  # maps bucket-major order back to group-major; None if identity
+    options: Optional[tuple[tuple, "_TensorOptions"]] = None  # the groups' option values and their expansion
 
     def nbytes(self) -> int:
         tensors = [self.layer_index, self.layer_members, self.layer_sqrt_numel, self.inverse_order]
@@ -476,15 +614,100 @@ class _Layout:
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-@dataclass
-class _StepRecord:
-    """Device tensors kept from the last step for the statistics (read lazily, never in ``step()``)."""
+def _build_layout(
+    key: tuple, params: list[Tensor], names: list[Optional[str]], counts: list[int]
+) -> _Layout:
+    """The layers, buckets and per-tensor constants of one set of tensors with gradients (``names`` parallel)."""
+    device = params[0].device
+    stat_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
 
-    mode: str
-    grad_sq: Tensor  # (n,) squared norms of the raw gradients
-    total_sq: Tensor  # squared global norm of what was normalized (gradients + coupled decay)
-    group_slices: list[tuple[int, int, int]]
-    num_layers: int
+    group_slices, start = [], 0
+    for group_index, count in enumerate(counts):
+        if count:
+            group_slices.append((group_index, start, start + count))
+            start += count
+
+    layer_ids: dict[tuple[str, Union[str, int]], int] = {}
+    layer_of: list[int] = []
+    seen_names: set[str] = set()
+    for i, name in enumerate(names):
+        module = lora_module_key(name) if name is not None else None
+        if name is not None and name in seen_names:
+            warnings.warn(f"ANLO: parameter name {name!r} repeats; the repeat is its own layer", stacklevel=5)
+            module = None
+        if name is not None:
+            seen_names.add(name)
+        layer_key = ("module", module) if module is not None else ("tensor", i)
+        layer_of.append(layer_ids.setdefault(layer_key, len(layer_ids)))
+
+    numels = torch.tensor([p.numel() for p in params], dtype=stat_dtype)
+    layer_index = torch.tensor(layer_of, dtype=torch.long)
+    members: list[list[int]] = [[] for _ in layer_ids]
+    for i, layer in enumerate(layer_of):
+        members[layer].append(i)
+    width = max(map(len, members), default=0)
+    layer_members = torch.tensor([m + [len(params)] * (width - len(m)) for m in members], dtype=torch.long)
+    layer_numel = _sum_per_layer(numels, layer_members)
+
+    by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, p in enumerate(params):
+        by_kind.setdefault((p.device, p.dtype), []).append(i)
+    order = [i for positions in by_kind.values() for i in positions]
+    identity = len(by_kind) == 1
+    buckets = [
+        _Bucket(
+            dev, dtype, positions, None if identity else torch.tensor(positions, device=device), stat_dtype
+        )
+        for (dev, dtype), positions in by_kind.items()
+    ]  # fmt: skip
+    inverse_order = None if identity else torch.argsort(torch.tensor(order)).to(device)
+    return _Layout(
+        key=key,
+        device=device,
+        stat_dtype=stat_dtype,
+        on_host=all(b.device.type == "cpu" for b in buckets),
+        group_slices=group_slices,
+        numel=sum(p.numel() for p in params),
+        num_layers=len(layer_ids),
+        layer_index=layer_index.to(device),
+        layer_members=layer_members.to(device),
+        layer_sqrt_numel=layer_numel.sqrt()[layer_index].to(device),
+        buckets=buckets,
+        inverse_order=inverse_order,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# argument validation
+
+
+def _check_real(name: str, value: Any, low: float = 0.0, high: float = math.inf) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not low <= value <= high
+    ):
+        bounds = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
+        raise ValueError(f"Invalid {name}: {value!r} (must be a finite number {bounds})")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name}: {value!r} (must be True or False)")
+
+
+def _validate_group_options(options: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first invalid per-group option."""
+    _check_real("lr", options["lr"])
+    _check_real("eps", options["eps"])
+    _check_real("weight_decay", options["weight_decay"])
+    _check_real("global_norm_weight", options["global_norm_weight"])
+    _check_real("layer_norm_weight", options["layer_norm_weight"])
+    _check_real("cautious_threshold", options["cautious_threshold"], 0.0, 1.0)
+    _check_real("cautious_scale", options["cautious_scale"], 0.0, 1.0)
+    for name in ("decoupled_weight_decay", "adaptive_eps", "use_cautious_update"):
+        _check_bool(name, options[name])
 
 
 class ANLO(torch.optim.Optimizer):
@@ -521,33 +744,28 @@ class ANLO(torch.optim.Optimizer):
         verbose: log a one-line summary every ``log_interval`` (100) steps via ``logging``; reading
             the numbers synchronizes with the device at those steps only. (default: False)
         decoupled_weight_decay: True decays AdamW-style, ``p *= 1 - lr * wd``; False decays like the
-            seed algorithm (``wd * p`` added to the gradient before normalization), which in the LoRA
-            benchmark (docs/benchmarks.md) cost 26 % validation loss at wd 0.01. (default: True)
+            seed algorithm (``wd * p`` added to the gradient before normalization, where it competes with
+            the gradient for the fixed step size; one more pass over gradients and parameters). (default: True)
         normalization: ``"layer"`` (every step a layer step), ``"alternating"`` (global and layer steps
             in turn, see ``normalize_frequency``: the seed algorithm) or ``"global"`` (every step a global
             step). (default: None = ``"layer"``, or ``"alternating"`` if ``normalize_frequency`` > 1)
         sinkgd_iterations: before normalizing, rescale the rows and columns of every >= 2-D gradient
             to unit RMS this many times, in place in ``p.grad`` (SinkGD, arXiv 2502.06742). 0 = off.
-            At 1 it ended 0.2-0.5 % below the default in the LoRA benchmark (5 did no better), but its
-            per-tensor loops made a CPU step about 3.7x slower. (default: 0)
+            Costs a few torch operations per tensor and iteration, and a float32 temporary of one
+            gradient. (default: 0)
         orthogonalize: before normalizing (after SinkGD), replace every >= 2-D gradient, in place in
             ``p.grad``, by its orthogonal polar factor: every singular value set to 1 (SWAN's whitening,
             arXiv 2412.13148; Muon without momentum), singular values far below the largest damped instead.
             From each gradient's small Gram matrix (rank x rank for a LoRA factor): by ``eigh`` on the CPU,
-            by Newton-Schulz steps without host synchronization on CUDA. In the LoRA benchmark it ended about
-            1 % below AdamW, but it made a CPU step about 10x as long. (default: False)
+            by Newton-Schulz steps without host synchronization on CUDA. Costs about ``4 r`` flops per
+            parameter (rank ``r``) plus one small decomposition per tensor. (default: False)
         stochastic_rounding: update bfloat16 parameters in float32 and round stochastically, so tiny
             updates are not lost to round-to-nearest. Other dtypes are unaffected. (default: True)
         foreach: use the multi-tensor (``torch._foreach_*``) implementation; False runs a plain loop
             over tensors with the same arithmetic. (default: None = True)
-        fused: step float32 CPU tensors with ANLO's fused CPU kernel (``library/anlo_cpu_kernel.py``,
-            built with the system C compiler on first use): one call per pass over all tensors instead
-            of one torch kernel per tensor. None uses it where it can be built, unless ``foreach=False``;
-            True requires it (and float32 CPU parameters); False never uses it. Other devices and
-            dtypes always use ``foreach``. (default: None)
 
     All options except ``normalization``, ``normalize_frequency``, ``sinkgd_iterations``, ``orthogonalize``,
-    ``stochastic_rounding``, ``foreach``, ``fused`` and ``verbose`` can be set per parameter group.
+    ``stochastic_rounding``, ``foreach`` and ``verbose`` can be set per parameter group.
     Unknown keyword arguments raise ``TypeError``.
     """
 
@@ -575,7 +793,6 @@ class ANLO(torch.optim.Optimizer):
         orthogonalize: bool = False,
         stochastic_rounding: bool = True,
         foreach: Optional[bool] = None,
-        fused: Optional[bool] = None,
         **kwargs: Any,
     ) -> None:
         if kwargs:
@@ -600,10 +817,6 @@ class ANLO(torch.optim.Optimizer):
         _check_bool("stochastic_rounding", stochastic_rounding)
         if foreach is not None:
             _check_bool("foreach", foreach)
-        if fused is not None:
-            _check_bool("fused", fused)
-        if fused and foreach:
-            raise ValueError("Invalid foreach/fused: they cannot both be True (fused is its own implementation)")
         defaults = dict(
             lr=lr,
             eps=eps,
@@ -623,7 +836,6 @@ class ANLO(torch.optim.Optimizer):
         self.orthogonalize = orthogonalize
         self.stochastic_rounding = stochastic_rounding
         self.foreach = True if foreach is None else foreach
-        self.fused = fused
         self.verbose = verbose
         self._init_runtime_state()
         super().__init__(params, defaults)
@@ -650,7 +862,6 @@ class ANLO(torch.optim.Optimizer):
             orthogonalize=self.orthogonalize,
             stochastic_rounding=self.stochastic_rounding,
             foreach=self.foreach,
-            fused=self.fused,
             verbose=self.verbose,
         )
         return state
@@ -663,7 +874,8 @@ class ANLO(torch.optim.Optimizer):
             return
         step = state.pop("_step", 0)
         # Pickled before these options existed: what ANLO did then.
-        legacy = {"normalization": "alternating", "sinkgd_iterations": 0, "orthogonalize": False, "fused": None}
+        state.pop("fused", None)  # an option of the fused CPU kernel, removed
+        legacy = {"normalization": "alternating", "sinkgd_iterations": 0, "orthogonalize": False}
         for name, value in legacy.items():
             state.setdefault(name, value)
         self._init_runtime_state()
@@ -687,9 +899,7 @@ class ANLO(torch.optim.Optimizer):
                     f"Invalid param_names: expected {len(group['params'])} strings, one per parameter "
                     f"of the group, got {len(names)} entries"
                 )
-            if self.fused:
-                _check_fused_supported(group["params"])
-        except (ValueError, RuntimeError):
+        except ValueError:
             self.param_groups.pop()
             raise
         self._layout = None
@@ -737,14 +947,11 @@ class ANLO(torch.optim.Optimizer):
         return "global" if (step // self.normalize_frequency) % 2 == 0 else "layer"
 
     def _effective_eps(self, group: dict[str, Any], step: int) -> float:
-        if not group["adaptive_eps"]:
-            return group["eps"]
-        warmup = max(0.0, 1.0 - step / _EPS_WARMUP_STEPS)
-        return group["eps"] * (1.0 + (_EPS_BOOST - 1.0) * warmup)
+        return group["eps"] * _adaptive_eps_factor(step) if group["adaptive_eps"] else group["eps"]
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        """Perform one optimization step.
+        """Perform one optimization step (:func:`_anlo_step_`).
 
         Args:
             closure: re-evaluates the model and returns the loss; run with gradients enabled.
@@ -756,51 +963,54 @@ class ANLO(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-
         params, grads, counts = self._collect()
-        step, mode = self._step, self._mode(self._step)
-        if not params:
-            self._step += 1
-            return loss
-        layout = self._get_layout(params, counts)
-        if self.sinkgd_iterations:
-            for grad in grads:
-                _row_column_normalize_(grad, self.sinkgd_iterations)
-        if self.orthogonalize:
-            _orthogonalize_(grads)
-
-        # Pass 1 reads every gradient once: squared norms per tensor, then everything else works on
-        # vectors with one entry per tensor.
-        kernels = [bucket.kernel_batch(params, grads) for bucket in layout.buckets]
-        grad_sq = self._gather(
-            [
-                _squared_norms(bucket.select(grads), layout.stat_dtype, self.foreach)
-                if kernel is None
-                else kernel.squared_norms().to(layout.stat_dtype)
-                for bucket, kernel in zip(layout.buckets, kernels)
-            ],
-            layout,
-        )
-        update_sq, update_dot_grad = self._apply_coupled_decay_to_norms(params, grads, grad_sq, layout)
-        total_sq = update_sq.sum()
-        finite = torch.isfinite(total_sq)
-        if mode == "global":
-            scales = self._apply_global_normalization(total_sq, layout, step)
-        else:
-            scales = self._apply_layer_normalization(update_sq, layout, step)
-        coefs, decays, decayed = self._coefficients(scales, grad_sq, update_sq, update_dot_grad, finite, layout)
-        # Pass 2 (in _apply_updates) reads every gradient and parameter once and writes the parameter.
-        self._skipped = _accumulate(self._skipped, ~finite)
-        self._last = _StepRecord(mode, grad_sq, total_sq, layout.group_slices, layout.num_layers)
-        if layout.on_host and not finite:
-            # The flag is already in host memory, so reading it costs no synchronization; skip here.
-            self._report_skipped_steps()
-        else:
-            self._apply_updates(params, grads, coefs, decays, decayed, layout, kernels, step)
+        if params:
+            record = self._run_step(params, grads, counts, self._mode(self._step), self._write_pass)
+            self._count_cautious_evaluations(counts)
+            self._last = record
+            self._skipped = _accumulate(self._skipped, ~record.finite)
+            if record.fired is not None:
+                self._cautious_fired = _accumulate(self._cautious_fired, record.fired)
+            if self._layout.on_host and not record.finite:  # the flag is in host memory: no synchronization
+                self._report_skipped_steps()
         self._step += 1
         if self.verbose and self._step % self.log_interval == 0:
             self._log_summary()
         return loss
+
+    def _run_step(
+        self, params: list[Tensor], grads: list[Tensor], counts: list[int], mode: str,
+        write_pass: Optional[Callable[..., WritePass]],
+    ) -> _StepRecord:  # fmt: skip
+        """:func:`_anlo_step_` with this optimizer's layout, per-tensor options and optimizer-wide options."""
+        layout = self._get_layout(params, counts)
+        options = self._get_options(layout)
+        step = self._step
+        return _anlo_step_(
+            params, grads, layout, options, mode, step,
+            n_groups=len(self.param_groups), foreach=self.foreach, sinkgd_iterations=self.sinkgd_iterations,
+            orthogonalize=self.orthogonalize,
+            write_pass=None if write_pass is None else functools.partial(write_pass, step=step),
+        )  # fmt: skip
+
+    def _count_cautious_evaluations(self, counts: list[int]) -> None:
+        """Add each group's tensors with gradients to its count of cautious-gate evaluations, if it has the gate."""
+        self._cautious_evaluated += [0] * (len(self.param_groups) - len(self._cautious_evaluated))
+        for group_index, (group, count) in enumerate(zip(self.param_groups, counts)):
+            if group["use_cautious_update"]:
+                self._cautious_evaluated[group_index] += count
+
+    def _write_pass(self, dtype: torch.dtype, device: torch.device, step: int) -> WritePass:
+        """The write pass for the parameters of one (device, dtype): the one place that chooses it."""
+        if dtype == torch.bfloat16 and self.stochastic_rounding:
+            if device not in self._generators:
+                self._generators[device] = torch.Generator(device=device)
+            generator = self._generators[device]
+            generator.manual_seed(_SR_SEED + step)  # reproducible, equal on every rank, no state to save
+            return functools.partial(_write_low_precision_, generator=generator)
+        if dtype in (torch.float16, torch.bfloat16):
+            return _write_low_precision_
+        return _write_foreach_ if self.foreach else _write_per_tensor_
 
     def _collect(self) -> tuple[list[Tensor], list[Tensor], list[int]]:
         """Parameters with gradients, group by group: the tensors, their gradients and the count per group."""
@@ -831,6 +1041,7 @@ class ANLO(torch.optim.Optimizer):
         return names
 
     def _get_layout(self, params: list[Tensor], counts: list[int]) -> _Layout:
+        """The cached :class:`_Layout`, rebuilt when the tensors with gradients, their dtypes or devices change."""
         # Separate flat tuples: cheaper to build each step than one small tuple per tensor.
         key = (
             tuple(counts),
@@ -839,143 +1050,32 @@ class ANLO(torch.optim.Optimizer):
             tuple(p.device for p in params),
         )
         if self._layout is None or self._layout.key != key:
-            self._layout = self._build_layout(key, params, self._active_names(), counts)
+            self._layout = _build_layout(key, params, self._active_names(), counts)
         return self._layout
 
-    def _build_layout(
-        self, key: tuple, params: list[Tensor], names: list[Optional[str]], counts: list[int]
-    ) -> _Layout:
-        device = params[0].device
-        stat_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    def _get_options(self, layout: _Layout) -> _TensorOptions:
+        """The layout's :class:`_TensorOptions`, expanded again when a group's option changes (an lr schedule)."""
+        values = tuple(group[name] for group in self.param_groups for name in _GROUP_OPTIONS)
+        if layout.options is None or layout.options[0] != values:
+            layout.options = (values, _expand_options(self.param_groups, layout.group_slices))
+        return layout.options[1]
 
-        group_slices, start = [], 0
-        for group_index, count in enumerate(counts):
-            if count:
-                group_slices.append((group_index, start, start + count))
-                start += count
+    # ----------------------------------------------------------------------------------------------
+    # the seed's seams
 
-        layer_ids: dict[tuple[str, Union[str, int]], int] = {}
-        layer_of: list[int] = []
-        seen_names: set[str] = set()
-        for i, name in enumerate(names):
-            module = lora_module_key(name) if name is not None else None
-            if name is not None and name in seen_names:
-                warnings.warn(f"ANLO: parameter name {name!r} repeats; the repeat is its own layer", stacklevel=4)
-                module = None
-            if name is not None:
-                seen_names.add(name)
-            layer_key = ("module", module) if module is not None else ("tensor", i)
-            layer_of.append(layer_ids.setdefault(layer_key, len(layer_ids)))
+    def _apply_global_normalization(self) -> Tensor:
+        """The per-tensor scales ``s`` a global step would apply to the current gradients (nothing is written)."""
+        return self._preview_scales("global")
 
-        numels = torch.tensor([p.numel() for p in params], dtype=stat_dtype)
-        layer_index = torch.tensor(layer_of, dtype=torch.long)
-        members: list[list[int]] = [[] for _ in layer_ids]
-        for i, layer in enumerate(layer_of):
-            members[layer].append(i)
-        width = max(map(len, members), default=0)
-        layer_members = torch.tensor([m + [len(params)] * (width - len(m)) for m in members], dtype=torch.long)
-        layer_numel = _sum_per_layer(numels, layer_members)
+    def _apply_layer_normalization(self) -> Tensor:
+        """The per-tensor scales ``s_L`` a layer step would apply to the current gradients (nothing is written)."""
+        return self._preview_scales("layer")
 
-        by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-        for i, p in enumerate(params):
-            by_kind.setdefault((p.device, p.dtype), []).append(i)
-        order = [i for positions in by_kind.values() for i in positions]
-        identity = len(by_kind) == 1
-        buckets = [
-            _Bucket(
-                dev, dtype, positions, None if identity else torch.tensor(positions, device=device), stat_dtype,
-                kernel=self._kernel() if dev.type == "cpu" and dtype == torch.float32 else None,
-                numels=[params[i].numel() for i in positions],
-            )
-            for (dev, dtype), positions in by_kind.items()
-        ]  # fmt: skip
-        inverse_order = None if identity else torch.argsort(torch.tensor(order)).to(device)
-        return _Layout(
-            key=key,
-            device=device,
-            stat_dtype=stat_dtype,
-            on_host=all(b.device.type == "cpu" for b in buckets),
-            group_slices=group_slices,
-            numel=sum(p.numel() for p in params),
-            num_layers=len(layer_ids),
-            layer_index=layer_index.to(device),
-            layer_members=layer_members.to(device),
-            layer_sqrt_numel=layer_numel.sqrt()[layer_index].to(device),
-            buckets=buckets,
-            inverse_order=inverse_order,
-        )
-
-    def _kernel(self) -> Any:
-        """The fused CPU kernel library when this optimizer may use it and it builds, else None."""
-        wanted = self.fused if self.fused is not None else self.foreach
-        return _cpu_kernel.load() if wanted and _cpu_kernel is not None else None
-
-    @staticmethod
-    def _gather(vectors: list[Tensor], layout: _Layout) -> Tensor:
-        """Per-bucket vectors -> one vector in group-major tensor order, on the layout's device."""
-        if layout.inverse_order is None:
-            return vectors[0]
-        return torch.cat([v.to(layout.device) for v in vectors])[layout.inverse_order]
-
-    def _apply_coupled_decay_to_norms(
-        self, params: list[Tensor], grads: list[Tensor], grad_sq: Tensor, layout: _Layout
-    ) -> tuple[Tensor, Optional[Tensor]]:
-        """``||u||^2`` and ``<u, g>`` per tensor, with ``u = g + wd * p`` in groups with coupled decay.
-
-        Uses ``||g + wd p||^2 = ||g||^2 + 2 wd <g, p> + wd^2 ||p||^2`` so ``u`` is never materialized
-        and the gradients are not modified. Returns ``(grad_sq, None)`` when no group has coupled decay.
-        """
-        pieces_sq, pieces_dot, any_decay = [], [], False
-        for group_index, start, end in layout.group_slices:
-            group = self.param_groups[group_index]
-            grad_sq_g = grad_sq[start:end]
-            wd = group["weight_decay"]
-            if wd == 0 or group["decoupled_weight_decay"]:
-                pieces_sq.append(grad_sq_g)
-                pieces_dot.append(grad_sq_g)
-                continue
-            any_decay = True
-            dots, params_sq = _decay_terms(
-                grads[start:end], params[start:end], layout.stat_dtype, layout.device
-            )
-            pieces_sq.append((grad_sq_g + 2 * wd * dots + wd * wd * params_sq).clamp_min_(0))
-            pieces_dot.append(grad_sq_g + wd * dots)
-        if not any_decay:
-            return grad_sq, None
-        return torch.cat(pieces_sq), torch.cat(pieces_dot)
-
-    def _apply_global_normalization(self, total_sq: Tensor, layout: _Layout, step: int) -> Tensor:
-        """Per-tensor scales of a global step: ``w_global * sqrt(N) / (||u_all||_2 + eps_t)``.
-
-        ``total_sq`` is the squared norm over every tensor of every group, so the scale is the same
-        for all groups (up to each group's ``global_norm_weight`` and ``eps``).
-        """
-        norm = total_sq.sqrt()
-        sqrt_numel = math.sqrt(layout.numel)
-        pieces = []
-        for group_index, start, end in layout.group_slices:
-            group = self.param_groups[group_index]
-            eps = self._effective_eps(group, step)
-            scale = _safe_div(group["global_norm_weight"] * sqrt_numel, norm + eps)
-            pieces.append(scale.expand(end - start))
-        return torch.cat(pieces)
-
-    def _apply_layer_normalization(self, update_sq: Tensor, layout: _Layout, step: int) -> Tensor:
-        """Per-tensor scales of a layer step: ``w_layer * sqrt(N_L) / (||u_L||_2 + eps_t)``.
-
-        A layer's squared norm is the sum over its tensors (which may sit in several groups).
-        """
-        layer_norm = _sum_per_layer(update_sq, layout.layer_members).sqrt_()[layout.layer_index]
-        pieces = []
-        for group_index, start, end in layout.group_slices:
-            group = self.param_groups[group_index]
-            pieces.append(
-                _safe_div(
-                    group["layer_norm_weight"] * layout.layer_sqrt_numel[start:end],
-                    layer_norm[start:end] + self._effective_eps(group, step),
-                )
-            )
-        return torch.cat(pieces)
+    def _preview_scales(self, mode: str) -> Tensor:
+        params, grads, counts = self._collect()
+        if not params:
+            return torch.empty(0)
+        return self._run_step(params, [g.clone() for g in grads], counts, mode, write_pass=None).scale
 
     @staticmethod
     def _apply_cautious_update_optimized(
@@ -992,109 +1092,6 @@ class ANLO(torch.optim.Optimizer):
         factor, _ = _cautious_gate(torch.dot(u, g), torch.dot(u, u), torch.dot(g, g), threshold, scale)
         return update * factor.to(update.dtype)
 
-    def _coefficients(
-        self,
-        scales: Tensor,
-        grad_sq: Tensor,
-        update_sq: Tensor,
-        update_dot_grad: Optional[Tensor],
-        finite: Tensor,
-        layout: _Layout,
-    ) -> tuple[Tensor, Optional[Tensor], list[bool]]:
-        """Per-tensor ``c`` and ``d`` of ``p <- p * d + c * g``: lr, cautious gate, decay and skip.
-
-        ``c = -lr * s * factor``, or ``-0.0`` when the step is skipped (``p + (-0.0) * 0`` is ``p`` bit
-        for bit, ``-0.0`` included). ``d = 1 + c * wd`` for coupled decay, ``1 - lr * wd`` for
-        decoupled decay (exactly 1 when skipped). Returns ``(c, d, decayed)``: ``d`` is ``None`` when no
-        group decays, and ``decayed`` tells per tensor whether ``d`` applies.
-        """
-        n_groups = len(self.param_groups)
-        self._cautious_evaluated += [0] * (n_groups - len(self._cautious_evaluated))
-        coef_pieces, fired_by_group = [], {}
-        for group_index, start, end in layout.group_slices:
-            group = self.param_groups[group_index]
-            coef = scales[start:end] * -group["lr"]
-            if group["use_cautious_update"]:
-                self._cautious_evaluated[group_index] += end - start
-                # Without coupled decay the update is a positive multiple of the gradient: cosine 1.
-                if group["weight_decay"] != 0 and not group["decoupled_weight_decay"]:
-                    factor, fired = _cautious_gate(
-                        update_dot_grad[start:end], update_sq[start:end], grad_sq[start:end],
-                        group["cautious_threshold"], group["cautious_scale"],
-                    )  # fmt: skip
-                    coef = coef * factor
-                    fired_by_group[group_index] = (fired & finite).sum()
-            coef_pieces.append(coef)
-        coefs = torch.where(finite, torch.cat(coef_pieces), -0.0)
-        if fired_by_group:
-            zero = torch.zeros((), dtype=torch.long, device=layout.device)
-            fired = torch.stack([fired_by_group.get(i, zero) for i in range(n_groups)])
-            self._cautious_fired = _accumulate(self._cautious_fired, fired)
-
-        decayed: list[bool] = []
-        for group_index, start, end in layout.group_slices:
-            decayed += [self.param_groups[group_index]["weight_decay"] != 0] * (end - start)
-        if not any(decayed):
-            return coefs, None, decayed
-        decay_pieces = []
-        for group_index, start, end in layout.group_slices:
-            group = self.param_groups[group_index]
-            wd, coef = group["weight_decay"], coefs[start:end]
-            if wd == 0:
-                decay_pieces.append(torch.ones_like(coef))
-            elif group["decoupled_weight_decay"]:
-                decay_pieces.append(torch.where(finite, torch.full_like(coef, 1.0 - group["lr"] * wd), 1.0))
-            else:
-                decay_pieces.append(1.0 + coef * wd)
-        return coefs, torch.cat(decay_pieces), decayed
-
-    def _apply_updates(
-        self,
-        params: list[Tensor],
-        grads: list[Tensor],
-        coefs: Tensor,
-        decays: Optional[Tensor],
-        decayed: list[bool],
-        layout: _Layout,
-        kernels: list[Any],
-        step: int,
-    ) -> None:
-        """Write ``p <- p * d + c * g``, one (device, dtype) bucket at a time (``kernels``: per bucket, the
-        fused CPU kernel's batch or None)."""
-        for bucket, kernel in zip(layout.buckets, kernels):
-            b_params, b_grads = bucket.select(params), bucket.select(grads)
-            if not layout.on_host:
-                # The skip decision stays on the device, so non-finite gradients must not reach the
-                # update as NaN * 0: zero them in place (a no-op for finite gradients).
-                for g in b_grads:
-                    torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
-            bucket.load(bucket.coefs, coefs)
-            if decays is not None:
-                bucket.load(bucket.decays, decays)
-            if kernel is not None:
-                # Tensors without decay have d = 1 exactly, and p * 1 + c * g is p + c * g bit for bit.
-                b_coefs, b_decays_vector = bucket.coefs, bucket.decays if decays is not None else None
-                if b_coefs.dtype != torch.float32:  # float64 statistics, when a float64 bucket exists
-                    b_coefs = b_coefs.float()
-                    b_decays_vector = None if b_decays_vector is None else b_decays_vector.float()
-                kernel.update_(b_coefs, b_decays_vector)
-                continue
-            b_decays: list[Optional[Tensor]] = [None] * len(b_params)
-            if decays is not None:
-                b_decays = [d if decayed[i] else None for d, i in zip(bucket.decay_views, bucket.positions)]
-            if bucket.dtype in (torch.float16, torch.bfloat16):
-                generator = None
-                if bucket.dtype == torch.bfloat16 and self.stochastic_rounding:
-                    generator = self._generator(bucket.device)
-                    generator.manual_seed(_SR_SEED + step)
-                _update_low_precision_(b_params, b_grads, bucket.coef_views, b_decays, generator)
-            else:
-                _update_(b_params, b_grads, bucket.coef_views, b_decays, self.foreach)
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device)
-        return self._generators[device]
 
     # ----------------------------------------------------------------------------------------------
     # statistics (these synchronize with the device; step() never does)

@@ -5,17 +5,10 @@ machine extra threads only contend (a tiny-model step is ~10x slower with two bu
 the suite fast and its timings steady.
 """
 
-import atexit
 import os
-import shutil
-import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# ANLO's fused CPU kernel is compiled once per test session, here rather than into ~/.cache.
-if "ANLO_CACHE_DIR" not in os.environ:
-    os.environ["ANLO_CACHE_DIR"] = tempfile.mkdtemp(prefix="anlo-kernel-")
-    atexit.register(shutil.rmtree, os.environ["ANLO_CACHE_DIR"], ignore_errors=True)
 
 import torch  # noqa: E402  (after the environment is set)
 

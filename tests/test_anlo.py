@@ -534,13 +534,13 @@ def test_accelerate_save_state_and_load_state_resume(tmp_path):
     accelerate = pytest.importorskip("accelerate")
     params = _make_params(torch.float32)
     model = torch.nn.ParameterList(params)
-    opt = _build(params, [_config(), _config()], normalization="layer", sinkgd_iterations=1, fused=False)
+    opt = _build(params, [_config(), _config()], normalization="layer", sinkgd_iterations=1, foreach=False)
     grads = _make_grads(5, torch.float32)
     accelerator = accelerate.Accelerator(cpu=True)
     try:
         model, prepared = accelerator.prepare(model, opt)
         # prepare() round-trips the optimizer through load_state_dict(): the options must survive it
-        assert (opt.normalization, opt.sinkgd_iterations, opt.fused) == ("layer", 1, False)
+        assert (opt.normalization, opt.sinkgd_iterations, opt.foreach) == ("layer", 1, False)
         _run(prepared, params, grads[:3])
         accelerator.save_state(str(tmp_path / "state"))
         _run(prepared, params, grads[3:])
@@ -558,11 +558,11 @@ def test_load_state_dict_keeps_the_options_and_counters():
     """torch's load_state_dict() hands __setstate__ only "state" and "param_groups"."""
     params = _make_params()
     opt = _build(
-        params, [_config(), _config()], normalization="global", sinkgd_iterations=2, orthogonalize=True, fused=False
+        params, [_config(), _config()], normalization="global", sinkgd_iterations=2, orthogonalize=True, foreach=False
     )
     _run(opt, params, _make_grads(3))
     opt.load_state_dict(opt.state_dict())
-    assert (opt.normalization, opt.sinkgd_iterations, opt.orthogonalize, opt.fused) == ("global", 2, True, False)
+    assert (opt.normalization, opt.sinkgd_iterations, opt.orthogonalize, opt.foreach) == ("global", 2, True, False)
     assert opt.get_normalization_stats()["step_count"] == 3
 
 
@@ -617,6 +617,51 @@ def test_pickle_keeps_step_and_options():
     assert pickle.loads(pickle.dumps(single_mode)).normalization == "global"
     copied = copy.deepcopy(opt)
     assert copied.state_dict()["anlo_step"] == 4
+
+
+def test_the_seeds_normalization_seams_return_the_scales_and_write_nothing():
+    params = _make_params()
+    lrs = (1e-3, 1e-2)
+    opt = _build(params, [_config(lr=lrs[0]), _config(lr=lrs[1])], normalization="layer", sinkgd_iterations=1)
+    grads = _make_grads(1)[0]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    before = [p.detach().clone() for p in params]
+    global_scales = opt._apply_global_normalization()
+    layer_scales = opt._apply_layer_normalization()
+    for p, b, g in zip(params, before, grads):  # neither the weights nor the gradients (SinkGD ran on a copy)
+        assert torch.equal(p.detach(), b) and torch.equal(p.grad, g)
+    assert opt.get_normalization_stats()["step_count"] == 0
+    transformed = [g.clone() for g in grads]
+    for g in transformed:
+        hina_anlo._row_column_normalize_(g, 1)
+    eps_t = 1e-8 * 10  # adaptive eps at step 0
+    total = math.sqrt(sum(float(g.double().square().sum()) for g in transformed))
+    n = sum(g.numel() for g in transformed)
+    for scale in global_scales.tolist():
+        assert scale == pytest.approx(math.sqrt(n) / (total + eps_t), rel=1e-6)
+    for i, scale in enumerate(layer_scales.tolist()):
+        members = [j for j in range(len(params)) if LAYER_OF[j] == LAYER_OF[i]]
+        norm = math.sqrt(sum(float(transformed[j].double().square().sum()) for j in members))
+        numel = sum(transformed[j].numel() for j in members)
+        assert scale == pytest.approx(math.sqrt(numel) / (norm + eps_t), rel=1e-6)
+    # the step itself then applies exactly those layer scales: p - lr * s * u
+    opt.step()
+    for i, (p, b) in enumerate(zip(params, before)):
+        expected = b - lrs[GROUP_OF[i]] * layer_scales[i] * transformed[i]
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-15)
+
+
+def test_an_optimizer_pickled_with_the_removed_fused_option_unpickles():
+    params = _make_params()
+    opt = _build(params, [_config(), _config()])
+    state = opt.__getstate__()
+    state["fused"] = None  # what ANLO pickled while it had its fused CPU kernel
+    clone = ANLO.__new__(ANLO)
+    clone.__setstate__(state)
+    assert not hasattr(clone, "fused")
+    _run(clone, params, _make_grads(1))
+    assert clone.get_normalization_stats()["step_count"] == 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -719,7 +764,7 @@ def test_foreach_and_for_loop_paths_agree():
     results = []
     for foreach in (True, False):
         params = _mixed_params()
-        opt = _sample_optimizer(params, foreach=foreach, fused=False, normalize_frequency=2)
+        opt = _sample_optimizer(params, foreach=foreach, normalize_frequency=2)
         _run(opt, params, [[g.to(p.dtype) for g, p in zip(step, params)] for step in grads])
         results.append(params)
     for a, b in zip(*results):
