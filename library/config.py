@@ -11,9 +11,11 @@ file, the file beats the defaults. Unlike sd-scripts, file values are checked ag
 
 ``--output_config --config_file X`` writes the arguments that differ from the defaults to ``X`` and exits.
 
-Flags whose help starts with ``COMPAT_ONLY`` are accepted so that sd-scripts command lines keep working, do nothing
-here, and are warned about when set. Flags whose help starts with ``NOT_SUPPORTED`` are sd-scripts features this
-trainer does not have; setting one is an error, so that a run never silently differs from what its config asks for.
+What each sd-scripts flag does here is decided in ``library/upstream_flags.py``: implemented, accepted without effect
+(help starts with ``COMPAT_ONLY``; warned about when set) or refused (help starts with ``NOT_SUPPORTED``; an error
+when set, on the command line or in a config file), so that a run never silently differs from what its config asks
+for. Upstream flags no group below defines are added from there, in their own group. Keys the kohya_ss GUI writes
+that are no flag (``epoch``, ...) are warned about with the reason; other unknown keys are warned about by name.
 
 Public API::
 
@@ -42,10 +44,14 @@ from typing import Any
 
 import toml
 
+from library import upstream_flags
 from library.atomic import atomic_output
 from library.errors import UserInputError
 
 logger = logging.getLogger(__name__)
+
+# Title of the group that holds the upstream flags defined only so that they are warned about or refused.
+UNUSED_GROUP = "sd-scripts flags without effect here (see docs/COMPATIBILITY.md)"
 
 # Argument groups: help title -> the table name used when --output_config writes a sectioned file.
 SECTIONS: dict[str, str] = {
@@ -61,6 +67,7 @@ SECTIONS: dict[str, str] = {
     "validation": "validation_arguments",
     "SDXL": "sdxl_arguments",
     "config file": "config_arguments",
+    UNUSED_GROUP: "unused_arguments",
 }
 
 SAMPLERS = [
@@ -420,7 +427,25 @@ def build_parser(sdxl: bool = False) -> argparse.ArgumentParser:
         if title == "SDXL" and not sdxl:
             continue
         add_arguments(parser.add_argument_group(title))
+    _add_registry_flags(parser)
     return parser
+
+
+def _add_registry_flags(parser: argparse.ArgumentParser) -> None:
+    """Define the upstream flags that no group defines (``upstream_flags.PARSER_SPECS``) and give every flag that
+    is not implemented its help from ``library.upstream_flags``."""
+    defined = _actions_by_dest(parser)
+    group = parser.add_argument_group(UNUSED_GROUP)
+    for name, spec in upstream_flags.PARSER_SPECS.items():
+        if name not in defined:
+            group.add_argument(f"--{name}", **spec)
+    for action in parser._actions:
+        entry = upstream_flags.FLAGS.get(action.dest)
+        if entry is None or entry.status is upstream_flags.Status.IMPLEMENTED:
+            continue
+        action.help = (_compat_only if entry.status is upstream_flags.Status.NO_EFFECT else _not_supported)(
+            entry.note.replace("%", "%%")
+        )
 
 
 def _actions_by_dest(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -535,6 +560,9 @@ def config_file_values(parser: argparse.ArgumentParser, config_file: str | os.Pa
         if key in _CONFIG_CONTROL_KEYS:
             logger.warning("%s: %r is ignored inside a config file; give it on the command line", path, key)
             continue
+        if key in upstream_flags.CONFIG_FILE_ONLY:
+            logger.warning("%s: %r is ignored: %s", path, key, upstream_flags.CONFIG_FILE_ONLY[key])
+            continue
         if key not in actions:
             close = difflib.get_close_matches(key, actions, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -611,6 +639,68 @@ def _check_range(args: argparse.Namespace, name: str, low: float, high: float, h
         raise ConfigError(f"--{name}: expected a value in [{low}, {high}{bracket}, got {value}")
 
 
+# Flags with a meaningful range: name -> (low, high, low inclusive, high inclusive); None is no bound.
+_VALUE_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "min_snr_gamma": (0, None, False, True),  # weights min(SNR, gamma) / SNR: gamma <= 0 gives zero/negative weights
+    "network_dim": (1, None, True, True),
+    "network_alpha": (0, None, True, True),  # 0 means alpha = rank in networks.lora, as upstream
+    "network_dropout": (0, 1, True, False),
+    "scale_weight_norms": (0, None, False, True),
+    "learning_rate": (0, None, True, True),
+    "unet_lr": (0, None, True, True),
+    "max_grad_norm": (0, None, True, True),  # 0 disables clipping
+    "lr_scheduler_num_cycles": (1, None, True, True),
+    "lr_scheduler_timescale": (1, None, True, True),
+    "lr_scheduler_min_lr_ratio": (0, 1, True, True),
+    "prior_loss_weight": (0, None, True, True),
+    "noise_offset": (0, None, True, True),
+    "ip_noise_gamma": (0, None, True, True),
+    "multires_noise_iterations": (0, None, True, True),
+    "multires_noise_discount": (0, 1, True, True),
+    "v_pred_like_loss": (0, None, True, True),
+    "huber_c": (0, None, False, True),
+    "huber_scale": (0, None, False, True),
+    "clip_skip": (1, None, True, True),
+    "keep_tokens": (0, None, True, True),
+    "token_warmup_min": (0, None, True, True),
+    "token_warmup_step": (0, None, True, True),
+    "caption_dropout_every_n_epochs": (0, None, True, True),
+    "dataset_repeats": (1, None, True, True),
+    "min_bucket_reso": (1, None, True, True),
+    "max_bucket_reso": (1, None, True, True),
+    "save_every_n_epochs": (1, None, True, True),
+    "save_every_n_steps": (1, None, True, True),
+    "save_n_epoch_ratio": (1, None, True, True),
+    "save_last_n_epochs": (1, None, True, True),
+    "save_last_n_epochs_state": (1, None, True, True),
+    "save_last_n_steps": (1, None, True, True),
+    "save_last_n_steps_state": (1, None, True, True),
+    "validate_every_n_steps": (1, None, True, True),
+    "validate_every_n_epochs": (1, None, True, True),
+    "max_validation_steps": (1, None, True, True),
+    "ddp_timeout": (1, None, True, True),
+}
+
+
+def _check_value_ranges(args: argparse.Namespace) -> None:
+    """Each flag of ``_VALUE_RANGES`` that is set lies in its range (``--text_encoder_lr``: every value >= 0)."""
+    for name, (low, high, low_inclusive, high_inclusive) in _VALUE_RANGES.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        too_low = low is not None and (value < low if low_inclusive else value <= low)
+        too_high = high is not None and (value > high if high_inclusive else value >= high)
+        if too_low or too_high:
+            lower = "" if low is None else ("[" if low_inclusive else "(") + f"{low}"
+            upper = "" if high is None else f"{high}" + ("]" if high_inclusive else ")")
+            expected = f"a value in {lower}, {upper}" if lower and upper else (
+                f"a value {'>=' if low_inclusive else '>'} {low}" if lower else f"a value <= {high}")
+            raise ConfigError(f"--{name}: expected {expected}, got {value}")
+    for value in args.text_encoder_lr or []:
+        if value < 0:
+            raise ConfigError(f"--text_encoder_lr: expected values >= 0, got {value}")
+
+
 def verify_args(args: argparse.Namespace, sdxl: bool) -> None:
     """Check the combinations of arguments that are wrong whatever the data and model; raise ConfigError if so.
 
@@ -657,6 +747,7 @@ def verify_args(args: argparse.Namespace, sdxl: bool) -> None:
     _check_range(args, "validation_split", 0.0, 1.0, high_inclusive=False)
     _check_range(args, "min_timestep", 0, 999)
     _check_range(args, "max_timestep", 1, 1000)
+    _check_value_ranges(args)
     if args.min_timestep is not None and args.max_timestep is not None and args.min_timestep >= args.max_timestep:
         raise ConfigError(
             f"--min_timestep ({args.min_timestep}) must be smaller than --max_timestep ({args.max_timestep})"
@@ -697,18 +788,22 @@ def verify_args(args: argparse.Namespace, sdxl: bool) -> None:
                 )
 
 
-def _check_unused_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Warn about set ``COMPAT_ONLY`` flags; refuse set ``NOT_SUPPORTED`` ones."""
+def _check_unused_flags(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                        command_line: argparse.Namespace | None = None) -> None:
+    """Warn about set flags registered as no-effect; refuse set flags registered as refused
+    (``library.upstream_flags``). A value that did not come from the command line is named as a config-file key."""
     for action in parser._actions:
-        if action.help is None or getattr(args, action.dest, action.default) in (action.default, None, []):
+        entry = upstream_flags.FLAGS.get(action.dest)
+        value = getattr(args, action.dest, action.default)
+        if entry is None or entry.status is upstream_flags.Status.IMPLEMENTED or value in (action.default, None, [], ""):
             continue
-        if action.help.startswith(COMPAT_ONLY):
-            logger.warning("--%s is accepted for compatibility with sd-scripts but has no effect here", action.dest)
-        elif action.help.startswith(NOT_SUPPORTED):
-            raise ConfigError(
-                f"--{action.dest} ({action.help[len(NOT_SUPPORTED):].strip()}) is an sd-scripts option this "
-                "trainer does not support; remove it"
-            )
+        on_command_line = command_line is None or getattr(command_line, action.dest, action.default) == value
+        name = f"--{action.dest}" if on_command_line else f"key {action.dest!r} in {args.config_file}"
+        if entry.status is upstream_flags.Status.NO_EFFECT:
+            logger.warning("%s is accepted for compatibility with sd-scripts but has no effect here: %s", name,
+                           entry.note)
+        else:
+            raise ConfigError(f"{name} is an sd-scripts option this trainer does not support: {entry.note}")
 
 
 def _normalize(args: argparse.Namespace) -> None:
@@ -748,10 +843,11 @@ def parse_args(argv: Sequence[str] | None = None, sdxl: bool = False) -> argpars
             path = save_config_file(args, parser, args.config_file)
             logger.info("wrote the arguments to %s", path)
             raise SystemExit(0)
+        command_line = args
         if args.config_file:
             args = apply_config_file(parser, argv, args.config_file)
         _normalize(args)
-        _check_unused_flags(parser, args)
+        _check_unused_flags(parser, args, command_line)
         verify_args(args, sdxl)
     except ConfigError as error:
         parser.error(str(error))

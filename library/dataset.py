@@ -20,8 +20,9 @@ Sources, as in sd-scripts:
   ``--reg_data_dir`` the same for regularization images. Regularization images are repeated or cut so that
   they count as many as the training images (images × repeats), like sd-scripts.
 
-Images: PNG/JPEG/WebP/BMP (any case), opened with PIL as RGB, resized (Lanczos) to cover their bucket keeping the
-aspect ratio, then centre-cropped (``random_crop``: a random crop) — see ``library.buckets`` for how buckets are
+Images: PNG/JPEG/WebP/BMP (any case), opened with PIL as RGB, resized to cover their bucket keeping the aspect ratio
+(``resize_interpolation``; by default area when shrinking, Lanczos when enlarging, as sd-scripts: see
+``library.resize``), then centre-cropped (``random_crop``: a random crop) — see ``library.buckets`` for how buckets are
 chosen and what happens to images smaller than the buckets. Unreadable or truncated files are skipped with one
 warning listing them. SDXL size conditioning per image: ``original_sizes_hw`` is the file's size;
 ``crop_top_lefts`` is where the crop starts in the resized image (the SDXL paper's and diffusers' definition,
@@ -52,10 +53,11 @@ import torch
 import voluptuous as vol
 from PIL import Image, ImageOps
 
-from library import latents as latent_cache
+from library import latents as latent_cache, upstream_flags
 from library.buckets import BucketChoice, BucketManager, adjust_min_max_bucket_reso, crop_box
 from library.config import parse_resolution
 from library.errors import UserInputError
+from library.resize import METHODS as RESIZE_METHODS, resize_image
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +94,7 @@ class SubsetSettings:
     color_aug: bool = False
     random_crop: bool = False
     face_crop_aug_range: tuple[float, float] | str | None = None  # accepted for compatibility; see _check_subset
+    resize_interpolation: str | None = None  # None: area when shrinking, lanczos when enlarging (library.resize)
 
 
 @dataclass
@@ -109,13 +112,14 @@ class DatasetSettings:
 
 
 # Command-line attribute for a setting whose flag has another name than its config key.
-_ARGPARSE_NAMES = {"batch_size": "train_batch_size"}
+# --dataset_repeats gives the repeats of subsets without num_repeats, as in sd-scripts.
+_ARGPARSE_NAMES = {"batch_size": "train_batch_size", "num_repeats": "dataset_repeats"}
 
 _NUMBER = vol.Any(float, int, msg="expected a number")
 _RATE = vol.All(_NUMBER, vol.Range(min=0, max=1))
 _POSITIVE_INT = vol.All(int, vol.Range(min=1))
 _NON_NEGATIVE_INT = vol.All(int, vol.Range(min=0))
-_FLOAT_PAIR = vol.All(vol.ExactSequence([_NUMBER, _NUMBER], msg="expected two numbers [low, high]"), tuple)
+_FLOAT_PAIR = vol.All(vol.ExactSequence([_NUMBER, _NUMBER], msg="expected two numbers [low, high]"), vol.Coerce(tuple))
 _RESOLUTION = vol.Any(
     _POSITIVE_INT,
     vol.ExactSequence([_POSITIVE_INT, _POSITIVE_INT]),
@@ -144,6 +148,7 @@ _SUBSET_ASCENDABLE = {
     "color_aug": bool,
     "random_crop": bool,
     "face_crop_aug_range": _FLOAT_PAIR,
+    "resize_interpolation": vol.In(RESIZE_METHODS, msg="expected one of " + ", ".join(RESIZE_METHODS)),
 }
 _SUBSET_ONLY = {vol.Required("image_dir"): str, "is_reg": bool}
 _DATASET_ASCENDABLE = {
@@ -155,11 +160,10 @@ _DATASET_ASCENDABLE = {
     "bucket_reso_steps": _POSITIVE_INT,
     "bucket_no_upscale": bool,
 }
-# sd-scripts options this trainer does not implement: accepted by the schema, then refused with a clear message
-# (``cache_info`` only speeds up sd-scripts' start, so it is ignored with a warning).
-_UNSUPPORTED = ("alpha_mask", "custom_attributes", "metadata_file", "conditioning_data_dir", "validation_split",
-                "validation_seed", "network_multiplier", "system_prompt", "resize_interpolation", "dataset_repeats")
-_IGNORED = ("cache_info",)
+# sd-scripts options this trainer does not implement (library.upstream_flags): accepted by the schema, then refused
+# with the registry's message, or warned about as without effect.
+_UNSUPPORTED = tuple(upstream_flags.dataset_keys_with(upstream_flags.Status.REFUSED))
+_IGNORED = tuple(upstream_flags.dataset_keys_with(upstream_flags.Status.NO_EFFECT))
 _ACCEPTED_LATER = {vol.Optional(key): object for key in _UNSUPPORTED + _IGNORED}
 
 _SUBSET_SCHEMA = {**_SUBSET_ASCENDABLE, **_SUBSET_ONLY, **_ACCEPTED_LATER}
@@ -209,9 +213,11 @@ def validate_dataset_config(config: dict, source: str) -> dict:
     for where, section in sections:
         for key in section:
             if key in _UNSUPPORTED:
-                raise ValueError(f"{source}: '{where}.{key}' is an sd-scripts option this trainer does not support")
+                raise ValueError(f"{source}: '{where}.{key}' is an sd-scripts option this trainer does not support: "
+                                 f"{upstream_flags.DATASET_KEYS[key].note}")
             if key in _IGNORED:
-                logger.warning("%s: '%s.%s' is ignored by this trainer", source, where, key)
+                logger.warning("%s: '%s.%s' has no effect here: %s", source, where, key,
+                               upstream_flags.DATASET_KEYS[key].note)
     return validated
 
 
@@ -696,8 +702,7 @@ class DatasetGroup(torch.utils.data.Dataset):
         it), colour-augmented and flipped as chosen; and its crop box in the resized image."""
         choice = item.bucket
         image = load_rgb(item.path)
-        if image.size != choice.resized_size:
-            image = image.resize(choice.resized_size, Image.Resampling.LANCZOS)
+        image = resize_image(image, choice.resized_size, item.subset.resize_interpolation)
         left_top = None
         if rng is not None and item.subset.random_crop:
             left_top = (rng.randint(0, choice.resized_size[0] - choice.bucket[0]),

@@ -356,16 +356,21 @@ def test_batch_contract(tmp_path):
         dataset[len(dataset)]
 
 
-def test_sizes_and_pixels_of_a_resized_and_cropped_image(tmp_path):
+@pytest.mark.parametrize("interpolation", [None, "lanczos"])
+def test_sizes_and_pixels_of_a_resized_and_cropped_image(tmp_path, interpolation):
     # 96x64 (w x h) into a single 32x32 bucket: scale 0.5 -> 48x32, centre crop left (48 - 32) // 2 = 8.
     pixels = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
     (tmp_path / "1_x").mkdir()
     Image.fromarray(pixels).save(tmp_path / "1_x" / "a.png")
-    batch = build_dataset(make_args(train_data_dir=str(tmp_path)))[0]
+    batch = build_dataset(make_args(train_data_dir=str(tmp_path), resize_interpolation=interpolation))[0]
     assert batch["original_sizes_hw"].tolist() == [[64, 96]]
     assert batch["crop_top_lefts"].tolist() == [[0, 8]]
     assert batch["target_sizes_hw"].tolist() == [[32, 32]]
-    reference = np.asarray(Image.fromarray(pixels).resize((48, 32), Image.Resampling.LANCZOS), dtype=np.float32)
+    if interpolation is None:  # sd-scripts' default when shrinking: area, here the mean of each 2x2 block
+        block_sums = pixels.astype(np.int64).reshape(32, 2, 48, 2, 3).sum(axis=(1, 3))
+        reference = np.floor(block_sums / 4 + 0.5).astype(np.float32)
+    else:
+        reference = np.asarray(Image.fromarray(pixels).resize((48, 32), Image.Resampling.LANCZOS), dtype=np.float32)
     reference = torch.from_numpy(reference[:, 8:40] / 127.5 - 1).permute(2, 0, 1)
     torch.testing.assert_close(batch["images"][0], reference)
 
