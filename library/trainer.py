@@ -482,6 +482,9 @@ class NetworkTrainer:
                 state.step, num_update_steps_per_epoch, args.gradient_accumulation_steps
             )
             accelerator.print(f"resumed from {args.resume} at step {global_step} (epoch {first_epoch + 1})")
+            if global_step >= args.max_train_steps:  # a finished run: no step left, the LoRA written is the state's
+                accelerator.print(f"the state is at step {global_step} of {args.max_train_steps}: nothing left to train")
+                first_epoch = num_train_epochs
 
         accelerator.init_trackers(
             args.log_tracker_name or "network_train",
