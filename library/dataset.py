@@ -163,7 +163,8 @@ _DATASET_ASCENDABLE = {
 # sd-scripts options this trainer does not implement (library.upstream_flags): accepted by the schema, then refused
 # with the registry's message, or warned about as without effect.
 _UNSUPPORTED = tuple(upstream_flags.dataset_keys_with(upstream_flags.Status.REFUSED))
-_IGNORED = tuple(upstream_flags.dataset_keys_with(upstream_flags.Status.NO_EFFECT))
+_IGNORED = tuple(key for key in upstream_flags.dataset_keys_with(upstream_flags.Status.NO_EFFECT)
+                 if key not in _SUBSET_ASCENDABLE)  # face_crop_aug_range: BucketedDataset._check_subset
 _ACCEPTED_LATER = {vol.Optional(key): object for key in _UNSUPPORTED + _IGNORED}
 
 _SUBSET_SCHEMA = {**_SUBSET_ASCENDABLE, **_SUBSET_ONLY, **_ACCEPTED_LATER}
@@ -570,8 +571,10 @@ class BucketedDataset:
     def _check_subset(self, subset: SubsetSettings, source: str) -> None:
         if subset.face_crop_aug_range is not None:
             if not self.settings.enable_bucket:
-                raise ValueError(f"{source}: face_crop_aug_range (subset {subset.image_dir}) is not supported")
-            logger.warning("face_crop_aug_range has no effect with enable_bucket (as in sd-scripts); ignored")
+                raise ValueError(f"{source}: face_crop_aug_range (subset {subset.image_dir}): "
+                                 f"{upstream_flags.FACE_CROP_NOTE}")
+            logger.warning("face_crop_aug_range (subset %s) has no effect with enable_bucket, as in sd-scripts",
+                           subset.image_dir)
 
     def _make_bucket_manager(self, source: str) -> BucketManager:
         s = self.settings

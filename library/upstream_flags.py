@@ -47,7 +47,7 @@ IMPLEMENTED_FLAGS: tuple[str, ...] = tuple("""
     metadata_title metadata_author metadata_description metadata_license metadata_tags
     train_data_dir shuffle_caption caption_separator caption_extension caption_extention keep_tokens
     keep_tokens_separator secondary_separator enable_wildcard caption_prefix caption_suffix color_aug flip_aug
-    face_crop_aug_range random_crop resolution cache_latents vae_batch_size cache_latents_to_disk skip_cache_check
+    random_crop resolution cache_latents vae_batch_size cache_latents_to_disk skip_cache_check
     enable_bucket min_bucket_reso max_bucket_reso bucket_reso_steps bucket_no_upscale resize_interpolation
     token_warmup_min token_warmup_step caption_dropout_rate caption_dropout_every_n_epochs caption_tag_dropout_rate
     reg_data_dir dataset_repeats output_dir output_name
@@ -71,12 +71,13 @@ IMPLEMENTED_FLAGS: tuple[str, ...] = tuple("""
 """.split())
 
 IMPLEMENTED_NOTES: dict[str, str] = {
-    "face_crop_aug_range": "with --enable_bucket it has no effect (a warning says so), as in sd-scripts; "
-                           "without buckets it is refused (face-centred crops are not implemented)",
     "resume": "continues at the state's step and skips the batches already used (sd-scripts does that only with "
               "--skip_until_initial_step); a state saved at the last step trains no more steps and writes the "
               "LoRA of that state (sd-scripts stops with an assertion there)",
 }
+
+FACE_CROP_NOTE = ("face-centred crops are not implemented: with --enable_bucket it has no effect, as in sd-scripts; "
+                  "without buckets, where sd-scripts would use it, it is an error (remove it)")
 
 # Flags whose effect is absent here, and why nothing is lost.
 NO_EFFECT_FLAGS: dict[str, str] = {
@@ -93,6 +94,7 @@ NO_EFFECT_FLAGS: dict[str, str] = {
     "console_log_simple": "the console log is plain already",
     "disable_mmap_load_safetensors": "safetensors decides how to map the file",
     "skip_until_initial_step": "--resume always skips the batches the saved run already used",
+    "face_crop_aug_range": FACE_CROP_NOTE,
     # issue 17 implements it together with --base_weights (refused until then)
     "base_weights_multiplier": "used only with --base_weights (refused)",
 }
@@ -191,11 +193,12 @@ IMPLEMENTED_DATASET_KEYS: tuple[str, ...] = tuple("""
     image_dir is_reg num_repeats class_tokens caption_extension shuffle_caption caption_separator keep_tokens
     keep_tokens_separator secondary_separator enable_wildcard caption_prefix caption_suffix caption_dropout_rate
     caption_dropout_every_n_epochs caption_tag_dropout_rate token_warmup_min token_warmup_step flip_aug color_aug
-    random_crop face_crop_aug_range resize_interpolation
+    random_crop resize_interpolation
 """.split())
 
 NO_EFFECT_DATASET_KEYS: dict[str, str] = {
     "cache_info": "it only speeds up sd-scripts' start",
+    "face_crop_aug_range": FACE_CROP_NOTE,
 }
 
 REFUSED_DATASET_KEYS: dict[str, str] = {
