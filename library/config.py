@@ -51,7 +51,7 @@ from library.errors import UserInputError
 logger = logging.getLogger(__name__)
 
 # Title of the group that holds the upstream flags defined only so that they are warned about or refused.
-UNUSED_GROUP = "sd-scripts flags without effect here (see docs/COMPATIBILITY.md)"
+UNUSED_GROUP = "sd-scripts flags not implemented here (see docs/COMPATIBILITY.md)"
 
 # Argument groups: help title -> the table name used when --output_config writes a sectioned file.
 SECTIONS: dict[str, str] = {
