@@ -23,8 +23,9 @@ bicubic, cubic      ``cv2.INTER_CUBIC``                       PIL ``BICUBIC``: d
                                                               shrinking)
 ==================  =======================================  ==============================================
 
-Cost: PIL's filters as documented by PIL; :func:`area_resize` is two cumulative sums over the image in float64
-(about 3 x 8 bytes per pixel of extra memory), linear in the number of pixels.
+Cost: PIL's filters as documented by PIL. :func:`area_resize` reads each source pixel once per axis (a weighted sum
+of the few source rows under each output row, in float64), so its extra memory is the float64 image at the output's
+height (and a few source rows at a time), never a float copy of the whole source image.
 """
 
 from __future__ import annotations
@@ -66,23 +67,25 @@ def resize_image(image: Image.Image, new_size: tuple[int, int], method: str | No
 
 
 def _area_integrals(pixels: np.ndarray, new_length: int, axis: int) -> np.ndarray:
-    """Sums of ``pixels`` along ``axis`` over ``new_length`` equal intervals covering it (partial pixels weighted by
-    their covered fraction): the integral of the piecewise-constant image between consecutive interval edges."""
-    length = pixels.shape[axis]
+    """Sums of ``pixels`` along ``axis`` over ``new_length`` equal intervals covering it, each source pixel weighted
+    by the length of its overlap with the interval (1 for pixels inside it): one weighted row sum per output row."""
     moved = np.moveaxis(pixels, axis, 0)
-    cumulative = np.concatenate([np.zeros_like(moved[:1]), np.cumsum(moved, axis=0)])  # cumulative[k] = sum of [:k]
-    edges = np.arange(new_length + 1) * length / new_length  # exact where the edge falls on a pixel border
-    index = np.minimum(np.floor(edges).astype(np.int64), length - 1)
-    fraction = (edges - index).reshape(-1, *([1] * (moved.ndim - 1)))
-    integral = cumulative[index] + fraction * moved[index]
-    return np.moveaxis(integral[1:] - integral[:-1], 0, axis)
+    length = moved.shape[0]
+    edges = np.arange(new_length + 1) * length / new_length  # exact where an edge falls on a pixel border
+    sums = np.empty((new_length, *moved.shape[1:]))
+    for i in range(new_length):
+        start, end = edges[i], edges[i + 1]
+        rows = np.arange(int(start), min(int(np.ceil(end)), length))  # the source rows that overlap [start, end)
+        weights = np.minimum(rows + 1, end) - np.maximum(rows, start)
+        sums[i] = np.tensordot(weights, moved[rows[0]:rows[-1] + 1], axes=1)
+    return np.moveaxis(sums, 0, axis)
 
 
 def area_resize(image: Image.Image, new_size: tuple[int, int]) -> Image.Image:
     """Pixel-area resampling (OpenCV's ``INTER_AREA`` when shrinking), rounded half up like PIL's ``reduce``."""
     width, height = image.size
     new_width, new_height = new_size
-    pixels = np.asarray(image, dtype=np.float64)
+    pixels = np.asarray(image)
     sums = _area_integrals(_area_integrals(pixels, new_height, 0), new_width, 1)
     mean = sums / ((width * height) / (new_width * new_height))
     result = np.clip(np.floor(mean + 0.5), 0, 255).astype(np.uint8)
