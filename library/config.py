@@ -140,7 +140,7 @@ def _add_model_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--vae", type=str, default=None, help="replace the model's VAE with this checkpoint or folder")
     group.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32 under mixed precision")
     group.add_argument("--tokenizer_cache_dir", type=str, default=None,
-                       help=_compat_only("The tokenizers come with the model."))
+                       help="folder caching the tokenizers")
     group.add_argument("--clip_skip", type=int, default=None,
                        help="use the output of the n-th last text-encoder layer (n >= 1)")
     group.add_argument("--max_token_length", type=int, default=None, choices=[None, 75, 150, 225],
@@ -148,14 +148,14 @@ def _add_model_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--xformers", action="store_true", help="use xformers attention")
     group.add_argument("--sdpa", action="store_true", help="use PyTorch scaled-dot-product attention")
     group.add_argument("--mem_eff_attn", action="store_true",
-                       help=_compat_only("PyTorch SDPA attention, memory-efficient, is the default."))
+                       help="memory-efficient attention")
     group.add_argument("--lowram", action="store_true", help="load models straight to the accelerator (low host RAM)")
     group.add_argument("--highvram", action="store_true",
-                       help=_compat_only("Caches are cleared only where it matters."))
+                       help="skip clearing caches (plenty of VRAM)")
     group.add_argument("--fp8_base", action="store_true", help=_not_supported("keep the frozen base model in fp8"))
-    group.add_argument("--torch_compile", action="store_true", help=_compat_only("Training runs eagerly."))
+    group.add_argument("--torch_compile", action="store_true", help="compile the model with torch.compile")
     group.add_argument("--dynamo_backend", type=str, default="inductor",
-                       help=_compat_only("The backend of --torch_compile."))
+                       help="backend of --torch_compile")
 
 
 def _add_dataset_arguments(group: argparse._ArgumentGroup) -> None:
@@ -165,7 +165,7 @@ def _add_dataset_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--dataset_config", type=Path, default=None,
                        help="dataset TOML with [general], [[datasets]], [[datasets.subsets]]")
     group.add_argument("--in_json", type=str, default=None, help="metadata JSON of a fine-tuning style dataset")
-    group.add_argument("--dataset_repeats", type=int, default=1, help="repeats of an --in_json dataset")
+    group.add_argument("--dataset_repeats", type=int, default=1, help="repeats of --dataset_config subsets without num_repeats")
     group.add_argument("--resolution", type=str, default=None, help="training resolution: 'SIZE' or 'WIDTH,HEIGHT'")
     group.add_argument("--enable_bucket", action="store_true", help="aspect-ratio buckets")
     group.add_argument("--min_bucket_reso", type=int, default=256, help="smallest bucket side")
@@ -174,7 +174,8 @@ def _add_dataset_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--bucket_no_upscale", action="store_true", help="never upscale an image to fill a bucket")
     group.add_argument("--resize_interpolation", type=str, default=None,
                        choices=["lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area"],
-                       help="interpolation used when resizing images")
+                       help="interpolation used when resizing images (default: area when shrinking, lanczos when "
+                            "enlarging, as sd-scripts)")
     group.add_argument("--caption_extension", type=str, default=".caption", help="extension of caption files")
     group.add_argument("--caption_extention", type=str, default=None,
                        help="old misspelled alias of --caption_extension; overrides it when given")
@@ -206,7 +207,7 @@ def _add_dataset_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--alpha_mask", action="store_true", help="use the image alpha channel as loss mask")
     group.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularization images")
     group.add_argument("--debug_dataset", action="store_true",
-                       help=_not_supported("show the dataset instead of training"))
+                       help="show the dataset instead of training")
     group.add_argument("--cache_latents", action="store_true", help="encode every image once and keep the latents")
     group.add_argument("--cache_latents_to_disk", action="store_true",
                        help="cache latents in .npz files next to the images (implies --cache_latents)")
@@ -215,8 +216,8 @@ def _add_dataset_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--max_data_loader_n_workers", type=int, default=8, help="most DataLoader worker processes")
     group.add_argument("--persistent_data_loader_workers", action="store_true",
                        help="keep DataLoader workers alive between epochs")
-    group.add_argument("--cache_info", action="store_true", help=_compat_only("It only speeds up sd-scripts' start."))
-    group.add_argument("--dataset_class", type=str, default=None, help=_not_supported("a user-defined dataset class"))
+    group.add_argument("--cache_info", action="store_true", help="cache image sizes and captions in a file")
+    group.add_argument("--dataset_class", type=str, default=None, help="user-defined dataset class (dotted path)")
 
 
 def _add_network_arguments(group: argparse._ArgumentGroup) -> None:
@@ -272,7 +273,7 @@ def _add_optimizer_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--lr_scheduler_min_lr_ratio", type=float, default=None,
                        help="final learning rate as a fraction of the initial one")
     group.add_argument("--fused_backward_pass", action="store_true",
-                       help=_compat_only("sd-scripts uses it for full fine-tuning only."))
+                       help="fuse the optimizer step into the backward pass")
 
 
 def _add_training_loop_arguments(group: argparse._ArgumentGroup) -> None:
@@ -315,9 +316,8 @@ def _add_training_loop_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--nan_abort_steps", type=int, default=10,
                        help="(ours) stop with an error after this many consecutive non-finite losses; 0 never stops")
     group.add_argument("--ddp_timeout", type=int, default=None, help="DDP timeout in minutes")
-    not_ddp = _compat_only("The LoRA never runs through DDP: its gradients are averaged directly.")
-    group.add_argument("--ddp_gradient_as_bucket_view", action="store_true", help=not_ddp)
-    group.add_argument("--ddp_static_graph", action="store_true", help=not_ddp)
+    group.add_argument("--ddp_gradient_as_bucket_view", action="store_true", help="DDP gradient_as_bucket_view")
+    group.add_argument("--ddp_static_graph", action="store_true", help="DDP static_graph")
 
 
 def _add_saving_arguments(group: argparse._ArgumentGroup) -> None:
@@ -358,7 +358,7 @@ def _add_logging_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--log_prefix", type=str, default=None, help="prefix of the log folder name")
     group.add_argument("--log_tracker_name", type=str, default=None, help="tracker (project) name")
     group.add_argument("--log_tracker_config", type=str, default=None,
-                       help=_compat_only("Tracker settings come from the logging flags."))
+                       help="TOML file of tracker settings")
     group.add_argument("--log_config", action="store_true", help="log the training arguments")
     group.add_argument("--wandb_run_name", type=str, default=None, help="wandb run name")
     group.add_argument("--wandb_api_key", type=str, default=None, help="wandb API key (never written to configs)")
@@ -366,7 +366,7 @@ def _add_logging_arguments(group: argparse._ArgumentGroup) -> None:
                        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], help="console log level")
     group.add_argument("--console_log_file", type=str, default=None, help="also write the console log to this file")
     group.add_argument("--console_log_simple", action="store_true",
-                       help=_compat_only("The console log is plain already."))
+                       help="plain console log")
 
 
 def _add_sampling_arguments(group: argparse._ArgumentGroup) -> None:
@@ -392,7 +392,7 @@ def _add_sdxl_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true",
                        help="cache text-encoder outputs in .npz files (implies --cache_text_encoder_outputs)")
     group.add_argument("--disable_mmap_load_safetensors", action="store_true",
-                       help=_compat_only("Loading memory-maps as safetensors decides."))
+                       help="read safetensors files without memory-mapping")
 
 
 def _add_config_file_arguments(group: argparse._ArgumentGroup) -> None:
