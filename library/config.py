@@ -165,7 +165,8 @@ def _add_dataset_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--dataset_config", type=Path, default=None,
                        help="dataset TOML with [general], [[datasets]], [[datasets.subsets]]")
     group.add_argument("--in_json", type=str, default=None, help="metadata JSON of a fine-tuning style dataset")
-    group.add_argument("--dataset_repeats", type=int, default=1, help="repeats of --dataset_config subsets without num_repeats")
+    group.add_argument("--dataset_repeats", type=int, default=1,
+                       help="repeats of --dataset_config subsets without num_repeats")
     group.add_argument("--resolution", type=str, default=None, help="training resolution: 'SIZE' or 'WIDTH,HEIGHT'")
     group.add_argument("--enable_bucket", action="store_true", help="aspect-ratio buckets")
     group.add_argument("--min_bucket_reso", type=int, default=256, help="smallest bucket side")
@@ -795,7 +796,8 @@ def _check_unused_flags(parser: argparse.ArgumentParser, args: argparse.Namespac
     for action in parser._actions:
         entry = upstream_flags.FLAGS.get(action.dest)
         value = getattr(args, action.dest, action.default)
-        if entry is None or entry.status is upstream_flags.Status.IMPLEMENTED or value in (action.default, None, [], ""):
+        unset = value in (action.default, None, [], "")
+        if entry is None or entry.status is upstream_flags.Status.IMPLEMENTED or unset:
             continue
         on_command_line = command_line is None or getattr(command_line, action.dest, action.default) == value
         name = f"--{action.dest}" if on_command_line else f"key {action.dest!r} in {args.config_file}"

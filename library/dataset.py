@@ -22,8 +22,8 @@ Sources, as in sd-scripts:
 
 Images: PNG/JPEG/WebP/BMP (any case), opened with PIL as RGB, resized to cover their bucket keeping the aspect ratio
 (``resize_interpolation``; by default area when shrinking, Lanczos when enlarging, as sd-scripts: see
-``library.resize``), then centre-cropped (``random_crop``: a random crop) — see ``library.buckets`` for how buckets are
-chosen and what happens to images smaller than the buckets. Unreadable or truncated files are skipped with one
+``library.resize``), then centre-cropped (``random_crop``: a random crop) — see ``library.buckets`` for how buckets
+are chosen and what happens to images smaller than the buckets. Unreadable or truncated files are skipped with one
 warning listing them. SDXL size conditioning per image: ``original_sizes_hw`` is the file's size;
 ``crop_top_lefts`` is where the crop starts in the resized image (the SDXL paper's and diffusers' definition,
 mirrored when the image is flipped; sd-scripts instead reports the offset the image would have if fitted inside

@@ -483,7 +483,7 @@ class NetworkTrainer:
             )
             accelerator.print(f"resumed from {args.resume} at step {global_step} (epoch {first_epoch + 1})")
             if global_step >= args.max_train_steps:  # a finished run: no step left, the LoRA written is the state's
-                accelerator.print(f"the state is at step {global_step} of {args.max_train_steps}: nothing left to train")
+                accelerator.print(f"the state is at step {global_step} of {args.max_train_steps}: no step left to train")
                 first_epoch = num_train_epochs
 
         accelerator.init_trackers(

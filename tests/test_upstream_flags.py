@@ -42,7 +42,8 @@ def attribute_reads(source: str) -> tuple[set[str], set[str]]:
         if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
             (from_args if _receiver_name(node.value) == "args" else from_others).add(node.attr)
         elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr")
-              and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)):
+              and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)
+              and isinstance(node.args[1].value, str)):
             (from_args if _receiver_name(node.args[0]) == "args" else from_others).add(node.args[1].value)
     return from_args, from_others
 
