@@ -11,9 +11,11 @@ file, the file beats the defaults. Unlike sd-scripts, file values are checked ag
 
 ``--output_config --config_file X`` writes the arguments that differ from the defaults to ``X`` and exits.
 
-Flags whose help starts with ``COMPAT_ONLY`` are accepted so that sd-scripts command lines keep working, do nothing
-here, and are warned about when set. Flags whose help starts with ``NOT_SUPPORTED`` are sd-scripts features this
-trainer does not have; setting one is an error, so that a run never silently differs from what its config asks for.
+What each sd-scripts flag does here is decided in ``library/upstream_flags.py``: implemented, accepted without effect
+(help starts with ``COMPAT_ONLY``; warned about when set) or refused (help starts with ``NOT_SUPPORTED``; an error
+when set, on the command line or in a config file), so that a run never silently differs from what its config asks
+for. Upstream flags no group below defines are added from there, in their own group. Keys the kohya_ss GUI writes
+that are no flag (``epoch``, ...) are warned about with the reason; other unknown keys are warned about by name.
 
 Public API::
 
@@ -42,10 +44,14 @@ from typing import Any
 
 import toml
 
+from library import upstream_flags
 from library.atomic import atomic_output
 from library.errors import UserInputError
 
 logger = logging.getLogger(__name__)
+
+# Title of the group that holds the upstream flags defined only so that they are warned about or refused.
+UNUSED_GROUP = "sd-scripts flags not implemented here (see docs/COMPATIBILITY.md)"
 
 # Argument groups: help title -> the table name used when --output_config writes a sectioned file.
 SECTIONS: dict[str, str] = {
@@ -61,6 +67,7 @@ SECTIONS: dict[str, str] = {
     "validation": "validation_arguments",
     "SDXL": "sdxl_arguments",
     "config file": "config_arguments",
+    UNUSED_GROUP: "unused_arguments",
 }
 
 SAMPLERS = [
@@ -133,7 +140,7 @@ def _add_model_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--vae", type=str, default=None, help="replace the model's VAE with this checkpoint or folder")
     group.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32 under mixed precision")
     group.add_argument("--tokenizer_cache_dir", type=str, default=None,
-                       help=_compat_only("The tokenizers come with the model."))
+                       help="folder caching the tokenizers")
     group.add_argument("--clip_skip", type=int, default=None,
                        help="use the output of the n-th last text-encoder layer (n >= 1)")
     group.add_argument("--max_token_length", type=int, default=None, choices=[None, 75, 150, 225],
@@ -141,14 +148,14 @@ def _add_model_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--xformers", action="store_true", help="use xformers attention")
     group.add_argument("--sdpa", action="store_true", help="use PyTorch scaled-dot-product attention")
     group.add_argument("--mem_eff_attn", action="store_true",
-                       help=_compat_only("PyTorch SDPA attention, memory-efficient, is the default."))
+                       help="memory-efficient attention")
     group.add_argument("--lowram", action="store_true", help="load models straight to the accelerator (low host RAM)")
     group.add_argument("--highvram", action="store_true",
-                       help=_compat_only("Caches are cleared only where it matters."))
+                       help="skip clearing caches (plenty of VRAM)")
     group.add_argument("--fp8_base", action="store_true", help=_not_supported("keep the frozen base model in fp8"))
-    group.add_argument("--torch_compile", action="store_true", help=_compat_only("Training runs eagerly."))
+    group.add_argument("--torch_compile", action="store_true", help="compile the model with torch.compile")
     group.add_argument("--dynamo_backend", type=str, default="inductor",
-                       help=_compat_only("The backend of --torch_compile."))
+                       help="backend of --torch_compile")
 
 
 def _add_dataset_arguments(group: argparse._ArgumentGroup) -> None:
@@ -170,7 +177,8 @@ def _add_dataset_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--bucket_no_upscale", action="store_true", help="never upscale an image to fill a bucket")
     group.add_argument("--resize_interpolation", type=str, default=None,
                        choices=["lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area"],
-                       help="interpolation used when resizing images")
+                       help="interpolation used when resizing images (default: area when shrinking, lanczos when "
+                            "enlarging, as sd-scripts)")
     group.add_argument("--caption_extension", type=str, default=".caption", help="extension of caption files")
     group.add_argument("--caption_extention", type=str, default=None,
                        help="old misspelled alias of --caption_extension; overrides it when given")
@@ -211,7 +219,7 @@ def _add_dataset_arguments(group: argparse._ArgumentGroup) -> None:
                                          "conditioning_data_dir in --dataset_config subsets."))
     group.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularization images")
     group.add_argument("--debug_dataset", action="store_true",
-                       help=_not_supported("show the dataset instead of training"))
+                       help="show the dataset instead of training")
     group.add_argument("--cache_latents", action="store_true", help="encode every image once and keep the latents")
     group.add_argument("--cache_latents_to_disk", action="store_true",
                        help="cache latents in .npz files next to the images (implies --cache_latents)")
@@ -220,8 +228,8 @@ def _add_dataset_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--max_data_loader_n_workers", type=int, default=8, help="most DataLoader worker processes")
     group.add_argument("--persistent_data_loader_workers", action="store_true",
                        help="keep DataLoader workers alive between epochs")
-    group.add_argument("--cache_info", action="store_true", help=_compat_only("It only speeds up sd-scripts' start."))
-    group.add_argument("--dataset_class", type=str, default=None, help=_not_supported("a user-defined dataset class"))
+    group.add_argument("--cache_info", action="store_true", help="cache image sizes and captions in a file")
+    group.add_argument("--dataset_class", type=str, default=None, help="user-defined dataset class (dotted path)")
 
 
 def _add_network_arguments(group: argparse._ArgumentGroup) -> None:
@@ -277,7 +285,7 @@ def _add_optimizer_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--lr_scheduler_min_lr_ratio", type=float, default=None,
                        help="final learning rate as a fraction of the initial one")
     group.add_argument("--fused_backward_pass", action="store_true",
-                       help=_compat_only("sd-scripts uses it for full fine-tuning only."))
+                       help="fuse the optimizer step into the backward pass")
 
 
 def _add_training_loop_arguments(group: argparse._ArgumentGroup) -> None:
@@ -320,9 +328,8 @@ def _add_training_loop_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--nan_abort_steps", type=int, default=10,
                        help="(ours) stop with an error after this many consecutive non-finite losses; 0 never stops")
     group.add_argument("--ddp_timeout", type=int, default=None, help="DDP timeout in minutes")
-    not_ddp = _compat_only("The LoRA never runs through DDP: its gradients are averaged directly.")
-    group.add_argument("--ddp_gradient_as_bucket_view", action="store_true", help=not_ddp)
-    group.add_argument("--ddp_static_graph", action="store_true", help=not_ddp)
+    group.add_argument("--ddp_gradient_as_bucket_view", action="store_true", help="DDP gradient_as_bucket_view")
+    group.add_argument("--ddp_static_graph", action="store_true", help="DDP static_graph")
 
 
 def _add_saving_arguments(group: argparse._ArgumentGroup) -> None:
@@ -363,7 +370,7 @@ def _add_logging_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--log_prefix", type=str, default=None, help="prefix of the log folder name")
     group.add_argument("--log_tracker_name", type=str, default=None, help="tracker (project) name")
     group.add_argument("--log_tracker_config", type=str, default=None,
-                       help=_compat_only("Tracker settings come from the logging flags."))
+                       help="TOML file of tracker settings")
     group.add_argument("--log_config", action="store_true", help="log the training arguments")
     group.add_argument("--wandb_run_name", type=str, default=None, help="wandb run name")
     group.add_argument("--wandb_api_key", type=str, default=None, help="wandb API key (never written to configs)")
@@ -371,7 +378,7 @@ def _add_logging_arguments(group: argparse._ArgumentGroup) -> None:
                        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], help="console log level")
     group.add_argument("--console_log_file", type=str, default=None, help="also write the console log to this file")
     group.add_argument("--console_log_simple", action="store_true",
-                       help=_compat_only("The console log is plain already."))
+                       help="plain console log")
 
 
 def _add_sampling_arguments(group: argparse._ArgumentGroup) -> None:
@@ -397,7 +404,7 @@ def _add_sdxl_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true",
                        help="cache text-encoder outputs in .npz files (implies --cache_text_encoder_outputs)")
     group.add_argument("--disable_mmap_load_safetensors", action="store_true",
-                       help=_compat_only("Loading memory-maps as safetensors decides."))
+                       help="read safetensors files without memory-mapping")
 
 
 def _add_config_file_arguments(group: argparse._ArgumentGroup) -> None:
@@ -432,7 +439,25 @@ def build_parser(sdxl: bool = False) -> argparse.ArgumentParser:
         if title == "SDXL" and not sdxl:
             continue
         add_arguments(parser.add_argument_group(title))
+    _add_registry_flags(parser)
     return parser
+
+
+def _add_registry_flags(parser: argparse.ArgumentParser) -> None:
+    """Define the upstream flags that no group defines (``upstream_flags.PARSER_SPECS``) and give every flag that
+    is not implemented its help from ``library.upstream_flags``."""
+    defined = _actions_by_dest(parser)
+    group = parser.add_argument_group(UNUSED_GROUP)
+    for name, spec in upstream_flags.PARSER_SPECS.items():
+        if name not in defined:
+            group.add_argument(f"--{name}", **spec)
+    for action in parser._actions:
+        entry = upstream_flags.FLAGS.get(action.dest)
+        if entry is None or entry.status is upstream_flags.Status.IMPLEMENTED:
+            continue
+        action.help = (_compat_only if entry.status is upstream_flags.Status.NO_EFFECT else _not_supported)(
+            entry.note.replace("%", "%%")
+        )
 
 
 def _actions_by_dest(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -547,6 +572,9 @@ def config_file_values(parser: argparse.ArgumentParser, config_file: str | os.Pa
         if key in _CONFIG_CONTROL_KEYS:
             logger.warning("%s: %r is ignored inside a config file; give it on the command line", path, key)
             continue
+        if key in upstream_flags.CONFIG_FILE_ONLY:
+            logger.warning("%s: %r is ignored: %s", path, key, upstream_flags.CONFIG_FILE_ONLY[key])
+            continue
         if key not in actions:
             close = difflib.get_close_matches(key, actions, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -623,6 +651,68 @@ def _check_range(args: argparse.Namespace, name: str, low: float, high: float, h
         raise ConfigError(f"--{name}: expected a value in [{low}, {high}{bracket}, got {value}")
 
 
+# Flags with a meaningful range: name -> (low, high, low inclusive, high inclusive); None is no bound.
+_VALUE_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "min_snr_gamma": (0, None, False, True),  # weights min(SNR, gamma) / SNR: gamma <= 0 gives zero/negative weights
+    "network_dim": (1, None, True, True),
+    "network_alpha": (0, None, True, True),  # 0 means alpha = rank in networks.lora, as upstream
+    "network_dropout": (0, 1, True, False),
+    "scale_weight_norms": (0, None, False, True),
+    "learning_rate": (0, None, True, True),
+    "unet_lr": (0, None, True, True),
+    "max_grad_norm": (0, None, True, True),  # 0 disables clipping
+    "lr_scheduler_num_cycles": (1, None, True, True),
+    "lr_scheduler_timescale": (1, None, True, True),
+    "lr_scheduler_min_lr_ratio": (0, 1, True, True),
+    "prior_loss_weight": (0, None, True, True),
+    "noise_offset": (0, None, True, True),
+    "ip_noise_gamma": (0, None, True, True),
+    "multires_noise_iterations": (0, None, True, True),
+    "multires_noise_discount": (0, 1, True, True),
+    "v_pred_like_loss": (0, None, True, True),
+    "huber_c": (0, None, False, True),
+    "huber_scale": (0, None, False, True),
+    "clip_skip": (1, None, True, True),
+    "keep_tokens": (0, None, True, True),
+    "token_warmup_min": (0, None, True, True),
+    "token_warmup_step": (0, None, True, True),
+    "caption_dropout_every_n_epochs": (0, None, True, True),
+    "dataset_repeats": (1, None, True, True),
+    "min_bucket_reso": (1, None, True, True),
+    "max_bucket_reso": (1, None, True, True),
+    "save_every_n_epochs": (1, None, True, True),
+    "save_every_n_steps": (1, None, True, True),
+    "save_n_epoch_ratio": (1, None, True, True),
+    "save_last_n_epochs": (1, None, True, True),
+    "save_last_n_epochs_state": (1, None, True, True),
+    "save_last_n_steps": (1, None, True, True),
+    "save_last_n_steps_state": (1, None, True, True),
+    "validate_every_n_steps": (1, None, True, True),
+    "validate_every_n_epochs": (1, None, True, True),
+    "max_validation_steps": (1, None, True, True),
+    "ddp_timeout": (1, None, True, True),
+}
+
+
+def _check_value_ranges(args: argparse.Namespace) -> None:
+    """Each flag of ``_VALUE_RANGES`` that is set lies in its range (``--text_encoder_lr``: every value >= 0)."""
+    for name, (low, high, low_inclusive, high_inclusive) in _VALUE_RANGES.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        too_low = low is not None and (value < low if low_inclusive else value <= low)
+        too_high = high is not None and (value > high if high_inclusive else value >= high)
+        if too_low or too_high:
+            lower = "" if low is None else ("[" if low_inclusive else "(") + f"{low}"
+            upper = "" if high is None else f"{high}" + ("]" if high_inclusive else ")")
+            expected = f"a value in {lower}, {upper}" if lower and upper else (
+                f"a value {'>=' if low_inclusive else '>'} {low}" if lower else f"a value <= {high}")
+            raise ConfigError(f"--{name}: expected {expected}, got {value}")
+    for value in args.text_encoder_lr or []:
+        if value < 0:
+            raise ConfigError(f"--text_encoder_lr: expected values >= 0, got {value}")
+
+
 def verify_args(args: argparse.Namespace, sdxl: bool) -> None:
     """Check the combinations of arguments that are wrong whatever the data and model; raise ConfigError if so.
 
@@ -669,6 +759,7 @@ def verify_args(args: argparse.Namespace, sdxl: bool) -> None:
     _check_range(args, "validation_split", 0.0, 1.0, high_inclusive=False)
     _check_range(args, "min_timestep", 0, 999)
     _check_range(args, "max_timestep", 1, 1000)
+    _check_value_ranges(args)
     if args.min_timestep is not None and args.max_timestep is not None and args.min_timestep >= args.max_timestep:
         raise ConfigError(
             f"--min_timestep ({args.min_timestep}) must be smaller than --max_timestep ({args.max_timestep})"
@@ -709,18 +800,23 @@ def verify_args(args: argparse.Namespace, sdxl: bool) -> None:
                 )
 
 
-def _check_unused_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Warn about set ``COMPAT_ONLY`` flags; refuse set ``NOT_SUPPORTED`` ones."""
+def _check_unused_flags(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                        command_line: argparse.Namespace | None = None) -> None:
+    """Warn about set flags registered as no-effect; refuse set flags registered as refused
+    (``library.upstream_flags``). A value that did not come from the command line is named as a config-file key."""
     for action in parser._actions:
-        if action.help is None or getattr(args, action.dest, action.default) in (action.default, None, []):
+        entry = upstream_flags.FLAGS.get(action.dest)
+        value = getattr(args, action.dest, action.default)
+        unset = value in (action.default, None, [], "")
+        if entry is None or entry.status is upstream_flags.Status.IMPLEMENTED or unset:
             continue
-        if action.help.startswith(COMPAT_ONLY):
-            logger.warning("--%s is accepted for compatibility with sd-scripts but has no effect here", action.dest)
-        elif action.help.startswith(NOT_SUPPORTED):
-            raise ConfigError(
-                f"--{action.dest} ({action.help[len(NOT_SUPPORTED):].strip()}) is an sd-scripts option this "
-                "trainer does not support; remove it"
-            )
+        on_command_line = command_line is None or getattr(command_line, action.dest, action.default) == value
+        name = f"--{action.dest}" if on_command_line else f"key {action.dest!r} in {args.config_file}"
+        if entry.status is upstream_flags.Status.NO_EFFECT:
+            logger.warning("%s is accepted for compatibility with sd-scripts but has no effect here: %s", name,
+                           entry.note)
+        else:
+            raise ConfigError(f"{name} is an sd-scripts option this trainer does not support: {entry.note}")
 
 
 def _normalize(args: argparse.Namespace) -> None:
@@ -760,10 +856,11 @@ def parse_args(argv: Sequence[str] | None = None, sdxl: bool = False) -> argpars
             path = save_config_file(args, parser, args.config_file)
             print(f"wrote the arguments to {path} (train with: --config_file {path})")  # before logging is set up
             raise SystemExit(0)
+        command_line = args
         if args.config_file:
             args = apply_config_file(parser, argv, args.config_file)
         _normalize(args)
-        _check_unused_flags(parser, args)
+        _check_unused_flags(parser, args, command_line)
         verify_args(args, sdxl)
     except ConfigError as error:
         parser.error(str(error))

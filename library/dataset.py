@@ -23,9 +23,10 @@ Sources, as in sd-scripts:
   ``--reg_data_dir`` the same for regularization images. Regularization images are repeated or cut so that
   they count as many as the training images (images × repeats), like sd-scripts.
 
-Images: PNG/JPEG/WebP/BMP (any case), opened with PIL as RGB, resized (Lanczos) to cover their bucket keeping the
-aspect ratio, then centre-cropped (``random_crop``: a random crop) — see ``library.buckets`` for how buckets are
-chosen and what happens to images smaller than the buckets. Unreadable or truncated files are skipped with one
+Images: PNG/JPEG/WebP/BMP (any case), opened with PIL as RGB, resized to cover their bucket keeping the aspect ratio
+(``resize_interpolation``; by default area when shrinking, Lanczos when enlarging, as sd-scripts: see
+``library.resize``), then centre-cropped (``random_crop``: a random crop) — see ``library.buckets`` for how buckets
+are chosen and what happens to images smaller than the buckets. Unreadable or truncated files are skipped with one
 warning listing them. SDXL size conditioning per image: ``original_sizes_hw`` is the file's size;
 ``crop_top_lefts`` is where the crop starts in the resized image (the SDXL paper's and diffusers' definition,
 mirrored when the image is flipped; sd-scripts instead reports the offset the image would have if fitted inside
@@ -57,11 +58,11 @@ import torch
 import voluptuous as vol
 from PIL import Image, ImageOps
 
-from library import finetune_dataset, latents as latent_cache
-from library import masks
+from library import finetune_dataset, latents as latent_cache, masks, upstream_flags
 from library.buckets import BucketChoice, BucketManager, adjust_min_max_bucket_reso, crop_box
 from library.config import parse_resolution
 from library.errors import UserInputError
+from library.resize import METHODS as RESIZE_METHODS, resize_image
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class SubsetSettings:
     metadata_file: str | None = None  # a fine-tuning subset (library/finetune_dataset.py); image_dir may be None
     alpha_mask: bool = False  # the images' alpha channel is the loss mask (library.masks)
     conditioning_data_dir: str | None = None  # mask images for --masked_loss (library.masks)
+    resize_interpolation: str | None = None  # None: area when shrinking, lanczos when enlarging (library.resize)
 
 
 @dataclass
@@ -117,14 +119,18 @@ class DatasetSettings:
     subsets: list[SubsetSettings] = field(default_factory=list)
 
 
+# Subset settings that only a subset sets: no command-line flag, [general] or [[datasets]] value gives them
+# (sd-scripts' --conditioning_data_dir, for one, is not read by its train_network.py).
+SUBSET_ONLY_SETTINGS = ("image_dir", "metadata_file", "is_reg", "conditioning_data_dir")
 # Command-line attribute for a setting whose flag has another name than its config key.
+# --dataset_repeats gives the repeats of subsets without num_repeats, as in sd-scripts.
 _ARGPARSE_NAMES = {"batch_size": "train_batch_size", "num_repeats": "dataset_repeats"}
 
 _NUMBER = vol.Any(float, int, msg="expected a number")
 _RATE = vol.All(_NUMBER, vol.Range(min=0, max=1))
 _POSITIVE_INT = vol.All(int, vol.Range(min=1))
 _NON_NEGATIVE_INT = vol.All(int, vol.Range(min=0))
-_FLOAT_PAIR = vol.All(vol.ExactSequence([_NUMBER, _NUMBER], msg="expected two numbers [low, high]"), tuple)
+_FLOAT_PAIR = vol.All(vol.ExactSequence([_NUMBER, _NUMBER], msg="expected two numbers [low, high]"), vol.Coerce(tuple))
 _RESOLUTION = vol.Any(
     _POSITIVE_INT,
     vol.ExactSequence([_POSITIVE_INT, _POSITIVE_INT]),
@@ -153,6 +159,7 @@ _SUBSET_ASCENDABLE = {
     "color_aug": bool,
     "random_crop": bool,
     "face_crop_aug_range": _FLOAT_PAIR,
+    "resize_interpolation": vol.In(RESIZE_METHODS, msg="expected one of " + ", ".join(RESIZE_METHODS)),
 }
 _SUBSET_ONLY = {
     "image_dir": str, "is_reg": bool, "metadata_file": str, "alpha_mask": bool, "conditioning_data_dir": str,
@@ -166,11 +173,11 @@ _DATASET_ASCENDABLE = {
     "bucket_reso_steps": _POSITIVE_INT,
     "bucket_no_upscale": bool,
 }
-# sd-scripts options this trainer does not implement: accepted by the schema, then refused with a clear message
-# (``cache_info`` only speeds up sd-scripts' start, so it is ignored with a warning).
-_UNSUPPORTED = ("custom_attributes", "validation_split",
-                "validation_seed", "network_multiplier", "system_prompt", "resize_interpolation", "dataset_repeats")
-_IGNORED = ("cache_info",)
+# sd-scripts options this trainer does not implement (library.upstream_flags): accepted by the schema, then refused
+# with the registry's message, or warned about as without effect.
+_UNSUPPORTED = tuple(upstream_flags.dataset_keys_with(upstream_flags.Status.REFUSED))
+_IGNORED = tuple(key for key in upstream_flags.dataset_keys_with(upstream_flags.Status.NO_EFFECT)
+                 if key not in _SUBSET_ASCENDABLE)  # face_crop_aug_range: BucketedDataset._check_subset
 _ACCEPTED_LATER = {vol.Optional(key): object for key in _UNSUPPORTED + _IGNORED}
 
 _SUBSET_SCHEMA = {**_SUBSET_ASCENDABLE, **_SUBSET_ONLY, **_ACCEPTED_LATER}
@@ -220,9 +227,11 @@ def validate_dataset_config(config: dict, source: str) -> dict:
     for where, section in sections:
         for key in section:
             if key in _UNSUPPORTED:
-                raise ValueError(f"{source}: '{where}.{key}' is an sd-scripts option this trainer does not support")
+                raise ValueError(f"{source}: '{where}.{key}' is an sd-scripts option this trainer does not support: "
+                                 f"{upstream_flags.DATASET_KEYS[key].note}")
             if key in _IGNORED:
-                logger.warning("%s: '%s.%s' is ignored by this trainer", source, where, key)
+                logger.warning("%s: '%s.%s' has no effect here: %s", source, where, key,
+                               upstream_flags.DATASET_KEYS[key].note)
     for i, dataset in enumerate(validated.get("datasets", [])):
         _check_subset_kinds(dataset.get("subsets", []), source, f"datasets[{i}]")
     return validated
@@ -342,11 +351,11 @@ def resolve_settings(user_config: dict, args: Any, source: str) -> list[DatasetS
             subset_values = {
                 f.name: _lookup(f.name, [subset, dataset, general], args, f.default)
                 for f in fields(SubsetSettings)
-                if f.name not in ("image_dir", "metadata_file")
+                if f.name not in SUBSET_ONLY_SETTINGS
             }
-            subset_values["is_reg"] = bool(subset.get("is_reg", False))
-            subset_values["metadata_file"] = subset.get("metadata_file")
-            settings.subsets.append(SubsetSettings(image_dir=subset.get("image_dir"), **subset_values))
+            subset_values.update({name: subset.get(name) for name in SUBSET_ONLY_SETTINGS})
+            subset_values["is_reg"] = bool(subset_values["is_reg"])
+            settings.subsets.append(SubsetSettings(**subset_values))
         resolved.append(settings)
     return resolved
 
@@ -617,8 +626,10 @@ class BucketedDataset:
     def _check_subset(self, subset: SubsetSettings, source: str) -> None:
         if subset.face_crop_aug_range is not None:
             if not self.settings.enable_bucket:
-                raise ValueError(f"{source}: face_crop_aug_range (subset {subset_name(subset)}) is not supported")
-            logger.warning("face_crop_aug_range has no effect with enable_bucket (as in sd-scripts); ignored")
+                raise ValueError(f"{source}: face_crop_aug_range (subset {subset_name(subset)}): "
+                                 f"{upstream_flags.FACE_CROP_NOTE}")
+            logger.warning("face_crop_aug_range (subset %s) has no effect with enable_bucket, as in sd-scripts",
+                           subset_name(subset))
 
     def _make_bucket_manager(self, source: str) -> BucketManager:
         s = self.settings
@@ -753,8 +764,7 @@ class DatasetGroup(torch.utils.data.Dataset):
         choice = item.bucket
         alpha = masks.read_alpha(item.path) if masks.uses_alpha_mask(item.subset) else None
         image = load_rgb(item.path)
-        if image.size != choice.resized_size:
-            image = image.resize(choice.resized_size, Image.Resampling.LANCZOS)
+        image = resize_image(image, choice.resized_size, item.subset.resize_interpolation)
         left_top = None
         if rng is not None and item.subset.random_crop:
             left_top = (rng.randint(0, choice.resized_size[0] - choice.bucket[0]),
@@ -765,7 +775,9 @@ class DatasetGroup(torch.utils.data.Dataset):
             image = color_augment(image, rng)
         if flip:
             image = ImageOps.mirror(image)
-        alpha_mask = None if alpha is None else masks.fit_mask(alpha, choice.resized_size, box, flip)
+        alpha_mask = None if alpha is None else masks.fit_mask(
+            alpha, choice.resized_size, box, flip, item.subset.resize_interpolation
+        )
         return to_tensor(image), box, alpha_mask
 
     def _cached_latents(self, item: ImageItem, flip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -789,7 +801,8 @@ class DatasetGroup(torch.utils.data.Dataset):
         else:
             (image, box, loss_mask), latents = self._image_tensor(item, rng, flip), None
         if item.mask_path is not None:
-            loss_mask = masks.mask_file_tensor(item.mask_path, choice.resized_size, box, flip)
+            loss_mask = masks.mask_file_tensor(item.mask_path, choice.resized_size, box, flip,
+                                               item.subset.resize_interpolation)
         left, top = box[0], box[1]
         if flip:
             left = choice.resized_size[0] - box[2]  # the crop's left edge in the mirrored image

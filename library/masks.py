@@ -39,10 +39,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from library.errors import UserInputError
+from library.resize import resize_image
 
 logger = logging.getLogger(__name__)
 
-_RESAMPLE = Image.Resampling.LANCZOS  # the filter the dataset resizes images with
 
 
 class MaskError(UserInputError):
@@ -174,21 +174,20 @@ def read_alpha(path: str | os.PathLike) -> Image.Image:
 
 
 def fit_mask(mask: Image.Image, resized_size: tuple[int, int], box: tuple[int, int, int, int],
-             flip: bool) -> torch.Tensor:
-    """The mask moved like its image: resized to ``resized_size`` ``(w, h)`` with the dataset's filter, cropped to
-    ``box``, mirrored when ``flip``; a float32 (h, w) tensor of value / 255."""
-    if mask.size != tuple(resized_size):
-        mask = mask.resize(resized_size, _RESAMPLE)
-    mask = mask.crop(box)
+             flip: bool, method: str | None = None) -> torch.Tensor:
+    """The mask moved like its image: resized to ``resized_size`` ``(w, h)`` as the image is (``method``: the
+    subset's ``resize_interpolation``, see ``library/resize.py``), cropped to ``box``, mirrored when ``flip``; a
+    float32 (h, w) tensor of value / 255."""
+    mask = resize_image(mask, resized_size, method).crop(box)
     if flip:
         mask = ImageOps.mirror(mask)
     return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)
 
 
 def mask_file_tensor(path: str, resized_size: tuple[int, int], box: tuple[int, int, int, int],
-                     flip: bool) -> torch.Tensor:
+                     flip: bool, method: str | None = None) -> torch.Tensor:
     """The loss mask from a mask image, moved like its image (see :func:`fit_mask`)."""
-    return fit_mask(read_mask_image(path), resized_size, box, flip)
+    return fit_mask(read_mask_image(path), resized_size, box, flip, method)
 
 
 def flip_mask(mask: torch.Tensor | None, flip: bool) -> torch.Tensor | None:

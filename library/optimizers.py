@@ -145,8 +145,9 @@ def resolve_optimizer_type(args: Any) -> str:
     optimizer_type = getattr(args, "optimizer_type", None) or ""
     legacy = [
         (flag, implied)
-        for flag, implied in (("use_8bit_adam", "AdamW8bit"), ("use_lion_optimizer", "Lion"))
-        if getattr(args, flag, False)
+        for flag, implied, used in (("use_8bit_adam", "AdamW8bit", getattr(args, "use_8bit_adam", False)),
+                                    ("use_lion_optimizer", "Lion", getattr(args, "use_lion_optimizer", False)))
+        if used
     ]
     if len(legacy) == 2:
         raise ValueError("both --use_8bit_adam and --use_lion_optimizer are set; use --optimizer_type instead")

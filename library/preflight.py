@@ -6,8 +6,7 @@ for them. :func:`check_before_models` looks at everything that can be judged fro
 
 * the optimizer: ``--optimizer_type`` resolves to a class, ``--optimizer_args`` parse, and the class accepts them —
   checked by building it once on a one-element dummy parameter (cost: one tiny tensor, no model);
-* the network: ``--network_module`` imports, ``--network_args`` are ``key=value``, ``--network_dim`` /
-  ``--network_alpha`` are not negative, and a LoRA of rank 0 without conv modules is refused (nothing to train);
+* the network: ``--network_module`` imports, ``--network_args`` are ``key=value``;
 * learning rates: the parts that train (U-Net, text encoders) do not all have learning rate 0;
 * input paths: ``--network_weights``, ``--resume``, ``--sample_prompts`` and ``--in_json`` exist, and every
   ``--base_weights`` file holds LoRA formats it can merge (read from its header).
@@ -56,24 +55,12 @@ def check_paths(args: argparse.Namespace) -> None:
 
 
 def check_network_arguments(args: argparse.Namespace) -> None:
-    """``--network_module`` imports; ``--network_args`` are key=value; rank and alpha make sense."""
+    """``--network_module`` imports; ``--network_args`` are key=value (the ranges of ``--network_dim`` and
+    ``--network_alpha`` are the parser's, ``library/config.py``)."""
     from library.trainer import DEFAULT_NETWORK_MODULE, import_network_module, parse_network_args
 
     import_network_module(args.network_module or DEFAULT_NETWORK_MODULE)
-    network_kwargs = parse_network_args(args.network_args)
-    if args.network_dim is not None and args.network_dim < 0:
-        raise UserInputError(f"--network_dim: expected the LoRA rank, 1 or more, got {args.network_dim}")
-    if args.network_alpha is not None and args.network_alpha < 0:
-        raise UserInputError(f"--network_alpha: expected 0 or more, got {args.network_alpha}")
-    if args.network_dim == 0 and not args.dim_from_weights and "conv_dim" not in network_kwargs:
-        raise UserInputError(
-            "--network_dim 0 creates no LoRA module, so nothing would train; give a rank such as --network_dim 16 "
-            "(or --network_args conv_dim=N to train only the 3x3 convolutions)"
-        )
-    if args.network_dim == 0 and "conv_dim" in network_kwargs:
-        logging.getLogger(__name__).warning(
-            "--network_dim 0: only the 3x3 convolution modules (conv_dim) are trained, no attention or linear layer"
-        )
+    parse_network_args(args.network_args)
 
 
 def check_learning_rates(args: argparse.Namespace) -> None:

@@ -392,6 +392,9 @@ class NetworkTrainer:
                 state.step, steps_per_epoch, args.gradient_accumulation_steps
             )
             accelerator.print(f"resumed from {args.resume} at step {run.global_step} (epoch {run.first_epoch + 1})")
+            if run.global_step >= args.max_train_steps:  # a finished run: no step left, the LoRA written is the state's
+                accelerator.print(f"the state is at step {run.global_step} of {args.max_train_steps}: no step left")
+                run.first_epoch = num_epochs
 
         accelerator.init_trackers(
             args.log_tracker_name or "network_train",

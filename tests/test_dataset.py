@@ -357,16 +357,21 @@ def test_batch_contract(tmp_path):
         dataset[len(dataset)]
 
 
-def test_sizes_and_pixels_of_a_resized_and_cropped_image(tmp_path):
+@pytest.mark.parametrize("interpolation", [None, "lanczos"])
+def test_sizes_and_pixels_of_a_resized_and_cropped_image(tmp_path, interpolation):
     # 96x64 (w x h) into a single 32x32 bucket: scale 0.5 -> 48x32, centre crop left (48 - 32) // 2 = 8.
     pixels = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
     (tmp_path / "1_x").mkdir()
     Image.fromarray(pixels).save(tmp_path / "1_x" / "a.png")
-    batch = build_dataset(make_args(train_data_dir=str(tmp_path)))[0]
+    batch = build_dataset(make_args(train_data_dir=str(tmp_path), resize_interpolation=interpolation))[0]
     assert batch["original_sizes_hw"].tolist() == [[64, 96]]
     assert batch["crop_top_lefts"].tolist() == [[0, 8]]
     assert batch["target_sizes_hw"].tolist() == [[32, 32]]
-    reference = np.asarray(Image.fromarray(pixels).resize((48, 32), Image.Resampling.LANCZOS), dtype=np.float32)
+    if interpolation is None:  # sd-scripts' default when shrinking: area, here the mean of each 2x2 block
+        block_sums = pixels.astype(np.int64).reshape(32, 2, 48, 2, 3).sum(axis=(1, 3))
+        reference = np.floor(block_sums / 4 + 0.5).astype(np.float32)
+    else:
+        reference = np.asarray(Image.fromarray(pixels).resize((48, 32), Image.Resampling.LANCZOS), dtype=np.float32)
     reference = torch.from_numpy(reference[:, 8:40] / 127.5 - 1).permute(2, 0, 1)
     torch.testing.assert_close(batch["images"][0], reference)
 
@@ -472,3 +477,69 @@ def test_shuffled_captions_reach_the_batches(tmp_path):
     assert len(set(captions)) > 1 and all(c.startswith("sks, ") for c in captions)
     dataset.set_current_epoch(1)
     assert captions == [b["captions"][0] for b in all_batches(dataset)]  # same seed and epoch -> same captions
+
+
+def test_dataset_repeats_fills_subsets_without_num_repeats(tmp_path):
+    """sd-scripts maps --dataset_repeats to num_repeats for --dataset_config subsets that do not set it."""
+    config = write_dataset_config(tmp_path / "repeats.toml", f"""
+[[datasets]]
+  [[datasets.subsets]]
+  image_dir = '{tmp_path / "a"}'
+
+  [[datasets.subsets]]
+  image_dir = '{tmp_path / "b"}'
+  num_repeats = 2
+""")
+    [settings] = resolve_settings(load_dataset_config(config), make_args(dataset_repeats=5), str(config))
+    assert [subset.num_repeats for subset in settings.subsets] == [5, 2]
+    [settings] = resolve_settings(load_dataset_config(config), make_args(), str(config))  # no --dataset_repeats
+    assert [subset.num_repeats for subset in settings.subsets] == [1, 2]
+
+
+def test_dataset_repeats_counts_images_and_leaves_dreambooth_folders_alone(tmp_path):
+    for i in range(3):
+        write_image(tmp_path / "a" / f"{i}.png")
+        write_image(tmp_path / "db" / "2_x" / f"{i}.png")
+    config = write_dataset_config(tmp_path / "one.toml", f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = "
+                                                         f"'{tmp_path / 'a'}'\n")
+    assert build_dataset(make_args(dataset_config=str(config), dataset_repeats=4)).num_train_images == 12
+    # DreamBooth folders carry their repeats in the name, as in sd-scripts
+    assert build_dataset(make_args(train_data_dir=str(tmp_path / "db"), dataset_repeats=4)).num_train_images == 6
+
+
+def test_face_crop_aug_range_and_resize_interpolation_from_toml(tmp_path):
+    config = write_dataset_config(tmp_path / "keys.toml", f"""
+[general]
+resize_interpolation = "box"
+[[datasets]]
+  [[datasets.subsets]]
+  image_dir = '{tmp_path / "a"}'
+  face_crop_aug_range = [2.0, 4.0]
+  resize_interpolation = "lanczos"
+
+  [[datasets.subsets]]
+  image_dir = '{tmp_path / "b"}'
+""")
+    [settings] = resolve_settings(load_dataset_config(config), make_args(), str(config))
+    first, second = settings.subsets
+    assert first.face_crop_aug_range == (2.0, 4.0) and second.face_crop_aug_range is None
+    assert (first.resize_interpolation, second.resize_interpolation) == ("lanczos", "box")
+    bad = write_dataset_config(tmp_path / "bad.toml", f"[general]\nresize_interpolation = 'sinc'\n[[datasets]]\n"
+                                                     f"[[datasets.subsets]]\nimage_dir = '{tmp_path}'\n")
+    with pytest.raises(ValueError, match=r"key 'general.resize_interpolation': expected one of lanczos, .*'sinc'"):
+        load_dataset_config(bad)
+
+
+@pytest.mark.parametrize("enable_bucket", [False, True])
+def test_face_crop_aug_range_is_an_error_without_buckets_and_warned_with_them(tmp_path, caplog, enable_bucket):
+    write_image(tmp_path / "a" / "0.png")
+    config = write_dataset_config(tmp_path / "face.toml", f"[[datasets]]\nenable_bucket = {str(enable_bucket).lower()}"
+                                                          f"\n[[datasets.subsets]]\nimage_dir = '{tmp_path / 'a'}'\n"
+                                                          "face_crop_aug_range = [2.0, 4.0]\n")
+    if not enable_bucket:
+        with pytest.raises(ValueError, match="face_crop_aug_range .*: face-centred crops are not implemented"):
+            build_dataset(make_args(dataset_config=str(config)))
+        return
+    with caplog.at_level(logging.WARNING):
+        build_dataset(make_args(dataset_config=str(config)))
+    assert "face_crop_aug_range (subset" in caplog.text and "has no effect with enable_bucket" in caplog.text

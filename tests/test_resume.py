@@ -1,7 +1,8 @@
 """``--save_state`` / ``--resume`` (library/resume.py wired into the trainer) on the embedded tiny SD 1.x model.
 
 The central check: 8 steps in one run and 4 steps + resume + 4 steps give bit-identical LoRA weights (network
-dropout and random noise timesteps on, so every RNG matters). The rest: sd-scripts' folder names, the
+dropout and random noise timesteps on, so every RNG matters); resuming the state of a finished run trains no step
+and writes the same LoRA. The rest: sd-scripts' folder names, the
 ``train_state.json`` contents, refusal of a state of another network or optimizer, atomic saving, Ctrl-C.
 """
 
@@ -99,6 +100,26 @@ def test_resumed_run_ends_with_the_same_lora_bit_for_bit(full_run, resumed_run, 
         assert torch.equal(full[key], resumed[key]), key
     # and the losses of the resumed steps are those of the full run's steps 5..8
     assert resumed_run.loss_history == full_run.loss_history[4:]
+
+
+@pytest.mark.parametrize("state", ["full-state", "full-step00000008-state"])
+def test_resuming_a_finished_run_trains_no_step_and_writes_the_same_lora(full_run, workspace, state):
+    """Step 8 of 8 lies in the second epoch (6 batches each), after 2 of its batches: nothing is left to train."""
+    again = train(base_args(workspace, f"again-{state}", "--resume", str(workspace / "out" / state)))
+    assert again.loss_history == []
+    full = load_file(workspace / "out" / "full.safetensors")
+    written = load_file(again.output_file)
+    assert full.keys() == written.keys()
+    for key in full:
+        assert torch.equal(full[key], written[key]), key
+
+
+def test_resuming_past_a_shorter_max_train_steps_trains_no_step(full_run, workspace):
+    again = train(base_args(workspace, "shorter", "--resume", str(workspace / "out" / "full-state"))
+                  + ["--max_train_steps", "7"])
+    assert again.loss_history == []
+    full = load_file(workspace / "out" / "full.safetensors")
+    assert all(torch.equal(full[key], value) for key, value in load_file(again.output_file).items())
 
 
 def test_a_state_of_another_network_is_refused_naming_the_difference(full_run, workspace):
