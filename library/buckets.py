@@ -100,8 +100,17 @@ class BucketManager:
 
     @classmethod
     def predefined(cls, resolution: Size, min_size: int, max_size: int, steps: int) -> BucketManager:
-        """Buckets from :func:`make_bucket_resolutions` (``enable_bucket`` without ``bucket_no_upscale``)."""
-        return cls(resolution, steps, fixed=make_bucket_resolutions(resolution, min_size, max_size, steps))
+        """Buckets from :func:`make_bucket_resolutions` (``enable_bucket`` without ``bucket_no_upscale``); a
+        resolution whose sides are not multiples of ``steps`` gets smaller buckets than it says, with a warning."""
+        buckets = make_bucket_resolutions(resolution, min_size, max_size, steps)
+        if resolution[0] % steps or resolution[1] % steps:
+            side = max(w for w, h in buckets if w == h)
+            logger.warning(
+                "resolution %dx%d is not a multiple of bucket_reso_steps %d: buckets are rounded down to multiples "
+                "of %d (the square bucket is %dx%d); use a resolution that is a multiple of %d",
+                *resolution, steps, steps, side, side, steps,
+            )
+        return cls(resolution, steps, fixed=buckets)
 
     def _round_to_steps(self, x: float) -> int:
         rounded = int(x + 0.5)

@@ -85,3 +85,15 @@ def test_resolution_outside_bucket_range_is_an_error():
         adjust_min_max_bucket_reso((64, 64), 128, 256, 64)
     with pytest.raises(ValueError, match=r"max_bucket_reso \(64\) must be >= the larger side"):
         adjust_min_max_bucket_reso((128, 64), 64, 64, 64)
+
+
+def test_resolution_that_buckets_round_down_is_warned_about(caplog):
+    with caplog.at_level("WARNING", logger="library.buckets"):
+        manager = BucketManager.predefined((63, 63), 32, 128, 32)
+    assert max(w for w, h in manager.fixed if w == h) == 32  # 63x63 would fit no 64x64 bucket
+    assert "resolution 63x63 is not a multiple of bucket_reso_steps 32: buckets are rounded down to multiples of 32 " \
+           "(the square bucket is 32x32); use a resolution that is a multiple of 32" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="library.buckets"):
+        BucketManager.predefined((64, 64), 32, 128, 32)
+    assert caplog.text == ""
