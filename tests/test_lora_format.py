@@ -13,6 +13,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
 from library import lora_format, sai_names
+from library.errors import OutputWriteError
 from library.architectures import SD15_UNET, SDXL_UNET
 from library.tiny_models import build_tiny
 
@@ -205,7 +206,7 @@ def test_failed_save_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(lora_format.os, "replace", broken_replace)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputWriteError, match=rf"could not write {path}: disk full"):
         lora_format.save_lora_file(sample_state_dict(), path, {"ss_a": "new"})
     monkeypatch.undo()
     assert lora_format.load_lora_file(path)[1]["ss_a"] == "old"
