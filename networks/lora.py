@@ -231,6 +231,8 @@ class LoRANetwork(nn.Module):
 
     #: Parameter-name part of the up factor, which LoRA+ trains at ``lr × ratio``.
     UP_FACTOR = "lora_up"
+    #: The class of each module (LoRA-FA and DyLoRA networks use their own).
+    module_class: type[LoRAModule] = LoRAModule
 
     def __init__(
         self,
@@ -343,8 +345,8 @@ class LoRANetwork(nn.Module):
         return loras
 
     def _new_module(self, lora_name: str, org_module: nn.Module, dim: int, alpha: float | None) -> LoRAModule:
-        """One module of this network (subclasses return their own kind)."""
-        return LoRAModule(
+        """One module of this network, of the class ``module_class`` (subclasses set their own)."""
+        return self.module_class(
             lora_name,
             org_module,
             self.multiplier,

@@ -31,17 +31,7 @@ class LoRAFAModule(lora.LoRAModule):
 class LoRAFANetwork(lora.LoRANetwork):
     """A :class:`~networks.lora.LoRANetwork` of :class:`LoRAFAModule`; only the ``lora_up`` weights train."""
 
-    def _new_module(self, lora_name: str, org_module: nn.Module, dim: int, alpha: float | None) -> LoRAFAModule:
-        return LoRAFAModule(
-            lora_name,
-            org_module,
-            self.multiplier,
-            dim,
-            alpha,
-            dropout=self.dropout,
-            rank_dropout=self.rank_dropout,
-            module_dropout=self.module_dropout,
-        )
+    module_class = LoRAFAModule
 
     def requires_grad_(self, requires_grad: bool = True) -> LoRAFANetwork:
         """Sets ``requires_grad`` of the ``lora_up`` weights; ``lora_down`` stays frozen."""
