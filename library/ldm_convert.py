@@ -111,7 +111,7 @@ def clip_text_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
 
 
 def open_clip_text_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
-    """A ``CLIPTextModelWithProjection`` state dict in OpenCLIP's layout (SDXL's second encoder; no prefix).
+    """A CLIP text state dict in OpenCLIP's layout (SDXL's second encoder, SD 2.x's encoder; no prefix).
 
     q/k/v are concatenated into ``attn.in_proj_weight`` / ``in_proj_bias``; the projection is stored transposed
     as the ``text_projection`` matrix (hidden × projection), as OpenCLIP multiplies ``x @ text_projection``.
@@ -122,8 +122,9 @@ def open_clip_text_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
         "positional_embedding": source["text_model.embeddings.position_embedding.weight"],
         "ln_final.weight": source["text_model.final_layer_norm.weight"],
         "ln_final.bias": source["text_model.final_layer_norm.bias"],
-        "text_projection": source["text_projection.weight"].T.contiguous(),
     }
+    if "text_projection.weight" in source:  # SDXL's second encoder; SD 2.x's CLIPTextModel has none
+        converted["text_projection"] = source["text_projection.weight"].T.contiguous()
     layer_ids = sorted({int(m[1]) for key in source if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", key))})
     for i in layer_ids:
         layer, block = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
