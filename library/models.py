@@ -162,7 +162,7 @@ def load_models(args: Any, sdxl: bool = False) -> ModelBundle:
     v2 = False
     if not model_is_sdxl:
         v2 = options.v2
-        if parts["text_encoder"].config.hidden_size == SD2_TEXT_ENCODER_WIDTH and not v2:
+        if _has_sd2_text_encoder(parts["text_encoder"]) and not v2:
             logger.warning("%s has an SD 2.x text encoder; treating it as --v2", options.name_or_path)
             v2 = True
         if v2 and not options.v_parameterization:
@@ -184,6 +184,12 @@ def load_models(args: Any, sdxl: bool = False) -> ModelBundle:
     bundle.clip_skip = options.clip_skip
     bundle.max_token_length = options.max_token_length
     return bundle
+
+
+def _has_sd2_text_encoder(text_encoder: Any) -> bool:
+    """SD 2.x's OpenCLIP ViT-H: 1024 wide, with GELU where SD 1.x's CLIP ViT-L (768) has quick GELU."""
+    config = text_encoder.config
+    return config.hidden_size == SD2_TEXT_ENCODER_WIDTH or config.hidden_act == "gelu"
 
 
 def load_embedded(name: str, seed: int = EMBEDDED_MODEL_SEED) -> ModelBundle:

@@ -37,14 +37,13 @@ PROJ_IN_KEY = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
 
 @dataclass(frozen=True)
 class Architecture:
-    """One recognised architecture: configs of the diffusers / transformers components and where the text
-    encoders sit in the single file (``ldm_convert`` prefixes; ``open_clip`` says which of its two layouts)."""
+    """One recognised architecture: the configs of its diffusers / transformers components and its tokenizers."""
 
     key: str  # "sd1", "sd2", "sdxl"
     label: str  # as messages name it
     unet: Mapping[str, Any]
     vae: Mapping[str, Any]
-    text_encoders: tuple[tuple[str, Mapping[str, Any], str, bool], ...]  # (pipeline name, config, prefix, open_clip)
+    text_encoders: tuple[tuple[str, Mapping[str, Any]], ...]  # (pipeline name, transformers config)
     tokenizers: tuple[Callable[[], Any], ...]
 
     @property
@@ -57,7 +56,7 @@ SD1 = Architecture(
     "SD 1.x",
     architectures.SD15_UNET,
     architectures.SD_VAE,
-    (("text_encoder", architectures.CLIP_L_TEXT_CONFIG, ldm_convert.SD1_TEXT_ENCODER_PREFIX, False),),
+    (("text_encoder", architectures.CLIP_L_TEXT_CONFIG),),
     (clip_tokenizer.build_clip_tokenizer,),
 )
 SD2 = Architecture(
@@ -65,7 +64,7 @@ SD2 = Architecture(
     "SD 2.x",
     architectures.SD2_UNET,
     architectures.SD_VAE,
-    (("text_encoder", architectures.OPENCLIP_H_TEXT_CONFIG, ldm_convert.SD2_TEXT_ENCODER_PREFIX, True),),
+    (("text_encoder", architectures.OPENCLIP_H_TEXT_CONFIG),),
     (clip_tokenizer.build_open_clip_tokenizer,),
 )
 SDXL = Architecture(
@@ -74,8 +73,8 @@ SDXL = Architecture(
     architectures.SDXL_UNET,
     architectures.SDXL_VAE,
     (
-        ("text_encoder", architectures.CLIP_L_TEXT_CONFIG, ldm_convert.SDXL_TEXT_ENCODER_1_PREFIX, False),
-        ("text_encoder_2", architectures.OPENCLIP_BIGG_TEXT_CONFIG, ldm_convert.SDXL_TEXT_ENCODER_2_PREFIX, True),
+        ("text_encoder", architectures.CLIP_L_TEXT_CONFIG),
+        ("text_encoder_2", architectures.OPENCLIP_BIGG_TEXT_CONFIG),
     ),
     (clip_tokenizer.build_clip_tokenizer, clip_tokenizer.build_open_clip_tokenizer),
 )
@@ -204,7 +203,7 @@ def build_components(arch: Architecture) -> dict[str, torch.nn.Module]:
         "unet": UNet2DConditionModel(**arch.unet),
         "vae": AutoencoderKL(**arch.vae),
     }
-    for name, config, _, _ in arch.text_encoders:
+    for name, config in arch.text_encoders:
         model_class = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
         parts[name] = model_class(CLIPTextConfig(**config))
     return parts
@@ -214,23 +213,10 @@ def expected_shapes(arch: Architecture) -> Shapes:
     """Every tensor name (original single-file layout) the components of ``arch`` need, with its shape.
 
     Computed once per configuration and process (building SDXL on the meta device takes a few seconds)."""
-    cache_key = json.dumps([arch.unet, arch.vae, [config for _, config, _, _ in arch.text_encoders]])
+    cache_key = json.dumps([arch.unet, arch.vae, arch.text_encoders])
     if cache_key not in _EXPECTED_SHAPES:
         with torch.device("meta"):
-            parts = build_components(arch)
-        unet, vae = parts["unet"], parts["vae"]
-        layout = {
-            ldm_convert.UNET_PREFIX + key: tensor
-            for key, tensor in ldm_convert.unet_to_ldm(unet.state_dict(), unet.config).items()
-        }
-        layout |= {
-            ldm_convert.VAE_PREFIX + key: tensor
-            for key, tensor in ldm_convert.vae_to_ldm(vae.state_dict(), vae.config).items()
-        }
-        for name, _, prefix, open_clip in arch.text_encoders:
-            state = parts[name].state_dict()
-            text = ldm_convert.open_clip_text_to_ldm(state) if open_clip else ldm_convert.clip_text_to_ldm(state)
-            layout |= {prefix + key: tensor for key, tensor in text.items()}
+            layout = ldm_convert.components_to_single_file(build_components(arch), sd2=arch.key == "sd2")
         _EXPECTED_SHAPES[cache_key] = {key: tuple(tensor.shape) for key, tensor in layout.items()}
     return dict(_EXPECTED_SHAPES[cache_key])
 
@@ -247,7 +233,7 @@ def write_config_folder(arch: Architecture, folder: Path) -> Path:
     for sub, class_name, config in (("unet", "UNet2DConditionModel", arch.unet), ("vae", "AutoencoderKL", arch.vae)):
         (folder / sub).mkdir(parents=True, exist_ok=True)
         (folder / sub / "config.json").write_text(json.dumps({"_class_name": class_name, **config}), encoding="utf-8")
-    for name, config, _, _ in arch.text_encoders:
+    for name, config in arch.text_encoders:
         model_class = "CLIPTextModelWithProjection" if name == "text_encoder_2" else "CLIPTextModel"
         index[name] = ["transformers", model_class]
         CLIPTextConfig(**dict(config, architectures=[model_class])).save_pretrained(folder / name)
