@@ -218,7 +218,8 @@ def test_truncated_and_damaged_files(tmp_path: Path) -> None:
         single_file.read_safetensors_shapes(path)
 
 
-def test_a_lora_file_given_as_the_model_is_one_error_line(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_a_lora_file_given_as_the_model_is_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Through the entry point: `error: <file> is a LoRA ...`, exit status 2, before any weight is loaded."""
     import train_network
 
@@ -230,6 +231,9 @@ def test_a_lora_file_given_as_the_model_is_one_error_line(tmp_path: Path) -> Non
     with pytest.raises(SystemExit) as stopped:
         train_network.main(argv)
     assert stopped.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith(f"error: {lora} is a LoRA / LyCORIS network file, not a base model")
+    assert "Traceback" not in "\n".join(lines)
 
 
 # --- loading with the built-in configs (tiny stand-ins) ---------------------------------------------------------
