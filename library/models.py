@@ -45,7 +45,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from library import ldm_convert, single_file, tiny_models
+from library import clip_tokenizer, ldm_convert, single_file, tiny_models
 from library.diffusion import make_noise_scheduler
 
 logger = logging.getLogger(__name__)
@@ -267,10 +267,13 @@ def _read_model_index(folder: Path) -> dict[str, Any]:
 
 
 def load_diffusers_folder(folder: Path) -> dict[str, Any]:
-    """Load the components of a diffusers folder (SDXL when ``model_index.json`` lists ``text_encoder_2``)."""
+    """Load the components of a diffusers folder (SDXL when ``model_index.json`` lists ``text_encoder_2``).
+
+    A folder without ``tokenizer/`` (``tokenizer_2/``) gets the built-in CLIP tokenizer, as sd-scripts takes its
+    tokenizers from elsewhere too."""
     index = _read_model_index(folder)
     is_sdxl = "text_encoder_2" in index
-    required = ["unet", "vae", "text_encoder", "tokenizer"] + (["text_encoder_2", "tokenizer_2"] if is_sdxl else [])
+    required = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if is_sdxl else [])
     for name in required:
         if not (folder / name).is_dir():
             raise FileNotFoundError(f"{folder} has no {name}/ folder; a diffusers SD model needs {', '.join(required)}")
@@ -280,14 +283,23 @@ def load_diffusers_folder(folder: Path) -> dict[str, Any]:
         "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **local),
         "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", **local),
         "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **local),
-        "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **local),
     }
+    open_clip_first = _has_sd2_text_encoder(parts["text_encoder"])
+    parts["tokenizer"] = _folder_tokenizer(folder, "tokenizer", open_clip_first)
     if is_sdxl:
         parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
             folder, subfolder="text_encoder_2", **local
         )
-        parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2", **local)
+        parts["tokenizer_2"] = _folder_tokenizer(folder, "tokenizer_2", open_clip=True)
     return parts
+
+
+def _folder_tokenizer(folder: Path, subfolder: str, open_clip: bool) -> Any:
+    """The folder's own tokenizer, or the built-in CLIP one (OpenCLIP padding for SD 2.x / SDXL's second)."""
+    if (folder / subfolder).is_dir():
+        return CLIPTokenizer.from_pretrained(folder, subfolder=subfolder, local_files_only=True)
+    logger.info("%s has no %s/ folder; using the built-in CLIP tokenizer", folder, subfolder)
+    return clip_tokenizer.build_open_clip_tokenizer() if open_clip else clip_tokenizer.build_clip_tokenizer()
 
 
 def _embedded_config_name(checkpoint: Path) -> str | None:

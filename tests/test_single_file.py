@@ -9,6 +9,7 @@ The loading path itself is run on tiny models, with the architecture table swapp
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import struct
 from argparse import Namespace
@@ -19,7 +20,7 @@ import pytest
 import torch
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 from safetensors.torch import load_file
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from library import clip_tokenizer, ldm_convert, models, single_file, tiny_models
 from library.errors import UserInputError
@@ -329,3 +330,13 @@ def test_safetensors_header_shapes_match_the_tensors(tmp_path: Path, tiny_table:
     path = tmp_path / "model.safetensors"
     ldm_convert.save_single_file(ldm_convert.components_to_single_file(tiny_table["sdxl"]), path)
     assert single_file.read_safetensors_shapes(path) == single_file.shapes_of(load_file(path))
+
+
+def test_diffusers_folder_without_tokenizer_gets_the_built_in_one(tmp_path: Path) -> None:
+    parts = tiny_models.build_tiny(tiny_models.TINY_SDXL, models.EMBEDDED_MODEL_SEED)
+    models.save_diffusers_folder(parts, tmp_path / "model")
+    kept = CLIPTokenizer.from_pretrained(tmp_path / "model", subfolder="tokenizer", local_files_only=True)
+    shutil.rmtree(tmp_path / "model" / "tokenizer_2")
+    bundle = models.load_models(Namespace(pretrained_model_name_or_path=str(tmp_path / "model")), sdxl=True)
+    assert bundle.tokenizers[0].get_vocab() == kept.get_vocab()  # the folder's own tokenizer wins where it has one
+    assert len(bundle.tokenizers[1]) == clip_tokenizer.VOCAB_SIZE and bundle.tokenizers[1].pad_token_id == 0
