@@ -84,8 +84,8 @@ RELEASED_EXTRAS = {
     },
     "sd2": {
         **{f"cond_stage_model.model.transformer.resblocks.23.{name}": shape for name, shape in (
-            ("attn.in_proj_weight", (3072, 1024)), ("attn.in_proj_bias", (3072,)), ("attn.out_proj.weight", (1024, 1024)),
-            ("attn.out_proj.bias", (1024,)), ("ln_1.weight", (1024,)), ("ln_1.bias", (1024,)), ("ln_2.weight", (1024,)),
+            ("attn.in_proj_weight", (3072, 1024)), ("attn.in_proj_bias", (3072,)),
+            ("attn.out_proj.weight", (1024, 1024)), ("attn.out_proj.bias", (1024,)), ("ln_1.weight", (1024,)), ("ln_1.bias", (1024,)), ("ln_2.weight", (1024,)),
             ("ln_2.bias", (1024,)), ("mlp.c_fc.weight", (4096, 1024)), ("mlp.c_fc.bias", (4096,)),
             ("mlp.c_proj.weight", (1024, 4096)), ("mlp.c_proj.bias", (1024,)),
         )},
@@ -194,7 +194,8 @@ def test_other_kinds_of_file_are_named(shapes: dict, message: str) -> None:
 
 def test_inpainting_variant_names_the_tensor() -> None:
     layout = released_layout("sd1") | {"model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)}
-    with pytest.raises(UserInputError, match=r"input_blocks\.0\.0\.weight is \(320, 9, 3, 3\), expected \(320, 4, 3, 3\)"):
+    wrong_input = r"input_blocks\.0\.0\.weight is \(320, 9, 3, 3\), expected \(320, 4, 3, 3\)"
+    with pytest.raises(UserInputError, match=wrong_input):
         single_file.identify(layout, "inpaint.safetensors")
 
 
