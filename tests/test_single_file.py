@@ -85,8 +85,9 @@ RELEASED_EXTRAS = {
     "sd2": {
         **{f"cond_stage_model.model.transformer.resblocks.23.{name}": shape for name, shape in (
             ("attn.in_proj_weight", (3072, 1024)), ("attn.in_proj_bias", (3072,)),
-            ("attn.out_proj.weight", (1024, 1024)), ("attn.out_proj.bias", (1024,)), ("ln_1.weight", (1024,)),
-            ("ln_1.bias", (1024,)), ("ln_2.weight", (1024,)), ("ln_2.bias", (1024,)), ("mlp.c_fc.weight", (4096, 1024)), ("mlp.c_fc.bias", (4096,)),
+            ("attn.out_proj.weight", (1024, 1024)), ("attn.out_proj.bias", (1024,)),
+            ("ln_1.weight", (1024,)), ("ln_1.bias", (1024,)), ("ln_2.weight", (1024,)), ("ln_2.bias", (1024,)),
+            ("mlp.c_fc.weight", (4096, 1024)), ("mlp.c_fc.bias", (4096,)),
             ("mlp.c_proj.weight", (1024, 4096)), ("mlp.c_proj.bias", (1024,)),
         )},
         "cond_stage_model.model.text_projection": (1024, 1024),
