@@ -342,3 +342,15 @@ def test_diffusers_folder_without_tokenizer_gets_the_built_in_one(tmp_path: Path
     bundle = models.load_models(Namespace(pretrained_model_name_or_path=str(tmp_path / "model")), sdxl=True)
     assert bundle.tokenizers[0].get_vocab() == kept.get_vocab()  # the folder's own tokenizer wins where it has one
     assert len(bundle.tokenizers[1]) == clip_tokenizer.VOCAB_SIZE and bundle.tokenizers[1].pad_token_id == 0
+
+
+def test_inferred_sd2_is_written_as_v2_in_the_metadata() -> None:
+    """An SD 2.x file loaded without --v2 is treated as v2 (library.models); ss_v2 says so, as with --v2."""
+    from library import config, metadata
+
+    args = config.parse_args(["--pretrained_model_name_or_path", "sd2.safetensors", "--train_data_dir", "d",
+                              "--output_dir", "o"], sdxl=False)
+    common = dict(session_id=0, training_started_at=0.0, text_encoder_lr=None, optimizer="ANLO", num_train_images=1,
+                  num_reg_images=0, num_batches_per_epoch=1, num_epochs=1, network_kwargs={})
+    assert metadata.training_metadata(args, model_version=models.MODEL_VERSION_SD2, **common)["ss_v2"] == "True"
+    assert metadata.training_metadata(args, model_version=models.MODEL_VERSION_SD1, **common)["ss_v2"] == "False"
