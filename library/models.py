@@ -5,7 +5,7 @@
 * an embedded tiny model, ``tiny-sd1`` or ``tiny-sdxl`` (built offline with a fixed seed; a real path of that
   name on disk takes precedence),
 * a diffusers folder (``model_index.json`` with ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/`` and, for
-  SDXL, ``text_encoder_2/`` and ``tokenizer_2/``),
+  SDXL, ``text_encoder_2/`` and ``tokenizer_2/``; a missing tokenizer folder gets the built-in CLIP tokenizer),
 * a single ``.safetensors`` / ``.ckpt`` file in the original LDM/SGM layout. SD 1.x, SD 2.x and SDXL base files
   need nothing else: ``library.single_file`` recognises them from their tensor names and shapes and supplies the
   published configs, with CLIP's tokenizer built from its bundled vocabulary (``library.clip_tokenizer``).
