@@ -111,7 +111,7 @@ def clip_text_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
 
 
 def open_clip_text_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
-    """A ``CLIPTextModelWithProjection`` state dict in OpenCLIP's layout (SDXL's second encoder; no prefix).
+    """A CLIP text state dict in OpenCLIP's layout (SDXL's second encoder, SD 2.x's encoder; no prefix).
 
     q/k/v are concatenated into ``attn.in_proj_weight`` / ``in_proj_bias``; the projection is stored transposed
     as the ``text_projection`` matrix (hidden × projection), as OpenCLIP multiplies ``x @ text_projection``.
@@ -122,8 +122,9 @@ def open_clip_text_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
         "positional_embedding": source["text_model.embeddings.position_embedding.weight"],
         "ln_final.weight": source["text_model.final_layer_norm.weight"],
         "ln_final.bias": source["text_model.final_layer_norm.bias"],
-        "text_projection": source["text_projection.weight"].T.contiguous(),
     }
+    if "text_projection.weight" in source:  # SDXL's second encoder; SD 2.x's CLIPTextModel has none
+        converted["text_projection"] = source["text_projection.weight"].T.contiguous()
     layer_ids = sorted({int(m[1]) for key in source if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", key))})
     for i in layer_ids:
         layer, block = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
@@ -181,15 +182,18 @@ def select_prefixed(state_dict: Mapping[str, torch.Tensor], prefix: str) -> Stat
     return {key[len(prefix) :]: tensor for key, tensor in state_dict.items() if key.startswith(prefix)}
 
 
-def components_to_single_file(parts: Mapping[str, Any]) -> StateDict:
+def components_to_single_file(parts: Mapping[str, Any], sd2: bool = False) -> StateDict:
     """The single-file state dict of a model given as pipeline components (``unet``, ``vae``, ``text_encoder``
-    and, for SDXL, ``text_encoder_2``): LDM layout for SD 1.x, SGM layout for SDXL."""
+    and, for SDXL, ``text_encoder_2``): LDM layout for SD 1.x (SD 2.x with ``sd2``: its text encoder in OpenCLIP's
+    layout), SGM layout for SDXL."""
     unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
     state = _prefixed(UNET_PREFIX, unet_to_ldm(unet.state_dict(), unet.config))
     state |= _prefixed(VAE_PREFIX, vae_to_ldm(vae.state_dict(), vae.config))
     if "text_encoder_2" in parts:
         state |= _prefixed(SDXL_TEXT_ENCODER_1_PREFIX, clip_text_to_ldm(text_encoder.state_dict()))
         state |= _prefixed(SDXL_TEXT_ENCODER_2_PREFIX, open_clip_text_to_ldm(parts["text_encoder_2"].state_dict()))
+    elif sd2:
+        state |= _prefixed(SD2_TEXT_ENCODER_PREFIX, open_clip_text_to_ldm(text_encoder.state_dict()))
     else:
         state |= _prefixed(SD1_TEXT_ENCODER_PREFIX, clip_text_to_ldm(text_encoder.state_dict()))
     return state

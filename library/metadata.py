@@ -91,7 +91,7 @@ def training_metadata(
         "ss_network_dropout": args.network_dropout,
         "ss_mixed_precision": args.mixed_precision,
         "ss_full_fp16": bool(args.full_fp16),
-        "ss_v2": bool(args.v2),
+        "ss_v2": bool(args.v2) or model_version == "sd_v2",  # an SD 2.x model loaded without --v2 is inferred as v2
         "ss_base_model_version": model_version,
         "ss_clip_skip": args.clip_skip,
         "ss_max_token_length": args.max_token_length,

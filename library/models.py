@@ -5,12 +5,14 @@
 * an embedded tiny model, ``tiny-sd1`` or ``tiny-sdxl`` (built offline with a fixed seed; a real path of that
   name on disk takes precedence),
 * a diffusers folder (``model_index.json`` with ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/`` and, for
-  SDXL, ``text_encoder_2/`` and ``tokenizer_2/``),
-* a single ``.safetensors`` / ``.ckpt`` file in the original LDM/SGM layout. Its component configs come from a
-  local diffusers folder of the same architecture (only its ``*.json`` / ``*.txt`` files are read):
-  ``--pretrained_model_config DIR``, or a folder named like the file without its suffix next to it; files written
-  by ``tools/make_tiny_model.py`` name their embedded config in their metadata instead. U-Net and VAE are read by
-  diffusers' single-file loaders, the text encoders by ``library.ldm_convert``,
+  SDXL, ``text_encoder_2/`` and ``tokenizer_2/``; a missing tokenizer folder gets the built-in CLIP tokenizer),
+* a single ``.safetensors`` / ``.ckpt`` file in the original LDM/SGM layout. SD 1.x, SD 2.x and SDXL base files
+  need nothing else: ``library.single_file`` recognises them from their tensor names and shapes and supplies the
+  published configs, with CLIP's tokenizer built from its bundled vocabulary (``library.clip_tokenizer``).
+  ``--pretrained_model_config DIR`` (a local diffusers folder of the same architecture; only its ``*.json`` /
+  ``*.txt`` files are read), or such a folder named like the file without its suffix next to it, overrides that;
+  files written by ``tools/make_tiny_model.py`` name their embedded config in their metadata. U-Net and VAE are
+  read by diffusers' single-file loaders, the text encoders by ``library.ldm_convert``,
 * a Hugging Face Hub id, only when it is already in the local Hugging Face cache.
 
 Nothing is ever downloaded: every ``from_pretrained`` / ``from_single_file`` call gets ``local_files_only=True``
@@ -43,7 +45,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from library import ldm_convert, tiny_models
+from library import clip_tokenizer, ldm_convert, single_file, tiny_models
 from library.diffusion import make_noise_scheduler
 
 logger = logging.getLogger(__name__)
@@ -160,9 +162,11 @@ def load_models(args: Any, sdxl: bool = False) -> ModelBundle:
     v2 = False
     if not model_is_sdxl:
         v2 = options.v2
-        if parts["text_encoder"].config.hidden_size == SD2_TEXT_ENCODER_WIDTH and not v2:
+        if _has_sd2_text_encoder(parts["text_encoder"]) and not v2:
             logger.warning("%s has an SD 2.x text encoder; treating it as --v2", options.name_or_path)
             v2 = True
+        if v2 and not options.v_parameterization:
+            logger.info("SD 2.x without --v_parameterization: right for 512-base models; 768-v models need the flag")
 
     set_attention(parts["unet"], parts["vae"], xformers=options.xformers, sdpa=options.sdpa)
     if options.lowram and torch.cuda.is_available():
@@ -180,6 +184,12 @@ def load_models(args: Any, sdxl: bool = False) -> ModelBundle:
     bundle.clip_skip = options.clip_skip
     bundle.max_token_length = options.max_token_length
     return bundle
+
+
+def _has_sd2_text_encoder(text_encoder: Any) -> bool:
+    """SD 2.x's OpenCLIP ViT-H: 1024 wide, with GELU where SD 1.x's CLIP ViT-L (768) has quick GELU."""
+    config = text_encoder.config
+    return config.hidden_size == SD2_TEXT_ENCODER_WIDTH or config.hidden_act == "gelu"
 
 
 def load_embedded(name: str, seed: int = EMBEDDED_MODEL_SEED) -> ModelBundle:
@@ -257,10 +267,13 @@ def _read_model_index(folder: Path) -> dict[str, Any]:
 
 
 def load_diffusers_folder(folder: Path) -> dict[str, Any]:
-    """Load the components of a diffusers folder (SDXL when ``model_index.json`` lists ``text_encoder_2``)."""
+    """Load the components of a diffusers folder (SDXL when ``model_index.json`` lists ``text_encoder_2``).
+
+    A folder without ``tokenizer/`` (``tokenizer_2/``) gets the built-in CLIP tokenizer, as sd-scripts takes its
+    tokenizers from elsewhere too."""
     index = _read_model_index(folder)
     is_sdxl = "text_encoder_2" in index
-    required = ["unet", "vae", "text_encoder", "tokenizer"] + (["text_encoder_2", "tokenizer_2"] if is_sdxl else [])
+    required = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if is_sdxl else [])
     for name in required:
         if not (folder / name).is_dir():
             raise FileNotFoundError(f"{folder} has no {name}/ folder; a diffusers SD model needs {', '.join(required)}")
@@ -270,14 +283,23 @@ def load_diffusers_folder(folder: Path) -> dict[str, Any]:
         "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **local),
         "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", **local),
         "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **local),
-        "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **local),
     }
+    open_clip_first = _has_sd2_text_encoder(parts["text_encoder"])
+    parts["tokenizer"] = _folder_tokenizer(folder, "tokenizer", open_clip_first)
     if is_sdxl:
         parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
             folder, subfolder="text_encoder_2", **local
         )
-        parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2", **local)
+        parts["tokenizer_2"] = _folder_tokenizer(folder, "tokenizer_2", open_clip=True)
     return parts
+
+
+def _folder_tokenizer(folder: Path, subfolder: str, open_clip: bool) -> Any:
+    """The folder's own tokenizer, or the built-in CLIP one (OpenCLIP padding for SD 2.x / SDXL's second)."""
+    if (folder / subfolder).is_dir():
+        return CLIPTokenizer.from_pretrained(folder, subfolder=subfolder, local_files_only=True)
+    logger.info("%s has no %s/ folder; using the built-in CLIP tokenizer", folder, subfolder)
+    return clip_tokenizer.build_open_clip_tokenizer() if open_clip else clip_tokenizer.build_clip_tokenizer()
 
 
 def _embedded_config_name(checkpoint: Path) -> str | None:
@@ -292,8 +314,8 @@ def _embedded_config_name(checkpoint: Path) -> str | None:
     return metadata.get(EMBEDDED_CONFIG_METADATA_KEY)
 
 
-def _find_config_dir(checkpoint: Path, config_dir: str | None) -> Path:
-    """The diffusers config folder for a single file: explicit, sibling ``<stem>/``, or the local HF cache."""
+def _find_config_dir(checkpoint: Path, config_dir: str | None) -> Path | None:
+    """The diffusers config folder for a single file: explicit, or the sibling ``<stem>/``; None when neither."""
     if config_dir:
         folder = Path(config_dir).expanduser()
         _read_model_index(folder)
@@ -301,19 +323,15 @@ def _find_config_dir(checkpoint: Path, config_dir: str | None) -> Path:
     sibling = checkpoint.with_suffix("")
     if (sibling / "model_index.json").is_file():
         return sibling
-    raise FileNotFoundError(
-        f"cannot load the single file {checkpoint} offline: its component configs are missing. Pass "
-        f"--pretrained_model_config DIR, a diffusers folder of the same architecture (only its *.json and "
-        f"*.txt files are needed, e.g. `hf download stable-diffusion-v1-5/stable-diffusion-v1-5 --include "
-        f"'*.json' '*.txt' --local-dir DIR`), or put that folder next to the file as {sibling}/"
-    )
+    return None
 
 
 def load_single_file(checkpoint: Path, config_dir: str | None = None) -> dict[str, Any]:
     """Load an LDM/SGM-layout single file with the component configs of a local diffusers folder.
 
     The config folder is, in this order: ``config_dir`` (``--pretrained_model_config``), the embedded model named in
-    the file's metadata, or the sibling folder ``<file without suffix>/``.
+    the file's metadata, or the sibling folder ``<file without suffix>/``. Without any, the architecture is
+    recognised from the file (``library.single_file``) and its published configs are used.
     """
     if checkpoint.suffix not in SINGLE_FILE_SUFFIXES:
         raise ValueError(
@@ -329,7 +347,27 @@ def load_single_file(checkpoint: Path, config_dir: str | None = None) -> dict[st
         with tempfile.TemporaryDirectory(prefix="anlo-config-") as temp:
             save_diffusers_folder(tiny_models.build_tiny(embedded, EMBEDDED_MODEL_SEED), Path(temp) / "model")
             return _load_single_file_with_config(checkpoint, Path(temp) / "model")
-    return _load_single_file_with_config(checkpoint, _find_config_dir(checkpoint, config_dir))
+    folder = _find_config_dir(checkpoint, config_dir)
+    if folder is None:
+        return _load_recognised_single_file(checkpoint)
+    return _load_single_file_with_config(checkpoint, folder)
+
+
+def _load_recognised_single_file(checkpoint: Path) -> dict[str, Any]:
+    """An SD 1.x / 2.x / SDXL base single file with the built-in configs. A ``.safetensors`` file is recognised
+    from its header before any weight is read; a pickle is loaded once and recognised from what it holds."""
+    state = None
+    if checkpoint.suffix == ".safetensors":
+        shapes = single_file.read_safetensors_shapes(checkpoint)
+    else:
+        state = read_checkpoint(checkpoint)
+        shapes = single_file.shapes_of(state)
+    arch = single_file.identify(shapes, checkpoint)
+    logger.info("%s: %s checkpoint, loaded with the published %s configs", checkpoint, arch.label, arch.label)
+    tokenizers = [build() for build in arch.tokenizers]
+    with tempfile.TemporaryDirectory(prefix="anlo-config-") as temp:
+        folder = single_file.write_config_folder(arch, Path(temp))
+        return _load_single_file_with_config(checkpoint, folder, state=state, tokenizers=tokenizers)
 
 
 def read_checkpoint(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -365,10 +403,19 @@ def _load_text_encoder(
     return model.eval()
 
 
-def _load_single_file_with_config(checkpoint: Path, config_dir: Path) -> dict[str, Any]:
-    """Load each component of an LDM/SGM single file with the configs in ``config_dir``."""
+def _load_single_file_with_config(
+    checkpoint: Path,
+    config_dir: Path,
+    state: dict[str, torch.Tensor] | None = None,
+    tokenizers: list[Any] | None = None,
+) -> dict[str, Any]:
+    """Load each component of an LDM/SGM single file with the configs in ``config_dir``.
+
+    ``state`` is the file's tensors when the caller has read them already; ``tokenizers`` replace the config
+    folder's (one, or two for SDXL).
+    """
     is_sdxl = "text_encoder_2" in _read_model_index(config_dir)
-    state = read_checkpoint(checkpoint)
+    state = read_checkpoint(checkpoint) if state is None else state
     local = {"config": str(config_dir), "local_files_only": True}
     try:
         parts: dict[str, Any] = {
@@ -377,7 +424,10 @@ def _load_single_file_with_config(checkpoint: Path, config_dir: Path) -> dict[st
         }
     except (KeyError, RuntimeError, ValueError) as error:
         raise ValueError(f"{checkpoint}: U-Net/VAE do not fit the configs in {config_dir}: {error}") from error
-    parts["tokenizer"] = CLIPTokenizer.from_pretrained(config_dir, subfolder="tokenizer", local_files_only=True)
+    if tokenizers:
+        parts["tokenizer"] = tokenizers[0]
+    else:
+        parts["tokenizer"] = CLIPTokenizer.from_pretrained(config_dir, subfolder="tokenizer", local_files_only=True)
 
     if is_sdxl:
         te1 = ldm_convert.clip_text_from_ldm(ldm_convert.select_prefixed(state, ldm_convert.SDXL_TEXT_ENCODER_1_PREFIX))
@@ -388,7 +438,12 @@ def _load_single_file_with_config(checkpoint: Path, config_dir: Path) -> dict[st
         parts["text_encoder_2"] = _load_text_encoder(
             CLIPTextModelWithProjection, config_dir, "text_encoder_2", te2, str(checkpoint)
         )
-        parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(config_dir, subfolder="tokenizer_2", local_files_only=True)
+        if tokenizers:
+            parts["tokenizer_2"] = tokenizers[1]
+        else:
+            parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(
+                config_dir, subfolder="tokenizer_2", local_files_only=True
+            )
     else:
         open_clip = ldm_convert.select_prefixed(state, ldm_convert.SD2_TEXT_ENCODER_PREFIX)
         if open_clip:  # SD 2.x

@@ -340,8 +340,11 @@ def plain_single_file(tmp_path_factory: pytest.TempPathFactory, reference: dict)
     return path
 
 
-def test_single_file_without_config_is_a_clear_error(plain_single_file: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"model\.safetensors offline: .*--pretrained_model_config"):
+def test_single_file_of_an_unknown_size_names_the_override(plain_single_file: Path) -> None:
+    """A tiny model has SD 1.x's layout but not its sizes: no built-in config fits, so the user is sent to
+    --pretrained_model_config."""
+    with pytest.raises(ValueError, match=r"model\.safetensors has the layout of an SD 1\.x checkpoint but .*"
+                       r"tensors of other shapes .*pass --pretrained_model_config DIR"):
         models.load_models(make_args(plain_single_file))
 
 
