@@ -162,9 +162,15 @@ def load_models(args: Any, sdxl: bool = False) -> ModelBundle:
     v2 = False
     if not model_is_sdxl:
         v2 = options.v2
-        if _has_sd2_text_encoder(parts["text_encoder"]) and not v2:
+        has_sd2_text_encoder = _has_sd2_text_encoder(parts["text_encoder"])
+        if has_sd2_text_encoder and not v2:
             logger.warning("%s has an SD 2.x text encoder; treating it as --v2", options.name_or_path)
             v2 = True
+        if v2 and not has_sd2_text_encoder:  # it would train as SD 1.x and write SD 2 metadata
+            raise ValueError(
+                f"--v2 is set, but {options.name_or_path} is an SD 1.x model (its text encoder is CLIP ViT-L, "
+                "not SD 2.x's OpenCLIP); remove --v2"
+            )
         if v2 and not options.v_parameterization:
             logger.info("SD 2.x without --v_parameterization: right for 512-base models; 768-v models need the flag")
 

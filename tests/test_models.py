@@ -170,9 +170,11 @@ def test_v_parameterization_sets_prediction_type() -> None:
     assert bundle.noise_scheduler.config.prediction_type == "v_prediction"
 
 
-def test_v2_sets_model_version() -> None:
-    bundle = models.load_models(make_args("tiny-sd1", v2=True))
-    assert bundle.v2 and bundle.model_version == "sd_v2"
+def test_v2_on_an_sd1_model_is_an_error() -> None:
+    """sd-scripts fails to load an SD 1.x file with --v2; here the run would train SD 1.x with SD 2 metadata."""
+    with pytest.raises(ValueError, match=r"--v2 is set, but tiny-sd1 is an SD 1\.x model \(its text encoder is "
+                                         r"CLIP ViT-L, not SD 2\.x's OpenCLIP\); remove --v2"):
+        models.load_models(make_args("tiny-sd1", v2=True))
 
 
 def test_embedded_weights_do_not_depend_on_args_seed(reference: dict[str, dict[str, Any]]) -> None:
