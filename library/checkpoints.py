@@ -28,7 +28,7 @@ import torch
 from accelerate import Accelerator
 
 from library import resume
-from library.errors import OutputWriteError
+from library.errors import OutOfMemory, OutputWriteError
 
 # sd-scripts' names when --output_name is not given.
 DEFAULT_EPOCH_NAME = "epoch"
@@ -183,15 +183,15 @@ class Checkpoints:
 
     @contextmanager
     def naming_the_newest_on_failure(self) -> Iterator[None]:
-        """Add to an ``OutputWriteError`` from the block (a sample, a LoRA, a state) which complete LoRA file this
-        run leaves."""
+        """Add to an ``OutputWriteError`` (a sample, a LoRA, a state) or ``OutOfMemory`` from the block which
+        complete LoRA file this run leaves."""
         try:
             yield
-        except OutputWriteError as error:
+        except (OutputWriteError, OutOfMemory) as error:
             newest = f"the newest complete LoRA of this run is {self.last_lora}" if self.last_lora else (
                 "this run completed no LoRA file"
             )
-            raise OutputWriteError(f"{error}; {newest}") from error
+            raise type(error)(f"{error}; {newest}") from error
 
     def _remove_file(self, file_name: str) -> None:
         path = self._path(file_name)

@@ -35,6 +35,10 @@ class OutputWriteError(RunStopped):
     lost permission. Nothing partial is left under its name; the message says which file and why."""
 
 
+class OutOfMemory(RunStopped):
+    """The device ran out of memory; the message says where and what lowers the memory the run needs."""
+
+
 class LossNotFinite(RunStopped, FloatingPointError):
     """The loss stayed non-finite for ``--nan_abort_steps`` batches in a row."""
 

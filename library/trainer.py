@@ -1,6 +1,6 @@
 """``NetworkTrainer``: the LoRA training loop, compatible with sd-scripts' ``train_network.py``.
 
-``train(args)`` tells the run's story in a screenful: ``set_up`` (seed, accelerator, models, data and the latent
+``train(args)`` tells the run's story in a screenful: ``set_up`` (seed, accelerator, data, models, the latent
 cache, network, optimizer and schedule — one :class:`TrainingRun` that holds them), then for each epoch
 ``train_epoch``: for each batch ``training_step`` (loss → backward → clip → ``optimizer.step`` → schedule),
 ``record_loss`` and, after each optimizer step, ``after_optimizer_step`` (samples, checkpoints, validation when
@@ -36,7 +36,7 @@ from tqdm import tqdm
 from library import base_weights, diffusion, masks, metadata as ss_metadata, preflight, resume
 from library.checkpoints import Checkpoints
 from library.dataset import build_dataset
-from library.errors import LossNotFinite, OutputWriteError, UserInputError, reported_as_user_input
+from library.errors import LossNotFinite, OutOfMemory, OutputWriteError, UserInputError, reported_as_user_input
 from library.latents import LATENT_DOWNSCALE, encode_latents
 from library.lora_format import modelspec_metadata
 from library.models import ModelBundle, load_models
@@ -274,12 +274,18 @@ class NetworkTrainer:
             ) from None
         except OutputWriteError as error:  # a full disk while caching latents or text-encoder outputs
             raise OutputWriteError(f"{error}; nothing was trained") from error
+        except torch.OutOfMemoryError as error:
+            raise OutOfMemory(f"out of memory before training started ({_first_line(error)}); {OOM_ADVICE}") from error
         self.print_summary(run)
-        with run.checkpoints.naming_the_newest_on_failure():  # a full disk: say which LoRA the run leaves
+        with run.checkpoints.naming_the_newest_on_failure():  # a full disk, no memory: say which LoRA is left
             interrupt = resume.InterruptRequest().install()  # first Ctrl-C: save after this step, then stop
             try:
                 for epoch in range(run.first_epoch, run.num_epochs):
                     self.train_epoch(run, epoch, interrupt)
+            except torch.OutOfMemoryError as error:
+                raise OutOfMemory(
+                    f"out of memory at step {run.global_step + 1} ({_first_line(error)}); {OOM_ADVICE}"
+                ) from error
             finally:
                 interrupt.restore()
                 run.progress_bar.close()
@@ -290,8 +296,8 @@ class NetworkTrainer:
         return self.output_file
 
     def set_up(self, args: argparse.Namespace) -> TrainingRun:
-        """Everything before the first step, in sd-scripts' order: seed, accelerator, models, data (and the latent
-        cache), network, optimizer and schedule, accelerate's prepare, metadata, ``--resume``, trackers."""
+        """Everything before the first step, in sd-scripts' order: seed, accelerator, data, models, the latent cache,
+        network, optimizer and schedule, accelerate's prepare, metadata, ``--resume``, trackers."""
         session_id = random.randint(0, 2**32)
         training_started_at = time.time()
         if args.seed is None:
@@ -303,8 +309,9 @@ class NetworkTrainer:
         accelerator = self.accelerator = make_accelerator(args)
         check_output_dir(args.output_dir)
         weight_dtype = MIXED_PRECISION_DTYPES[args.mixed_precision]
+        dataset, validation_dataset = self.read_data(args)  # before the models: a bad caption or mask fails now
         models = self.set_up_models(args)
-        dataset, validation_dataset = self.set_up_data(args, weight_dtype)
+        self.prepare_data(dataset, validation_dataset, weight_dtype)
         network, network_kwargs, train_text_encoder = self.set_up_network(args)
 
         with reported_as_user_input():  # learning rates, --optimizer_type, --optimizer_args
@@ -427,18 +434,24 @@ class NetworkTrainer:
             diffusion.fix_betas_for_zero_terminal_snr(models.noise_scheduler)
         return models
 
-    def set_up_data(self, args: argparse.Namespace, weight_dtype: torch.dtype) -> tuple[Any, Any]:
-        """The training dataset and the ``--validation_split`` part (or None), with their latents cached (and the
-        VAE moved off the device) under ``--cache_latents``."""
-        vae = self.models.vae
+    def read_data(self, args: argparse.Namespace) -> tuple[Any, Any]:
+        """The training dataset and the ``--validation_split`` part (or None): images, captions and masks found
+        and checked, nothing encoded yet."""
         with reported_as_user_input():
             dataset = build_dataset(args)
             if args.weighted_captions:
                 check_dataset_captions(dataset)
-            dataset.verify_bucket_reso_steps(latent_size_multiple(self.models.unet) * LATENT_DOWNSCALE)
         validation_dataset = None
         if args.validation_split:
             dataset, validation_dataset = split_dataset(dataset, args.validation_split, validation_seed(args))
+        return dataset, validation_dataset
+
+    def prepare_data(self, dataset: Any, validation_dataset: Any, weight_dtype: torch.dtype) -> None:
+        """Check the buckets against the U-Net; under ``--cache_latents`` encode every image once (and move the
+        VAE off the device), else put the VAE where the loop encodes."""
+        args, vae = self.args, self.models.vae
+        with reported_as_user_input():
+            dataset.verify_bucket_reso_steps(latent_size_multiple(self.models.unet) * LATENT_DOWNSCALE)
         vae_dtype = torch.float32 if args.no_half_vae else weight_dtype
         vae.eval()
         if args.cache_latents:
@@ -451,7 +464,6 @@ class NetworkTrainer:
             self.accelerator.wait_for_everyone()
         else:
             vae.to(self.accelerator.device, dtype=vae_dtype)
-        return dataset, validation_dataset
 
     @property
     def text_encoder_argument(self) -> Any:
@@ -673,6 +685,17 @@ class TrainingRun:
     validation_loss: float | None = None  # the latest held-out loss, shown on the progress bar
     non_finite_losses: int = 0  # in a row, for --nan_abort_steps
     progress_bar: Any = None
+
+
+# What lowers the memory a LoRA run needs, most effective first.
+OOM_ADVICE = (
+    "try --gradient_checkpointing, --cache_latents, --fp8_base, --mixed_precision bf16, a smaller "
+    "--train_batch_size or --resolution, or --network_train_unet_only with --cache_text_encoder_outputs (SDXL)"
+)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def make_dataloader(args: argparse.Namespace, dataset: Any) -> torch.utils.data.DataLoader:

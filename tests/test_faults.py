@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 import train_network
@@ -176,3 +177,23 @@ def test_ctrl_c_during_the_final_save_leaves_no_partial_file(data_dir, tmp_path,
     line = run_stopped(argv(data_dir, out), capsys, status=130)
     assert line.startswith("stopped: interrupted (Ctrl-C)")
     assert sorted(p.name for p in out.iterdir()) == ["run-step00000002.safetensors", "run-step00000004.safetensors"]
+
+
+def test_out_of_memory_during_training_names_the_step_and_what_helps(data_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    compute_loss, calls = NetworkTrainer.compute_loss, []
+
+    def compute_loss_running_out_of_memory(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
+        return compute_loss(self, *args, **kwargs)
+
+    monkeypatch.setattr(NetworkTrainer, "compute_loss", compute_loss_running_out_of_memory)
+    line = run_stopped(argv(data_dir, out), capsys, status=1)
+    assert line == (
+        "stopped: out of memory at step 3 (CUDA out of memory. Tried to allocate 2.00 GiB); try "
+        "--gradient_checkpointing, --cache_latents, --fp8_base, --mixed_precision bf16, a smaller --train_batch_size "
+        "or --resolution, or --network_train_unet_only with --cache_text_encoder_outputs (SDXL); "
+        f"the newest complete LoRA of this run is {out / 'run-step00000002.safetensors'}"
+    )
