@@ -122,6 +122,8 @@ def training_metadata(
         "ss_huber_schedule": args.huber_schedule,
         "ss_huber_scale": args.huber_scale,
         "ss_huber_c": args.huber_c,
+        "ss_fp8_base": bool(args.fp8_base),
+        "ss_fp8_base_unet": bool(args.fp8_base_unet),
     }
     if args.network_args:
         metadata["ss_network_args"] = json.dumps(dict(network_kwargs))

@@ -29,7 +29,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm import tqdm
 
-from library import diffusion, metadata as ss_metadata, resume
+from library import diffusion, fp8, metadata as ss_metadata, resume
 from library.dataset import build_dataset
 from library.errors import LossNotFinite, UserInputError, reported_as_user_input
 from library.latents import LATENT_DOWNSCALE, encode_latents
@@ -396,8 +396,14 @@ class NetworkTrainer:
 
         if args.full_fp16 or args.full_bf16:
             network.to(weight_dtype)
-        unet.to(accelerator.device, dtype=weight_dtype)
+        if fp8.unet_in_fp8(args):  # --fp8_base / --fp8_base_unet
+            fp8.store_in_fp8(unet, weight_dtype, accelerator.device)
+        else:
+            unet.to(accelerator.device, dtype=weight_dtype)
         self.prepare_text_encoders(dataset, weight_dtype)
+        if fp8.text_encoders_in_fp8(args):
+            for encoder in text_encoders:
+                fp8.store_in_fp8(encoder, weight_dtype, encoder.device)
         network, optimizer, dataloader, lr_scheduler = accelerator.prepare(network, optimizer, dataloader, lr_scheduler)
         if args.full_fp16:
             _allow_fp16_gradient_unscaling(accelerator)
