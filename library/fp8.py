@@ -16,8 +16,11 @@ Cost: e4m3 keeps 3 mantissa bits, so each frozen weight is rounded to a relative
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import torch
+
+from library.errors import UserInputError
 
 FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
 # the layers whose weights autocast casts per call (F.linear, F.conv*)
@@ -47,6 +50,17 @@ def fp8_argument_error(args: argparse.Namespace) -> str | None:
     if FP8_DTYPE is None:
         return f"{flag} needs a torch with torch.float8_e4m3fn (2.1 or later), this is torch {torch.__version__}"
     return None
+
+
+def check_autocast(args: argparse.Namespace, accelerator: Any) -> None:
+    """Refuse fp8 storage where accelerate runs without autocast (``--mixed_precision fp16`` on the CPU: it
+    computes in the weights' dtype there, and nothing would cast the fp8 weights)."""
+    if unet_in_fp8(args) and not accelerator.native_amp:
+        flag = "--fp8_base" if args.fp8_base else "--fp8_base_unet"
+        raise UserInputError(
+            f"{flag} needs autocast, which accelerate does not use for --mixed_precision {args.mixed_precision} "
+            f"on {accelerator.device.type}: use --mixed_precision bf16"
+        )
 
 
 def store_in_fp8(module: torch.nn.Module, compute_dtype: torch.dtype, device: torch.device | str) -> int:

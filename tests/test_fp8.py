@@ -13,6 +13,7 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from library import fp8
+from library.errors import UserInputError
 from library.config import parse_args
 from library.sdxl import SdxlNetworkTrainer
 from library.tiny_models import build_tiny
@@ -52,6 +53,18 @@ def test_fp8_is_refused_by_a_torch_without_float8(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--fp8_base_unet", "--mixed_precision", "bf16"])
     assert "needs a torch with torch.float8_e4m3fn" in capsys.readouterr().err
+
+
+def test_fp8_with_fp16_on_the_cpu_is_refused_before_models_load(tmp_path):
+    """accelerate runs fp16 on the CPU without autocast, so nothing would cast the fp8 weights."""
+    argv = ["--pretrained_model_name_or_path", "no-such-model", "--fp8_base", "--mixed_precision", "fp16",
+            "--output_dir", str(tmp_path)]
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        with pytest.raises(UserInputError, match="--fp8_base needs autocast, .* use --mixed_precision bf16"):
+            NetworkTrainer().train(parse_args(argv))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 # ------------------------------------------------------------------ storage and computation
