@@ -3,10 +3,11 @@
 As in sd-scripts, ``--fp8_base_unet`` stores the U-Net in fp8 and ``--fp8_base`` the U-Net and the text encoders;
 both need ``--mixed_precision fp16`` or ``bf16``. Only the weights of ``Linear`` and ``Conv`` layers are stored in
 fp8 (99.9 % of the U-Net's parameters; 69 % of CLIP-L's, whose token embedding stays); biases, norms and
-embeddings stay in the
-mixed-precision dtype. The computation is unchanged: under the loop's autocast (CUDA and CPU alike) a linear or
-convolution casts its fp8 weight to the compute dtype for that one call, so the extra memory is one layer's
-half-precision weight at a time. The LoRA modules are not children of the layers they wrap, so their weights,
+embeddings stay in the mixed-precision dtype. The computation is unchanged: under the loop's autocast (CUDA and
+CPU alike) a linear or convolution casts its fp8 weight to the compute dtype for its call. The backward keeps
+that copy until it has passed the layer: with ``--gradient_checkpointing`` only the copies of the block being
+recomputed, without it those of every layer, which can cost more than fp8 saves (docs/benchmarks.md). The
+LoRA modules are not children of the layers they wrap, so their weights,
 their gradients and the optimizer state keep their own dtype.
 
 Cost: e4m3 keeps 3 mantissa bits, so each frozen weight is rounded to a relative error of at most 1/17 (5.9 %),
@@ -16,11 +17,14 @@ Cost: e4m3 keeps 3 mantissa bits, so each frozen weight is rounded to a relative
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import Any
 
 import torch
 
 from library.errors import UserInputError
+
+logger = logging.getLogger(__name__)
 
 FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
 # the layers whose weights autocast casts per call (F.linear, F.conv*)
@@ -52,14 +56,24 @@ def fp8_argument_error(args: argparse.Namespace) -> str | None:
     return None
 
 
-def check_autocast(args: argparse.Namespace, accelerator: Any) -> None:
+def check_fp8_run(args: argparse.Namespace, accelerator: Any) -> None:
     """Refuse fp8 storage where accelerate runs without autocast (``--mixed_precision fp16`` on the CPU: it
-    computes in the weights' dtype there, and nothing would cast the fp8 weights)."""
-    if unet_in_fp8(args) and not accelerator.native_amp:
-        flag = "--fp8_base" if args.fp8_base else "--fp8_base_unet"
+    computes in the weights' dtype there, and nothing would cast the fp8 weights). Warn without
+    ``--gradient_checkpointing``: the backward then keeps every layer's half-precision copy of its weight until it
+    reaches that layer, which can cost more than fp8 saves (measured in docs/benchmarks.md)."""
+    if not unet_in_fp8(args):
+        return
+    flag = "--fp8_base" if args.fp8_base else "--fp8_base_unet"
+    if not accelerator.native_amp:
         raise UserInputError(
             f"{flag} needs autocast, which accelerate does not use for --mixed_precision {args.mixed_precision} "
             f"on {accelerator.device.type}: use --mixed_precision bf16"
+        )
+    if not args.gradient_checkpointing:
+        logger.warning(
+            "%s without --gradient_checkpointing: the backward keeps a %s copy of every frozen weight it has not "
+            "reached yet, so the peak memory can exceed that of a run without %s; add --gradient_checkpointing",
+            flag, args.mixed_precision, flag,
         )
 
 

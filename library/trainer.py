@@ -295,7 +295,7 @@ class NetworkTrainer:
         self.args = args
 
         accelerator = self.accelerator = make_accelerator(args)
-        fp8.check_autocast(args, accelerator)
+        fp8.check_fp8_run(args, accelerator)
         check_output_dir(args.output_dir)
         weight_dtype = MIXED_PRECISION_DTYPES[args.mixed_precision]
         save_dtype = SAVE_PRECISIONS[args.save_precision]

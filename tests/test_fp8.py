@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -210,6 +211,16 @@ def test_fp8_run_stores_the_base_in_fp8_and_the_lora_in_float32(sd1_runs):
     assert embeddings and all(m.weight.dtype == torch.bfloat16 for m in embeddings)  # the compute dtype
     # the LoRA is saved in its own dtype (no --save_precision): float32, never the fp8 of the layers it wraps
     assert {value.dtype for value in load_file(trainer.output_file).values()} == {torch.float32}
+
+
+def test_fp8_without_gradient_checkpointing_is_warned_about(caplog):
+    args = parse_args(["--fp8_base_unet", "--mixed_precision", "bf16"])
+    fp8.check_fp8_run(args, SimpleNamespace(native_amp=True, device=torch.device("cpu")))
+    assert "--fp8_base_unet without --gradient_checkpointing" in caplog.text
+    caplog.clear()
+    args = parse_args(["--fp8_base_unet", "--mixed_precision", "bf16", "--gradient_checkpointing"])
+    fp8.check_fp8_run(args, SimpleNamespace(native_amp=True, device=torch.device("cpu")))
+    assert "gradient_checkpointing" not in caplog.text
 
 
 @pytest.mark.slow
