@@ -47,6 +47,7 @@ import toml
 from library import upstream_flags
 from library.atomic import atomic_output
 from library.errors import UserInputError
+from library.fp8 import fp8_argument_error
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +153,12 @@ def _add_model_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--lowram", action="store_true", help="load models straight to the accelerator (low host RAM)")
     group.add_argument("--highvram", action="store_true",
                        help="skip clearing caches (plenty of VRAM)")
-    group.add_argument("--fp8_base", action="store_true", help=_not_supported("keep the frozen base model in fp8"))
+    group.add_argument("--fp8_base", action="store_true",
+                       help="store the frozen U-Net and text encoders in float8 (e4m3fn), computed in the "
+                            "--mixed_precision dtype; needs fp16 or bf16")
+    group.add_argument("--fp8_base_unet", action="store_true",
+                       help="store only the frozen U-Net in float8 (e4m3fn), the text encoders in the "
+                            "--mixed_precision dtype; needs fp16 or bf16")
     group.add_argument("--torch_compile", action="store_true", help="compile the model with torch.compile")
     group.add_argument("--dynamo_backend", type=str, default="inductor",
                        help="backend of --torch_compile")
@@ -722,6 +728,9 @@ def verify_args(args: argparse.Namespace, sdxl: bool) -> None:
         raise ConfigError("--full_fp16 requires --mixed_precision fp16")
     if args.full_bf16 and args.mixed_precision != "bf16":
         raise ConfigError("--full_bf16 requires --mixed_precision bf16")
+    fp8_error = fp8_argument_error(args)
+    if fp8_error:
+        raise ConfigError(fp8_error)
 
     minimums = {
         # --max_train_epochs, when given, replaces --max_train_steps

@@ -123,6 +123,8 @@ def training_metadata(
         "ss_huber_scale": args.huber_scale,
         "ss_huber_c": args.huber_c,
         "ss_masked_loss": bool(getattr(args, "masked_loss", False)),  # not written by sd-scripts; viewers read it
+        "ss_fp8_base": bool(args.fp8_base),
+        "ss_fp8_base_unet": bool(args.fp8_base_unet),
     }
     if args.network_args:
         metadata["ss_network_args"] = json.dumps(dict(network_kwargs))

@@ -33,7 +33,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm import tqdm
 
-from library import base_weights, diffusion, masks, metadata as ss_metadata, preflight, resume
+from library import base_weights, diffusion, fp8, masks, metadata as ss_metadata, preflight, resume
 from library.checkpoints import Checkpoints
 from library.dataset import build_dataset
 from library.errors import LossNotFinite, OutOfMemory, OutputWriteError, UserInputError, reported_as_user_input
@@ -307,6 +307,7 @@ class NetworkTrainer:
         preflight.check_before_models(args)  # seconds, not the minutes a model load and latent cache take
 
         accelerator = self.accelerator = make_accelerator(args)
+        fp8.check_fp8_run(args, accelerator)
         check_output_dir(args.output_dir)
         weight_dtype = MIXED_PRECISION_DTYPES[args.mixed_precision]
         dataset, validation_dataset = self.read_data(args)  # before the models: a bad caption or mask fails now
@@ -333,8 +334,14 @@ class NetworkTrainer:
 
         if args.full_fp16 or args.full_bf16:
             network.to(weight_dtype)
-        models.unet.to(accelerator.device, dtype=weight_dtype)
+        if fp8.unet_in_fp8(args):  # --fp8_base / --fp8_base_unet
+            fp8.store_in_fp8(models.unet, weight_dtype, accelerator.device)
+        else:
+            models.unet.to(accelerator.device, dtype=weight_dtype)
         self.prepare_text_encoders(dataset, weight_dtype)
+        if fp8.text_encoders_in_fp8(args):
+            for encoder in models.text_encoders:
+                fp8.store_in_fp8(encoder, weight_dtype, encoder.device)
         network, optimizer, dataloader, lr_scheduler = accelerator.prepare(network, optimizer, dataloader, lr_scheduler)
         if args.full_fp16:
             _allow_fp16_gradient_unscaling(accelerator)

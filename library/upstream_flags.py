@@ -16,8 +16,6 @@ docs/COMPATIBILITY.md's flag table is generated from here (``python tools/compat
 ``CONFIG_FILE_ONLY`` lists keys that are no sd-scripts flag but that the kohya_ss GUI writes into the ``--config_file``
 TOML it hands to sd-scripts (which ignores them): they are warned about, never an error, and the note says why.
 
-Flags that other work in progress implements are grouped in ``REFUSED_UNTIL_IMPLEMENTED``; when that work lands,
-move the name to ``IMPLEMENTED_FLAGS``.
 """
 
 from __future__ import annotations
@@ -68,10 +66,12 @@ IMPLEMENTED_FLAGS: tuple[str, ...] = tuple("""
     network_train_text_encoder_only training_comment dim_from_weights scale_weight_norms no_half_vae
     validation_seed validation_split validate_every_n_steps validate_every_n_epochs max_validation_steps
     cache_text_encoder_outputs cache_text_encoder_outputs_to_disk
-    masked_loss alpha_mask weighted_captions in_json base_weights base_weights_multiplier
+    masked_loss alpha_mask weighted_captions in_json base_weights base_weights_multiplier fp8_base fp8_base_unet
 """.split())
 
 IMPLEMENTED_NOTES: dict[str, str] = {
+    "fp8_base": "the Linear and Conv weights go to float8; biases, norms and embeddings stay in the mixed-precision "
+                "dtype (sd-scripts converts them too); combine it with --gradient_checkpointing (a warning says why)",
     "masked_loss": "mask images are resized and cropped like their image (sd-scripts stretches them to the bucket), "
                    "so random_crop works with them; a run with no mask anywhere warns",
     "weighted_captions": "a malformed weight in a caption file is an error naming the file",
@@ -138,22 +138,15 @@ REFUSED_FLAGS: dict[str, str] = {
     "initial_step": "start from a saved state with --save_state / --resume instead",
 }
 
-# Refused today because other work implements them; move each to IMPLEMENTED_FLAGS when it lands.
-REFUSED_UNTIL_IMPLEMENTED: dict[str, str] = {
-    # issue 15: fp8 base model
-    "fp8_base": "keeping the frozen base model in fp8 is not supported; remove it (use --mixed_precision bf16/fp16)",
-    "fp8_base_unet": "keeping the frozen U-Net in fp8 is not supported; remove it (use --mixed_precision bf16/fp16)",
-}
-
 # Argparse definitions of the upstream flags the parser does not otherwise define, as upstream defines them
 # (name, type, default, choices); library.config adds those not already present.
 PARSER_SPECS: dict[str, dict[str, Any]] = {
     **{name: {"action": "store_true"} for name in (
         "async_upload", "cpu_offload_checkpointing", "deepspeed", "fp16_master_weights_and_gradients",
-        "fp8_base_unet", "masked_loss", "resume_from_huggingface", "save_state_to_huggingface",
+        "resume_from_huggingface", "save_state_to_huggingface",
         "skip_until_initial_step", "zero3_init_flag", "zero3_save_16bit_model")},
     **{name: {"type": str, "default": None} for name in (
-        "conditioning_data_dir", "huggingface_path_in_repo", "huggingface_repo_id", "huggingface_repo_type",
+        "huggingface_path_in_repo", "huggingface_repo_id", "huggingface_repo_type",
         "huggingface_repo_visibility", "huggingface_token", "metadata_is_negative_embedding", "metadata_merged_from",
         "metadata_preprocessor", "metadata_thumbnail", "metadata_trigger_phrase", "metadata_usage_hint",
         "offload_optimizer_nvme_path", "offload_param_nvme_path")},
@@ -220,8 +213,7 @@ def _entries(implemented: tuple[str, ...], notes: dict[str, str], no_effect: dic
     return entries
 
 
-FLAGS: dict[str, Entry] = _entries(IMPLEMENTED_FLAGS, IMPLEMENTED_NOTES, NO_EFFECT_FLAGS, REFUSED_FLAGS,
-                                   REFUSED_UNTIL_IMPLEMENTED)
+FLAGS: dict[str, Entry] = _entries(IMPLEMENTED_FLAGS, IMPLEMENTED_NOTES, NO_EFFECT_FLAGS, REFUSED_FLAGS)
 DATASET_KEYS: dict[str, Entry] = _entries(IMPLEMENTED_DATASET_KEYS, {}, NO_EFFECT_DATASET_KEYS, REFUSED_DATASET_KEYS)
 
 

@@ -374,7 +374,6 @@ def test_compat_only_flags_are_accepted_and_warned_about(caplog):
 @pytest.mark.parametrize(
     ("argv", "flag"),
     [
-        (["--fp8_base"], "--fp8_base"),
         (["--dataset_class", "my.Dataset"], "--dataset_class"),
     ],
 )

@@ -84,8 +84,7 @@ def test_the_reader_is_not_fooled_by_mentions():
 
 
 def test_every_upstream_flag_has_exactly_one_class():
-    groups = [upstream_flags.IMPLEMENTED_FLAGS, upstream_flags.NO_EFFECT_FLAGS, upstream_flags.REFUSED_FLAGS,
-              upstream_flags.REFUSED_UNTIL_IMPLEMENTED]
+    groups = [upstream_flags.IMPLEMENTED_FLAGS, upstream_flags.NO_EFFECT_FLAGS, upstream_flags.REFUSED_FLAGS]
     names = [name for group in groups for name in group]
     assert sorted(name for name in names if names.count(name) > 1) == []
     assert set(FLAGS) == UPSTREAM_ALL
