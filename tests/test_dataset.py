@@ -4,23 +4,24 @@ import logging
 import random
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from helpers import parser_args  # tests/helpers.py
 from library.dataset import build_dataset, process_caption
 from library.dataset_config import SubsetSettings, load_dataset_config, resolve_settings
 from library.metadata import dirs_info, tag_frequency
 
-BASE_ARGS = dict(resolution="32", train_batch_size=1, seed=42, caption_extension=".txt", enable_bucket=False,
-                 min_bucket_reso=16, max_bucket_reso=64, bucket_reso_steps=16, prior_loss_weight=1.0)
+BASE_ARGS = dict(resolution="32", seed=42, caption_extension=".txt", min_bucket_reso=16, max_bucket_reso=64,
+                 bucket_reso_steps=16)
 
 
 def make_args(**overrides):
-    return SimpleNamespace(**{**BASE_ARGS, **overrides})
+    """The parser's defaults (tests/helpers.py) with these tests' small images and buckets."""
+    return parser_args(**{**BASE_ARGS, **overrides})
 
 
 def write_image(path: Path, size=(32, 32), color=(200, 30, 30), split_color=None) -> np.ndarray:

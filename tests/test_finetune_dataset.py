@@ -6,26 +6,26 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from helpers import parser_args  # tests/helpers.py
 from library.dataset import build_dataset
 from library.dataset_config import load_dataset_config
 from library.metadata import bucket_info, dirs_info, tag_frequency
 from library.finetune_dataset import caption_and_tags
 from library.metadata import dataset_metadata
 
-BASE_ARGS = dict(resolution="32", train_batch_size=1, seed=42, caption_extension=".txt", enable_bucket=False,
-                 min_bucket_reso=16, max_bucket_reso=64, bucket_reso_steps=16, prior_loss_weight=1.0,
-                 dataset_repeats=1, dataset_config=None)
+BASE_ARGS = dict(resolution="32", seed=42, caption_extension=".txt", min_bucket_reso=16, max_bucket_reso=64,
+                 bucket_reso_steps=16, dataset_repeats=1)
 
 
 def make_args(**overrides):
-    return SimpleNamespace(**{**BASE_ARGS, **overrides})
+    """The parser's defaults (tests/helpers.py) with these tests' small images and buckets."""
+    return parser_args(**{**BASE_ARGS, **overrides})
 
 
 def write_image(path: Path, size=(32, 32), color=(200, 30, 30)) -> Path:

@@ -22,20 +22,17 @@ from library.sdxl import SdxlNetworkTrainer
 from library.text_cache import FINGERPRINT_KEY, te_outputs_npz_path
 from library.tiny_models import build_tiny
 from networks.lora import create_network_from_weights
-from shape_images import write_shape_images  # tests/shape_images.py
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 12
-COLORS = ("red", "green", "blue", "yellow")
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
+def workspace(make_shape_workspace) -> Path:
     """A DreamBooth folder (4 images, 64×64) and a TOML config training both text encoders and the U-Net."""
-    root = tmp_path_factory.mktemp("sdxl_train")
-    write_shape_images(root / "data" / "1_sks shape", COLORS, caption="a photo of sks shape")
+    root = make_shape_workspace("sdxl_train", caption="a photo of sks shape")
     (root / "config.toml").write_text(
         f"""
 [model_arguments]

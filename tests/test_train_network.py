@@ -20,20 +20,17 @@ from library import trainer as trainer_module
 from library.text_encoding import merge_chunks, split_into_chunks, tokenize
 from library.checkpoints import epoch_to_remove, lora_name, state_name, step_to_remove
 from library.trainer import NetworkTrainer
-from shape_images import write_shape_images  # tests/shape_images.py
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 16
-COLORS = ("red", "green", "blue", "yellow")
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
+def workspace(make_shape_workspace) -> Path:
     """A DreamBooth folder (4 images, 64×64, 2 repeats → 8 batches per epoch) and a TOML config using it."""
-    root = tmp_path_factory.mktemp("train_network")
-    write_shape_images(root / "data" / "2_sks shape", COLORS, caption="a photo of sks shape")
+    root = make_shape_workspace("train_network", "2_sks shape", caption="a photo of sks shape")
     (root / "config.toml").write_text(
         f"""
 [model_arguments]

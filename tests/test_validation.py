@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 from safetensors.torch import load_file
-from test_resume import base_args, make_workspace, train
+from test_resume import COLORS, FOLDER, base_args, train
 from test_train_network import read_scalars
 
 import train_network
@@ -107,9 +107,9 @@ def test_recorder_names_match_sd_scripts():
 
 
 @pytest.fixture(scope="module")
-def validated_and_plain_runs(tmp_path_factory):
+def validated_and_plain_runs(make_shape_workspace):
     """(run with validation, run without, log folder of the first): the same two training images, 8 steps."""
-    root = make_workspace(tmp_path_factory.mktemp("validation_e2e"))
+    root = make_shape_workspace("validation_e2e", FOLDER, COLORS)
     validated = train(base_args(root, "validated", "--validation_split", "0.25", "--validate_every_n_steps", "2",
                                 "--logging_dir", str(root / "logs")))
 
