@@ -1,11 +1,14 @@
 """What many test files share: argument namespaces at the real parser's defaults, training workspaces of shape
-images, and a free TCP port for multi-process runs. ``tests/conftest.py`` offers the first two as fixtures."""
+images, a skip for runs that log to TensorBoard without it, and a free TCP port for multi-process runs. ``tests/conftest.py`` offers the first two as fixtures."""
 
 from __future__ import annotations
 
 import argparse
 import socket
+from collections.abc import Sequence
 from pathlib import Path
+
+import pytest
 
 from library.config import build_parser
 from shape_images import write_shape_images
@@ -27,6 +30,13 @@ def shape_workspace(root: Path, folder: str = "1_sks shape", colors: tuple[str, 
     """``root`` with a DreamBooth folder ``root/data/<folder>`` of shape images (``tests/shape_images.py``)."""
     write_shape_images(root / "data" / folder, colors, caption)
     return root
+
+
+def skip_without_tensorboard(argv: Sequence[str]) -> None:
+    """Skip the calling test when ``argv`` logs to TensorBoard (``--logging_dir``) and tensorboard, a test-only
+    requirement, is not installed."""
+    if "--logging_dir" in argv:
+        pytest.importorskip("tensorboard", reason="--logging_dir logs to TensorBoard: pip install tensorboard")
 
 
 def free_port() -> int:

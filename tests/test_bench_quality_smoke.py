@@ -9,9 +9,11 @@ from functools import partial
 import pytest
 import torch
 
-from benchmarks import lora_quality as lq
-from benchmarks import stateless_variants as sv
-from library.hina_anlo import ANLO
+pytest.importorskip("sklearn", reason="the quality benchmark trains on scikit-learn's digits")
+
+from benchmarks import lora_quality as lq  # noqa: E402
+from benchmarks import stateless_variants as sv  # noqa: E402
+from library.hina_anlo import ANLO  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ from safetensors import safe_open
 
 from library import resume
 from library.errors import OutputWriteError
-from helpers import free_port  # tests/helpers.py
+from helpers import free_port, skip_without_tensorboard  # tests/helpers.py
 
 pytestmark = pytest.mark.slow
 
@@ -53,6 +53,7 @@ def launch(root: Path, name: str, *extra: str) -> None:
     """``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 <this file> --config_file
     configs/quickstart.toml ...`` on the images in ``root``; probe records go to ``root/probe/<name>``, outputs
     to ``root/out/<name>``."""
+    skip_without_tensorboard(extra)
     probe = root / "probe" / name
     probe.mkdir(parents=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1",

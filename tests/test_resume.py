@@ -23,6 +23,7 @@ import train_network
 from library import resume
 from library.errors import OutputWriteError
 from library.resume import ResumeError, TrainState
+from helpers import skip_without_tensorboard  # tests/helpers.py
 from library.trainer import NetworkTrainer
 
 pytestmark = pytest.mark.slow
@@ -53,6 +54,7 @@ def base_args(root: Path, output_name: str, *extra: str) -> list[str]:
 
 
 def train(argv: list[str]) -> NetworkTrainer:
+    skip_without_tensorboard(argv)
     trainer = NetworkTrainer()
     trainer.train(train_network.parse_args(argv, sdxl=False))
     return trainer

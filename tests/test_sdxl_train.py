@@ -17,6 +17,7 @@ from diffusers import StableDiffusionXLPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from helpers import skip_without_tensorboard  # tests/helpers.py
 from library.config import parse_args
 from library.sdxl import SdxlNetworkTrainer
 from library.text_cache import FINGERPRINT_KEY, te_outputs_npz_path
@@ -77,6 +78,7 @@ output_name = "base"
 
 def run(workspace: Path, *extra: str) -> SdxlNetworkTrainer:
     """``sdxl_train_network.py --config_file config.toml *extra`` in-process; returns the finished trainer."""
+    skip_without_tensorboard(extra)
     trainer = SdxlNetworkTrainer()
     trainer.train(parse_args(["--config_file", str(workspace / "config.toml"), *extra], sdxl=True))
     return trainer
@@ -131,6 +133,7 @@ def test_loss_fell(base_run):
 
 
 def test_each_text_encoder_gets_its_own_lr(base_run, workspace):
+    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     scalars = {}

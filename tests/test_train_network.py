@@ -19,6 +19,7 @@ from library import hina_anlo
 from library import trainer as trainer_module
 from library.text_encoding import merge_chunks, split_into_chunks, tokenize
 from library.checkpoints import epoch_to_remove, lora_name, state_name, step_to_remove
+from helpers import skip_without_tensorboard  # tests/helpers.py
 from library.trainer import NetworkTrainer
 
 pytestmark = pytest.mark.slow
@@ -70,6 +71,7 @@ output_name = "base"
 
 def run(workspace: Path, *extra: str) -> NetworkTrainer:
     """``train_network.py --config_file config.toml *extra`` in-process; returns the finished trainer."""
+    skip_without_tensorboard(extra)
     trainer = NetworkTrainer()
     args = train_network.parse_args(["--config_file", str(workspace / "config.toml"), *extra], sdxl=False)
     trainer.train(args)
@@ -212,6 +214,7 @@ def test_network_weights_continue_from_a_file(workspace, base_run):
 
 
 def read_scalars(log_dir: Path) -> dict[str, list[float]]:
+    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     scalars: dict[str, list[float]] = {}
@@ -224,6 +227,7 @@ def read_scalars(log_dir: Path) -> dict[str, list[float]]:
 
 
 def test_adamw8bit_runs(workspace):
+    pytest.importorskip("bitsandbytes")
     trainer = run(workspace, "--optimizer_type", "AdamW8bit", "--max_train_steps", "3", "--output_name", "adamw8bit")
     assert len(trainer.loss_history) == 3 and all(math.isfinite(x) for x in trainer.loss_history)
     with safe_open(trainer.output_file, framework="pt") as handle:
