@@ -28,6 +28,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict, str]:
     return code, json.loads((out / "lora_quality.json").read_text()), (out / "lora_quality.md").read_text()
 
 
+@pytest.mark.slow
 def test_smoke_run_succeeds_with_finite_curves_and_a_table(smoke: tuple[int, dict, str]) -> None:
     code, report, table = smoke
     assert code == 0
