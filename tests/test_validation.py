@@ -127,6 +127,7 @@ def validated_and_plain_runs(make_shape_workspace):
     return validated, plain, root / "logs"
 
 
+@pytest.mark.slow
 def test_validation_leaves_training_losses_and_weights_unchanged(validated_and_plain_runs):
     validated, plain, _ = validated_and_plain_runs
     assert len(validated.loss_history) == 8
@@ -137,6 +138,7 @@ def test_validation_leaves_training_losses_and_weights_unchanged(validated_and_p
         assert torch.equal(with_validation[key], without[key]), key
 
 
+@pytest.mark.slow
 def test_validation_loss_is_logged_under_sd_scripts_names(validated_and_plain_runs):
     _, _, logs = validated_and_plain_runs
     scalars = read_scalars(logs)
