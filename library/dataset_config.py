@@ -16,7 +16,8 @@ The sources, as in sd-scripts (``user_config_from_args`` picks one):
 * otherwise ``--train_data_dir`` with ``<repeats>_<class tokens>`` folders (``10_sks dog``), and
   ``--reg_data_dir`` the same for regularization images, turned into the same config dictionary.
 
-``library.dataset`` builds the images, captions and batches from the resolved settings.
+``library.dataset`` builds the images, captions and batches from the resolved settings; the one key check that
+needs them, ``face_crop_aug_range`` without ``enable_bucket``, is ``BucketedDataset._check_subset`` there.
 """
 
 from __future__ import annotations
