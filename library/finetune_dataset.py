@@ -39,7 +39,8 @@ from library.buckets import BucketChoice
 from library.latents import LATENT_DOWNSCALE
 
 if TYPE_CHECKING:  # library.dataset imports this module
-    from library.dataset import BucketedDataset, ImageItem, SubsetSettings
+    from library.dataset import BucketedDataset, ImageItem
+    from library.dataset_config import SubsetSettings
 
 logger = logging.getLogger(__name__)
 

@@ -16,9 +16,15 @@ import json
 import os
 import subprocess
 import time
-from typing import Any, Mapping
+from collections import Counter
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from library.dataset import BucketedDataset, DatasetGroup, SubsetSettings, subset_name
+import numpy as np
+
+from library.dataset_config import SubsetSettings, subset_name
+
+if TYPE_CHECKING:  # library.dataset's classes, only read here
+    from library.dataset import BucketedDataset, DatasetGroup
 
 # What a file keeps under --no_metadata: enough for a loader to rebuild the network.
 SS_METADATA_MINIMUM_KEYS = (
@@ -145,11 +151,12 @@ def _display_name(name_or_path: str) -> str:
     return os.path.basename(os.path.normpath(name_or_path)) if os.path.exists(name_or_path) else name_or_path
 
 
-def _dirs_info(group: DatasetGroup, is_reg: bool) -> dict[str, dict[str, int]]:
-    """``{folder name: {"n_repeats": r, "img_count": n}}`` of the training (or regularization) folders; a name
+def dirs_info(datasets: Sequence[BucketedDataset], is_reg: bool = False) -> dict[str, dict[str, int]]:
+    """``ss_dataset_dirs`` (training folders) or, with ``is_reg``, ``ss_reg_dataset_dirs``:
+    ``{folder name: {"n_repeats": r, "img_count": n}}`` (the folder's own repeats, before balancing); a name
     used twice gets a `` (2)`` suffix, as in sd-scripts."""
     info: dict[str, dict[str, int]] = {}
-    for dataset in group.datasets:
+    for dataset in datasets:
         for subset, count in zip(dataset.subsets, dataset.subset_image_counts):
             if subset.is_reg != is_reg:
                 continue
@@ -161,10 +168,33 @@ def _dirs_info(group: DatasetGroup, is_reg: bool) -> dict[str, dict[str, int]]:
     return info
 
 
-def _describe_dataset(dataset: BucketedDataset, seed: int) -> dict[str, Any]:
+def tag_frequency(datasets: Sequence[BucketedDataset]) -> dict[str, dict[str, int]]:
+    """``ss_tag_frequency``: per image folder name, how many captions contain each comma-separated tag
+    (lower-cased; one count per image, not per repeat)."""
+    frequency: dict[str, Counter] = {}
+    for dataset in datasets:
+        for item in dataset.items:
+            counter = frequency.setdefault(subset_name(item.subset), Counter())
+            text = (item.tags or "") if item.subset.metadata_file else item.caption  # sd-scripts counts tags only
+            counter.update(tag.strip().lower() for tag in text.split(",") if tag.strip())
+    return {name: dict(counter) for name, counter in frequency.items()}
+
+
+def bucket_info(datasets: Sequence[BucketedDataset]) -> dict[str, Any]:
+    """``ss_bucket_info``: images × repeats per bucket resolution ``[w, h]``, and the mean aspect-ratio error."""
+    counts: Counter = Counter()
+    errors = []
+    for dataset in datasets:
+        for bucket, members in dataset.buckets.items():
+            counts[bucket] += len(members)
+        errors += [abs(item.bucket.aspect_ratio_error) for item in dataset.items]
+    buckets = {str(i): {"resolution": list(b), "count": counts[b]} for i, b in enumerate(sorted(counts))}
+    return {"buckets": buckets, "mean_img_ar_error": float(np.mean(errors)) if errors else 0.0}
+
+
+def _describe_dataset(dataset: BucketedDataset) -> dict[str, Any]:
     """One ``ss_datasets`` entry: the dataset's settings and counts, and each subset's options."""
     settings = dataset.settings
-    alone = DatasetGroup([dataset], seed)
     return {
         "is_dreambooth": not any(subset.metadata_file for subset in dataset.subsets),
         "batch_size_per_device": settings.batch_size,
@@ -174,8 +204,8 @@ def _describe_dataset(dataset: BucketedDataset, seed: int) -> dict[str, Any]:
         "enable_bucket": bool(settings.enable_bucket),
         "min_bucket_reso": settings.min_bucket_reso,
         "max_bucket_reso": settings.max_bucket_reso,
-        "tag_frequency": alone.tag_frequency(),
-        "bucket_info": alone.bucket_info(),
+        "tag_frequency": tag_frequency([dataset]),
+        "bucket_info": bucket_info([dataset]),
         "subsets": [
             _describe_subset(subset, count) for subset, count in zip(dataset.subsets, dataset.subset_image_counts)
         ],
@@ -217,12 +247,12 @@ def dataset_metadata(args: argparse.Namespace, group: DatasetGroup, total_batch_
     flat keys of the single dataset: resolution, buckets, augmentation flags, training and reg folders.
     Regularization folders never count in ``ss_dataset_dirs`` / ``ss_tag_frequency``.
     """
-    train_dirs = _dirs_info(group, is_reg=False)
-    tag_frequency = {name: tags for name, tags in group.tag_frequency().items() if name in train_dirs}
+    train_dirs = dirs_info(group.datasets, is_reg=False)
+    train_tags = {name: tags for name, tags in tag_frequency(group.datasets).items() if name in train_dirs}
     if args.dataset_config is not None:
         return {
-            "ss_datasets": json.dumps([_describe_dataset(dataset, group.seed) for dataset in group.datasets]),
-            "ss_tag_frequency": json.dumps(tag_frequency),
+            "ss_datasets": json.dumps([_describe_dataset(dataset) for dataset in group.datasets]),
+            "ss_tag_frequency": json.dumps(train_tags),
             "ss_dataset_dirs": json.dumps(train_dirs),
         }
     settings = group.datasets[0].settings
@@ -241,9 +271,9 @@ def dataset_metadata(args: argparse.Namespace, group: DatasetGroup, total_batch_
             "ss_max_bucket_reso": settings.max_bucket_reso,
             "ss_keep_tokens": args.keep_tokens,
             "ss_dataset_dirs": json.dumps(train_dirs),
-            "ss_reg_dataset_dirs": json.dumps(_dirs_info(group, is_reg=True)),
-            "ss_tag_frequency": json.dumps(tag_frequency),
-            "ss_bucket_info": json.dumps(group.bucket_info()),
+            "ss_reg_dataset_dirs": json.dumps(dirs_info(group.datasets, is_reg=True)),
+            "ss_tag_frequency": json.dumps(train_tags),
+            "ss_bucket_info": json.dumps(bucket_info(group.datasets)),
         }
     )
 

@@ -10,7 +10,8 @@ entry with its class here:
 
 ``library.config`` takes the parser help of non-implemented flags, the warnings and the refusals from here, and adds
 to the parser the upstream flags it does not otherwise define (``PARSER_SPECS``), so that none of them is met by
-argparse's bare "unrecognized arguments". ``library.dataset`` takes the refused and no-effect dataset keys from here.
+argparse's bare "unrecognized arguments". ``library.dataset_config`` takes the refused and no-effect dataset keys
+from here.
 docs/COMPATIBILITY.md's flag table is generated from here (``python tools/compat_table.py``) and tested against it.
 
 ``CONFIG_FILE_ONLY`` lists keys that are no sd-scripts flag but that the kohya_ss GUI writes into the ``--config_file``

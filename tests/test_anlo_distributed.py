@@ -5,13 +5,14 @@ gradients. A bfloat16 tensor checks that stochastic rounding draws the same numb
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from helpers import free_port  # tests/helpers.py
 from library.hina_anlo import ANLO
 
 WORLD_SIZE = 2
@@ -69,14 +70,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
+@pytest.mark.slow
 def test_data_parallel_ranks_end_identical(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
 
     # One process, same arithmetic: sum the ranks' gradients (gloo sums two operands, and a + b == b + a

@@ -82,6 +82,7 @@ def _train(make_optimizer) -> list[float]:
     return losses
 
 
+@pytest.mark.slow
 def test_anlo_trains_a_lora_as_far_as_adamw():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

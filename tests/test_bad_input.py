@@ -236,6 +236,7 @@ def test_loss_that_stays_non_finite_stops_with_one_line_and_status_1(data_dir, t
 # ----------------------------------------------------------------------------------- as a program
 
 
+@pytest.mark.slow
 def test_program_prints_only_the_error_line(data_dir, tmp_path):
     """As a process: stderr is the one error line; no import-time warnings (bitsandbytes' CPU kernels)."""
     (tmp_path / "afile").write_text("", encoding="utf-8")

@@ -24,6 +24,7 @@ def benchmark():
     del sys.modules[spec.name]
 
 
+@pytest.mark.slow
 def test_optimizer_step_benchmark_smoke(benchmark, tmp_path):
     threads = torch.get_num_threads()
     try:
@@ -63,6 +64,7 @@ def test_extra_step_memory_counts_a_freed_temporary_and_nothing_else(benchmark):
     assert benchmark.extra_step_memory(in_place, torch.device("cpu")) < 64  # a wrapped scalar at most
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "model, te_prefixes, te_modules, unet_modules",
     [("sd15", {"lora_te"}, 72, 192), ("sdxl", {"lora_te1", "lora_te2"}, 72 + 192, 722)],

@@ -9,9 +9,11 @@ from functools import partial
 import pytest
 import torch
 
-from benchmarks import lora_quality as lq
-from benchmarks import stateless_variants as sv
-from library.hina_anlo import ANLO
+pytest.importorskip("sklearn", reason="the quality benchmark trains on scikit-learn's digits")
+
+from benchmarks import lora_quality as lq  # noqa: E402
+from benchmarks import stateless_variants as sv  # noqa: E402
+from library.hina_anlo import ANLO  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +28,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict, str]:
     return code, json.loads((out / "lora_quality.json").read_text()), (out / "lora_quality.md").read_text()
 
 
+@pytest.mark.slow
 def test_smoke_run_succeeds_with_finite_curves_and_a_table(smoke: tuple[int, dict, str]) -> None:
     code, report, table = smoke
     assert code == 0

@@ -24,6 +24,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict]:
     return code, report
 
 
+@pytest.mark.slow
 def test_smoke_mode_passes_its_checks_and_reports_state_bytes(smoke: tuple[int, dict]) -> None:
     code, report = smoke
     assert code == 0
@@ -40,6 +41,7 @@ def test_smoke_mode_passes_its_checks_and_reports_state_bytes(smoke: tuple[int, 
             assert 2 * r["lora_params"] < r["state_bytes"] < 8 * r["lora_params"]
 
 
+@pytest.mark.slow
 def test_full_size_lora_sizes_match_kohya_module_counts(smoke: tuple[int, dict]) -> None:
     sizes = {(s["model"], s["rank"]): s for s in smoke[1]["full_size_lora"]}
     assert sizes[("SD1.5", 32)]["modules"] == 192  # sd-scripts' U-Net target count for SD 1.5

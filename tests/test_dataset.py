@@ -4,27 +4,24 @@ import logging
 import random
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from library.dataset import (
-    SubsetSettings,
-    build_dataset,
-    load_dataset_config,
-    process_caption,
-    resolve_settings,
-)
+from helpers import parser_args  # tests/helpers.py
+from library.dataset import build_dataset, process_caption
+from library.dataset_config import SubsetSettings, load_dataset_config, resolve_settings
+from library.metadata import dirs_info, tag_frequency
 
-BASE_ARGS = dict(resolution="32", train_batch_size=1, seed=42, caption_extension=".txt", enable_bucket=False,
-                 min_bucket_reso=16, max_bucket_reso=64, bucket_reso_steps=16, prior_loss_weight=1.0)
+BASE_ARGS = dict(resolution="32", seed=42, caption_extension=".txt", min_bucket_reso=16, max_bucket_reso=64,
+                 bucket_reso_steps=16)
 
 
 def make_args(**overrides):
-    return SimpleNamespace(**{**BASE_ARGS, **overrides})
+    """The parser's defaults (tests/helpers.py) with these tests' small images and buckets."""
+    return parser_args(**{**BASE_ARGS, **overrides})
 
 
 def write_image(path: Path, size=(32, 32), color=(200, 30, 30), split_color=None) -> np.ndarray:
@@ -77,8 +74,8 @@ def test_dreambooth_folders_give_repeats_class_tokens_and_captions(dreambooth_di
     assert {item.num_repeats for item in items.values()} == {3}
     assert dataset.num_train_images == 9 and dataset.num_reg_images == 0
     assert len(dataset) == 9  # batch size 1, every image 3 times
-    assert dataset.dataset_dirs_info() == {"3_sks dog": {"n_repeats": 3, "img_count": 3}}
-    assert dataset.tag_frequency() == {"3_sks dog": {"sks dog": 3, "sitting": 1}}
+    assert dirs_info(dataset.datasets) == {"3_sks dog": {"n_repeats": 3, "img_count": 3}}
+    assert tag_frequency(dataset.datasets) == {"3_sks dog": {"sks dog": 3, "sitting": 1}}
 
 
 def test_misspelled_caption_extention_is_honoured(dreambooth_dir):
@@ -119,8 +116,8 @@ def test_regularization_images_are_balanced_to_the_training_images(tmp_path):
                                       prior_loss_weight=0.25))
     reg_repeats = [item.num_repeats for item in dataset.datasets[0].items if item.subset.is_reg]
     assert reg_repeats == [2, 2, 1, 1]
-    assert dataset.dataset_dirs_info() == {"3_sks": {"n_repeats": 3, "img_count": 2}}
-    assert dataset.dataset_dirs_info(is_reg=True) == {"1_dog": {"n_repeats": 1, "img_count": 4}}
+    assert dirs_info(dataset.datasets) == {"3_sks": {"n_repeats": 3, "img_count": 2}}
+    assert dirs_info(dataset.datasets, is_reg=True) == {"1_dog": {"n_repeats": 1, "img_count": 4}}
     assert dataset.num_train_images == 6 and dataset.num_reg_images == 4
     weights = Counter()
     for batch in all_batches(dataset):
@@ -218,7 +215,7 @@ resolution = 16
     assert len(dataset) == 1 + 6  # 3 images in one batch of 3; 3 images x 2 repeats in batches of 1
     shapes = Counter(tuple(b["images"].shape) for b in all_batches(dataset))
     assert shapes == {(3, 3, 32, 32): 1, (1, 3, 16, 16): 6}
-    assert dataset.dataset_dirs_info() == {"a": {"n_repeats": 1, "img_count": 3}, "b": {"n_repeats": 2, "img_count": 3}}
+    assert dirs_info(dataset.datasets) == {"a": {"n_repeats": 1, "img_count": 3}, "b": {"n_repeats": 2, "img_count": 3}}
 
 
 def test_dataset_config_overrides_train_data_dir(tmp_path, caplog):

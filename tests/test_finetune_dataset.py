@@ -6,24 +6,26 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from library.dataset import build_dataset, load_dataset_config
+from helpers import parser_args  # tests/helpers.py
+from library.dataset import build_dataset
+from library.dataset_config import load_dataset_config
+from library.metadata import bucket_info, dirs_info, tag_frequency
 from library.finetune_dataset import caption_and_tags
 from library.metadata import dataset_metadata
 
-BASE_ARGS = dict(resolution="32", train_batch_size=1, seed=42, caption_extension=".txt", enable_bucket=False,
-                 min_bucket_reso=16, max_bucket_reso=64, bucket_reso_steps=16, prior_loss_weight=1.0,
-                 dataset_repeats=1, dataset_config=None)
+BASE_ARGS = dict(resolution="32", seed=42, caption_extension=".txt", min_bucket_reso=16, max_bucket_reso=64,
+                 bucket_reso_steps=16, dataset_repeats=1)
 
 
 def make_args(**overrides):
-    return SimpleNamespace(**{**BASE_ARGS, **overrides})
+    """The parser's defaults (tests/helpers.py) with these tests' small images and buckets."""
+    return parser_args(**{**BASE_ARGS, **overrides})
 
 
 def write_image(path: Path, size=(32, 32), color=(200, 30, 30)) -> Path:
@@ -74,9 +76,9 @@ def test_in_json_gives_captions_tags_and_paths_from_the_metadata(finetune_dir):
                         "d.png": "the other one"}
     assert {item.num_repeats for item in items.values()} == {3}
     assert dataset.num_train_images == 12 and len(dataset) == 12
-    assert dataset.dataset_dirs_info() == {"meta_cap.json": {"n_repeats": 3, "img_count": 4}}
+    assert dirs_info(dataset.datasets) == {"meta_cap.json": {"n_repeats": 3, "img_count": 4}}
     # only the tags of entries that also have a caption are counted, as sd-scripts does
-    assert dataset.tag_frequency() == {"meta_cap.json": {"red": 1, "square": 1}}
+    assert tag_frequency(dataset.datasets) == {"meta_cap.json": {"red": 1, "square": 1}}
     captions_in_batches = sorted(c for batch in all_batches(dataset) for c in batch["captions"])
     assert captions_in_batches == sorted(list(captions.values()) * 3)
 
@@ -101,7 +103,7 @@ def test_train_resolution_is_the_bucket_and_turns_bucketing_on(tmp_path, caplog)
     assert shapes == {"wide": (1, 3, 32, 64), "tall": (1, 3, 48, 32)}
     sizes = {batch["captions"][0]: batch["original_sizes_hw"][0].tolist() for batch in all_batches(dataset)}
     assert sizes == {"wide": [30, 60], "tall": [50, 30]}
-    assert dataset.bucket_info()["buckets"] == {"0": {"resolution": [32, 48], "count": 1},
+    assert bucket_info(dataset.datasets)["buckets"] == {"0": {"resolution": [32, 48], "count": 1},
                                                "1": {"resolution": [64, 32], "count": 1}}
 
 

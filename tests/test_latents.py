@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import parser_args  # tests/helpers.py
 from library.dataset import build_dataset
 from library.latents import encode_latents, latents_npz_path
 from library.tiny_models import build_tiny
@@ -48,7 +49,7 @@ def image_dir(tmp_path):
 
 def make_dataset(root, **overrides):
     args = dict(train_data_dir=str(root), resolution="32", train_batch_size=2, seed=3, caption_extension=".txt")
-    return build_dataset(SimpleNamespace(**{**args, **overrides}))
+    return build_dataset(parser_args(**{**args, **overrides}))
 
 
 def batches(dataset):

@@ -527,6 +527,7 @@ def test_apply_to_without_text_encoder_drops_its_modules(tmp_path):
     assert network.prepare_optimizer_params(1e-4, 1e-4, 1e-4)[1] == ["unet"]
 
 
+@pytest.mark.slow
 def test_from_weights_reads_dims_and_alphas_and_loads_weights(tmp_path):
     encoders, unet = tiny("tiny-sdxl")
     network = create_network(1.0, 8, 4.0, None, encoders, unet, conv_dim="2", conv_alpha="0.5")

@@ -4,7 +4,6 @@ through resize / crop / flip, the latent cache, and the errors for bad mask file
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,17 +11,19 @@ import torch
 from PIL import Image
 
 from library import diffusion, masks
+from helpers import parser_args  # tests/helpers.py
 from library.dataset import build_dataset
 from library.errors import UserInputError
 from library.latents import latents_npz_path
 from library.tiny_models import build_tiny
 
-BASE_ARGS = dict(resolution="32", train_batch_size=1, seed=5, caption_extension=".txt", enable_bucket=False,
-                 min_bucket_reso=16, max_bucket_reso=64, bucket_reso_steps=16, prior_loss_weight=1.0)
+BASE_ARGS = dict(resolution="32", seed=5, caption_extension=".txt", min_bucket_reso=16, max_bucket_reso=64,
+                 bucket_reso_steps=16)
 
 
 def make_args(**overrides):
-    return SimpleNamespace(**{**BASE_ARGS, **overrides})
+    """The parser's defaults (tests/helpers.py) with these tests' small images and buckets."""
+    return parser_args(**{**BASE_ARGS, **overrides})
 
 
 def all_batches(dataset, epochs=(1,)):

@@ -26,7 +26,6 @@ import datetime
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -38,28 +37,23 @@ from safetensors import safe_open
 
 from library import resume
 from library.errors import OutputWriteError
-from shape_images import write_shape_images  # tests/shape_images.py
+from helpers import free_port, skip_without_tensorboard  # tests/helpers.py
 
 pytestmark = pytest.mark.slow
 
 # The trainer calls accelerator.end_training(), which destroys the process group, before its final save_state;
 # the 2-process state runs fail until it is moved after the final saves (library/trainer.py, end of train()).
 REPO = Path(__file__).resolve().parent.parent
-COLORS = ("red", "green", "blue", "yellow")  # 4 images, 1 repeat: 4 batches per epoch, 2 per rank
+# the shared workspace (tests/helpers.py): 4 images, 1 repeat: 4 batches per epoch, 2 per rank
 STEPS = 4
 LAUNCH_TIMEOUT_S = 300
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch(root: Path, name: str, *extra: str) -> None:
     """``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 <this file> --config_file
     configs/quickstart.toml ...`` on the images in ``root``; probe records go to ``root/probe/<name>``, outputs
     to ``root/out/<name>``."""
+    skip_without_tensorboard(extra)
     probe = root / "probe" / name
     probe.mkdir(parents=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1",
@@ -68,7 +62,7 @@ def launch(root: Path, name: str, *extra: str) -> None:
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()),
+        "--main_process_port", str(free_port()),
         __file__,
         "--config_file", str(REPO / "configs" / "quickstart.toml"),
         "--train_data_dir", str(root / "data"),
@@ -94,10 +88,8 @@ def of_kind(entries: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("multiprocess")
-    write_shape_images(root / "data" / "1_sks shape", COLORS)
-    return root
+def workspace(make_shape_workspace) -> Path:
+    return make_shape_workspace("multiprocess")
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +218,7 @@ def test_save_state_on_two_ranks_completes_or_fails_on_every_rank(tmp_path):
     previous = tmp_path / "full-state"
     previous.mkdir()
     (previous / "train_state.json").write_text("previous", encoding="utf-8")
-    torch.multiprocessing.spawn(_save_state_on_two_ranks, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_save_state_on_two_ranks, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     rank0, rank1 = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
 
     assert rank0[0] == rank1[0] == "saved"

@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+from helpers import parser_args  # tests/helpers.py
 from library.optimizers import (
     BUILTIN_OPTIMIZERS,
     get_optimizer,
@@ -28,22 +29,8 @@ LR = 1e-3
 
 
 def make_args(**overrides) -> argparse.Namespace:
-    """The attributes get_optimizer reads, at library.config's defaults (lr raised for visible steps)."""
-    values = dict(
-        optimizer_type="",
-        optimizer_args=None,
-        learning_rate=LR,
-        unet_lr=None,
-        text_encoder_lr=None,
-        use_8bit_adam=False,
-        use_lion_optimizer=False,
-        max_grad_norm=1.0,
-        lr_scheduler="constant",
-        lr_warmup_steps=0,
-        max_train_steps=10,
-    )
-    values.update(overrides)
-    return argparse.Namespace(**values)
+    """The parser's defaults (tests/helpers.py), with the lr raised for visible steps and a 10-step run."""
+    return parser_args(**{"learning_rate": LR, "max_train_steps": 10, **overrides})
 
 
 def two_groups(group_lrs=(LR, 3 * LR)) -> list[dict]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from library.dataset import SubsetSettings
+from library.dataset_config import SubsetSettings
 from library.prompt_weights import (
     PromptWeightError,
     apply_token_weights,

@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 40  # 16 images × 10 repeats / batch 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("entry_point", "trainer_name", "config", "lora_name", "conv_key"),
     [

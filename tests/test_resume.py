@@ -23,16 +23,13 @@ import train_network
 from library import resume
 from library.errors import OutputWriteError
 from library.resume import ResumeError, TrainState
+from helpers import skip_without_tensorboard  # tests/helpers.py
 from library.trainer import NetworkTrainer
-from shape_images import write_shape_images  # tests/shape_images.py
 
 pytestmark = pytest.mark.slow
 
-
-def make_workspace(root: Path) -> Path:
-    """Three 64×64 images, 2 repeats (6 batches per epoch, so 8 steps cross an epoch boundary)."""
-    write_shape_images(root / "data" / "2_sks shape", ("red", "green", "blue"))
-    return root
+# Three 64×64 images, 2 repeats (6 batches per epoch, so 8 steps cross an epoch boundary).
+FOLDER, COLORS = "2_sks shape", ("red", "green", "blue")
 
 
 def base_args(root: Path, output_name: str, *extra: str) -> list[str]:
@@ -57,14 +54,15 @@ def base_args(root: Path, output_name: str, *extra: str) -> list[str]:
 
 
 def train(argv: list[str]) -> NetworkTrainer:
+    skip_without_tensorboard(argv)
     trainer = NetworkTrainer()
     trainer.train(train_network.parse_args(argv, sdxl=False))
     return trainer
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
-    return make_workspace(tmp_path_factory.mktemp("resume"))
+def workspace(make_shape_workspace) -> Path:
+    return make_shape_workspace("resume", FOLDER, COLORS)
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +124,11 @@ def test_a_state_of_another_network_is_refused_naming_the_difference(full_run, w
     state = str(workspace / "out" / "full-step00000004-state")
     with pytest.raises(ResumeError, match=r"network_dim: the state has 4, this run has 8"):
         train(base_args(workspace, "other_dim", "--resume", state, "--network_dim", "8"))
+
+
+def test_a_state_of_another_optimizer_is_refused_naming_the_difference(full_run, workspace):
+    pytest.importorskip("lion_pytorch")  # --optimizer_type Lion
+    state = str(workspace / "out" / "full-step00000004-state")
     with pytest.raises(ResumeError, match=r"optimizer: the state has 'AdamW', this run has 'Lion"):
         train(base_args(workspace, "other_opt", "--resume", state, "--optimizer_type", "Lion"))
 

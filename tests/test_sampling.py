@@ -27,6 +27,7 @@ from diffusers import (
 from PIL import Image
 
 import networks.lora
+from helpers import parser_args  # tests/helpers.py
 from library import config, sampling
 from library.diffusion import make_noise_scheduler
 from library.models import load_embedded
@@ -212,8 +213,8 @@ def test_unknown_sampler_is_an_error():
 
 
 def schedule_args(**overrides) -> argparse.Namespace:
-    values = dict(sample_prompts="p.txt", sample_at_first=False, sample_every_n_steps=None, sample_every_n_epochs=None)
-    return argparse.Namespace(**(values | overrides))
+    """The parser's defaults (tests/helpers.py) with a prompt file."""
+    return parser_args(**{"sample_prompts": "p.txt", **overrides})
 
 
 def sampled_points(args: argparse.Namespace, epochs: int = 4, steps_per_epoch: int = 5) -> list[tuple]:

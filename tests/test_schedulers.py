@@ -9,27 +9,15 @@ import math
 import pytest
 import torch
 
+from helpers import parser_args  # tests/helpers.py
 from library.optimizers import get_optimizer, get_scheduler
 
 BASE_LRS = (1.0, 0.5)  # two groups: every schedule multiplies both by the same factor
 
 
 def make_args(**overrides) -> argparse.Namespace:
-    """The attributes get_scheduler reads, at library.config's defaults."""
-    values = dict(
-        lr_scheduler="constant",
-        lr_warmup_steps=0,
-        lr_decay_steps=0,
-        lr_scheduler_num_cycles=1,
-        lr_scheduler_power=1.0,
-        lr_scheduler_timescale=None,
-        lr_scheduler_min_lr_ratio=None,
-        lr_scheduler_type="",
-        lr_scheduler_args=None,
-        max_train_steps=20,
-    )
-    values.update(overrides)
-    return argparse.Namespace(**values)
+    """The parser's defaults (tests/helpers.py) for a 20-step run."""
+    return parser_args(**{"max_train_steps": 20, **overrides})
 
 
 def make_optimizer() -> torch.optim.Optimizer:
@@ -170,10 +158,10 @@ def test_scheduler_type_with_args(scheduler_type):
     check(args, lambda t: 0.5 ** (t // 3))
 
 
-def test_schedulefree_gets_a_constant_schedule(caplog):
+def test_schedulefree_gets_a_constant_schedule(caplog, default_args):
     pytest.importorskip("schedulefree")
     groups = [{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": lr} for lr in BASE_LRS]
-    optimizer_args = argparse.Namespace(optimizer_type="AdamWScheduleFree", optimizer_args=None, learning_rate=1.0)
+    optimizer_args = default_args(optimizer_type="AdamWScheduleFree", learning_rate=1.0)
     _, _, optimizer = get_optimizer(optimizer_args, groups)
     with caplog.at_level(logging.WARNING, logger="library.optimizers"):
         scheduler = get_scheduler(make_args(lr_scheduler="cosine", lr_warmup_steps=5), optimizer, 1)
@@ -213,11 +201,9 @@ def test_errors(overrides, error, pattern):
         get_scheduler(make_args(**overrides), make_optimizer(), 1)
 
 
-def test_adafactor_schedule_refuses_warmup():
+def test_adafactor_schedule_refuses_warmup(default_args):
     groups = [{"params": [torch.nn.Parameter(torch.ones(4))]}]
-    optimizer_args = argparse.Namespace(
-        optimizer_type="Adafactor", optimizer_args=None, learning_rate=1e-3, lr_scheduler="cosine"
-    )
+    optimizer_args = default_args(optimizer_type="Adafactor", learning_rate=1e-3, lr_scheduler="cosine")
     _, _, optimizer = get_optimizer(optimizer_args, groups)
     assert optimizer_args.lr_scheduler == "adafactor:0.001"
     with pytest.raises(ValueError, match="adafactor:0.001 \\(what Adafactor with relative_step=True uses\\)"):

@@ -212,6 +212,7 @@ def test_two_text_encoder_lrs_go_to_a_network_that_takes_them(trainer):
     assert trainer.text_encoder_lr(args, SingleLrNetwork()) == 1e-4
 
 
+@pytest.mark.slow
 def test_real_sdxl_sizes_context_2048_pooled_1280_and_32_pixel_buckets():
     tokenizer = build_tokenizer()
     special = dict(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)

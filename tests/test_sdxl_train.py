@@ -17,25 +17,23 @@ from diffusers import StableDiffusionXLPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from helpers import skip_without_tensorboard  # tests/helpers.py
 from library.config import parse_args
 from library.sdxl import SdxlNetworkTrainer
 from library.text_cache import FINGERPRINT_KEY, te_outputs_npz_path
 from library.tiny_models import build_tiny
 from networks.lora import create_network_from_weights
-from shape_images import write_shape_images  # tests/shape_images.py
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 12
-COLORS = ("red", "green", "blue", "yellow")
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
+def workspace(make_shape_workspace) -> Path:
     """A DreamBooth folder (4 images, 64×64) and a TOML config training both text encoders and the U-Net."""
-    root = tmp_path_factory.mktemp("sdxl_train")
-    write_shape_images(root / "data" / "1_sks shape", COLORS, caption="a photo of sks shape")
+    root = make_shape_workspace("sdxl_train", caption="a photo of sks shape")
     (root / "config.toml").write_text(
         f"""
 [model_arguments]
@@ -80,6 +78,7 @@ output_name = "base"
 
 def run(workspace: Path, *extra: str) -> SdxlNetworkTrainer:
     """``sdxl_train_network.py --config_file config.toml *extra`` in-process; returns the finished trainer."""
+    skip_without_tensorboard(extra)
     trainer = SdxlNetworkTrainer()
     trainer.train(parse_args(["--config_file", str(workspace / "config.toml"), *extra], sdxl=True))
     return trainer
@@ -134,6 +133,7 @@ def test_loss_fell(base_run):
 
 
 def test_each_text_encoder_gets_its_own_lr(base_run, workspace):
+    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     scalars = {}

@@ -19,21 +19,19 @@ from library import hina_anlo
 from library import trainer as trainer_module
 from library.text_encoding import merge_chunks, split_into_chunks, tokenize
 from library.checkpoints import epoch_to_remove, lora_name, state_name, step_to_remove
+from helpers import skip_without_tensorboard  # tests/helpers.py
 from library.trainer import NetworkTrainer
-from shape_images import write_shape_images  # tests/shape_images.py
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 16
-COLORS = ("red", "green", "blue", "yellow")
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
+def workspace(make_shape_workspace) -> Path:
     """A DreamBooth folder (4 images, 64×64, 2 repeats → 8 batches per epoch) and a TOML config using it."""
-    root = tmp_path_factory.mktemp("train_network")
-    write_shape_images(root / "data" / "2_sks shape", COLORS, caption="a photo of sks shape")
+    root = make_shape_workspace("train_network", "2_sks shape", caption="a photo of sks shape")
     (root / "config.toml").write_text(
         f"""
 [model_arguments]
@@ -73,6 +71,7 @@ output_name = "base"
 
 def run(workspace: Path, *extra: str) -> NetworkTrainer:
     """``train_network.py --config_file config.toml *extra`` in-process; returns the finished trainer."""
+    skip_without_tensorboard(extra)
     trainer = NetworkTrainer()
     args = train_network.parse_args(["--config_file", str(workspace / "config.toml"), *extra], sdxl=False)
     trainer.train(args)
@@ -215,6 +214,7 @@ def test_network_weights_continue_from_a_file(workspace, base_run):
 
 
 def read_scalars(log_dir: Path) -> dict[str, list[float]]:
+    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     scalars: dict[str, list[float]] = {}
@@ -227,6 +227,7 @@ def read_scalars(log_dir: Path) -> dict[str, list[float]]:
 
 
 def test_adamw8bit_runs(workspace):
+    pytest.importorskip("bitsandbytes")
     trainer = run(workspace, "--optimizer_type", "AdamW8bit", "--max_train_steps", "3", "--output_name", "adamw8bit")
     assert len(trainer.loss_history) == 3 and all(math.isfinite(x) for x in trainer.loss_history)
     with safe_open(trainer.output_file, framework="pt") as handle:

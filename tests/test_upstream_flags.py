@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import voluptuous as vol
 
-from library import dataset, upstream_flags
+from library import dataset_config, upstream_flags
 from library.config import COMPAT_ONLY, NOT_SUPPORTED, UNUSED_GROUP, build_parser, parse_args
 from library.upstream_flags import DATASET_KEYS, FLAGS, Status
 
@@ -64,11 +64,11 @@ def code_reads() -> tuple[set[str], set[str]]:
 
 
 def flags_read_through_dataset_settings(other_reads: set[str]) -> set[str]:
-    """Flags that ``library.dataset`` reads by the name of a settings field (``_lookup``; not the settings only a
+    """Flags that ``library.dataset_config`` reads by the name of a settings field (``_lookup``; not the settings only a
     subset gives), where that field is read."""
-    argparse_name = {field: dataset._ARGPARSE_NAMES.get(field, field) for cls in
-                     (dataset.SubsetSettings, dataset.DatasetSettings) for field in
-                     (f.name for f in dataclasses.fields(cls)) if field not in dataset.SUBSET_ONLY_SETTINGS}
+    argparse_name = {field: dataset_config._ARGPARSE_NAMES.get(field, field) for cls in
+                     (dataset_config.SubsetSettings, dataset_config.DatasetSettings) for field in
+                     (f.name for f in dataclasses.fields(cls)) if field not in dataset_config.SUBSET_ONLY_SETTINGS}
     return {flag for field, flag in argparse_name.items() if field in other_reads}
 
 
@@ -127,14 +127,15 @@ def _schema_keys(schema: dict) -> set[str]:
 
 
 def test_every_dataset_config_key_has_one_class_and_is_read():
-    schema_keys = (_schema_keys(dataset._SUBSET_SCHEMA) | _schema_keys(dataset._DATASET_SCHEMA)
-                   | _schema_keys(dataset._GENERAL_SCHEMA)) - {"subsets"}
+    schema_keys = (_schema_keys(dataset_config._SUBSET_SCHEMA) | _schema_keys(dataset_config._DATASET_SCHEMA)
+                   | _schema_keys(dataset_config._GENERAL_SCHEMA)) - {"subsets"}
     assert schema_keys == set(DATASET_KEYS)
     groups = [upstream_flags.IMPLEMENTED_DATASET_KEYS, upstream_flags.NO_EFFECT_DATASET_KEYS,
               upstream_flags.REFUSED_DATASET_KEYS]
     assert sum(len(group) for group in groups) == len(DATASET_KEYS)
     _, from_others = code_reads()
-    fields = {f.name for cls in (dataset.SubsetSettings, dataset.DatasetSettings) for f in dataclasses.fields(cls)}
+    fields = {f.name for cls in (dataset_config.SubsetSettings, dataset_config.DatasetSettings)
+              for f in dataclasses.fields(cls)}
     implemented = set(upstream_flags.IMPLEMENTED_DATASET_KEYS)
     assert sorted(implemented - fields) == []  # every implemented key is a setting ...
     assert sorted(key for key in implemented if key not in from_others) == []  # ... that the code reads
@@ -210,7 +211,7 @@ def test_refused_dataset_keys_stop_with_the_registry_message(tmp_path, key, valu
     config = tmp_path / "data.toml"
     config.write_text(f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\n{key} = {value}\n', encoding="utf-8")
     with pytest.raises(ValueError) as error:
-        dataset.load_dataset_config(config)
+        dataset_config.load_dataset_config(config)
     assert f"'datasets[0].subsets[0].{key}' is an sd-scripts option this trainer does not support: " \
            f"{DATASET_KEYS[key].note}" in str(error.value)
 

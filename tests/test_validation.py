@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 from safetensors.torch import load_file
-from test_resume import base_args, make_workspace, train
+from test_resume import COLORS, FOLDER, base_args, train
 from test_train_network import read_scalars
 
 import train_network
@@ -107,9 +107,9 @@ def test_recorder_names_match_sd_scripts():
 
 
 @pytest.fixture(scope="module")
-def validated_and_plain_runs(tmp_path_factory):
+def validated_and_plain_runs(make_shape_workspace):
     """(run with validation, run without, log folder of the first): the same two training images, 8 steps."""
-    root = make_workspace(tmp_path_factory.mktemp("validation_e2e"))
+    root = make_shape_workspace("validation_e2e", FOLDER, COLORS)
     validated = train(base_args(root, "validated", "--validation_split", "0.25", "--validate_every_n_steps", "2",
                                 "--logging_dir", str(root / "logs")))
 
@@ -127,6 +127,7 @@ def validated_and_plain_runs(tmp_path_factory):
     return validated, plain, root / "logs"
 
 
+@pytest.mark.slow
 def test_validation_leaves_training_losses_and_weights_unchanged(validated_and_plain_runs):
     validated, plain, _ = validated_and_plain_runs
     assert len(validated.loss_history) == 8
@@ -137,6 +138,7 @@ def test_validation_leaves_training_losses_and_weights_unchanged(validated_and_p
         assert torch.equal(with_validation[key], without[key]), key
 
 
+@pytest.mark.slow
 def test_validation_loss_is_logged_under_sd_scripts_names(validated_and_plain_runs):
     _, _, logs = validated_and_plain_runs
     scalars = read_scalars(logs)
