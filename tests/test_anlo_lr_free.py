@@ -1,0 +1,243 @@
+"""ANLO(lr_free=True): the estimated step size, against a reference computed from stored snapshots; resume; groups."""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+import pytest
+import torch
+
+from library.hina_anlo import _LR_FREE_D0, ANLO, LR_FREE_KEY, lora_module_key
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+FACTORS = {
+    "lora": ("lora_down.weight", "lora_up.weight"),  # kohya: lora_up starts at zero
+    "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),  # LyCORIS LoHa: hada_w2_a starts at zero
+}
+
+
+def make_params(
+    family: str = "lora", modules: int = 3, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> list[tuple[str, torch.Tensor]]:
+    """Named factors of ``modules`` modules; the factor a LoRA / LoHa initialises to zero is zero."""
+    generator = torch.Generator().manual_seed(seed)
+    params = []
+    for m in range(modules):
+        for factor in FACTORS[family]:
+            shape = (4, 6 + m) if factor.startswith(("lora_down", "hada_w1_a", "hada_w2_b")) else (5 + m, 4)
+            zero = factor.startswith(("lora_up", "hada_w2_a"))
+            value = torch.zeros(shape, dtype=dtype) if zero else torch.randn(shape, generator=generator, dtype=dtype) * 0.3
+            params.append((f"lora_unet_block_{m}.{factor}", torch.nn.Parameter(value)))
+    return params
+
+
+def gradients(params: list[torch.Tensor], step: int) -> list[torch.Tensor]:
+    """A quadratic pull of every tensor towards a fixed target, plus noise that depends on the step."""
+    generator = torch.Generator().manual_seed(1000 + step)
+    grads = []
+    for i, p in enumerate(params):
+        target = torch.full_like(p, 0.5 if i % 2 else -0.25)
+        grads.append((p.detach() - target) + 0.1 * torch.randn(p.shape, generator=generator))
+    return grads
+
+
+def run(optimizer: ANLO, params: list[torch.Tensor], steps: range) -> None:
+    for step in steps:
+        for p, g in zip(params, gradients(params, step)):
+            p.grad = g
+        optimizer.step()
+
+
+def groups_of(named: list[tuple[str, torch.Tensor]], names: bool = True, plus: bool = False) -> list[dict]:
+    """One group, or LoRA+-style groups (the zero-start factors in a second group at 4x the lr)."""
+    if not plus:
+        group = {"params": [p for _, p in named]}
+        if names:
+            group["param_names"] = [n for n, _ in named]
+        return [group]
+    ups = [(n, p) for n, p in named if "lora_up" in n or "hada_w2_a" in n]
+    downs = [(n, p) for n, p in named if (n, p) not in ups]
+    result = []
+    for chosen, lr in ((downs, None), (ups, 4.0)):
+        group = {"params": [p for _, p in chosen]}
+        if names:
+            group["param_names"] = [n for n, _ in chosen]
+        if lr is not None:
+            group["lr"] = lr
+        result.append(group)
+    return result
+
+
+def reference_estimates(snapshots: list[list[torch.Tensor]], names: list[str]) -> list[dict[str, float]]:
+    """d of each module at each step, computed from the parameters stored after every step (the start point
+    kept explicitly, the path measured from the differences between snapshots)."""
+    modules = sorted({lora_module_key(n) for n in names})
+    zero_start = [bool((t == 0).all()) for t in snapshots[0]]
+    previous = {m: 0.0 for m in modules}
+    out = []
+    for t in range(len(snapshots) - 1):
+        estimates = {}
+        for m in modules:
+            members = [i for i, n in enumerate(names) if lora_module_key(n) == m and zero_start[i]]
+            numel = sum(snapshots[0][i].numel() for i in members)
+            moved_sq = sum(float((snapshots[t][i].double() - snapshots[0][i].double()).square().sum()) for i in members)
+            path_sq = sum(
+                float((snapshots[k + 1][i].double() - snapshots[k][i].double()).square().sum())
+                for k in range(t)
+                for i in members
+            )
+            bound = (moved_sq - path_sq) / (2 * math.sqrt(moved_sq) * math.sqrt(numel)) if moved_sq > 0 else 0.0
+            estimates[m] = max(previous[m], bound, _LR_FREE_D0)
+        previous = estimates
+        out.append(estimates)
+    return out
+
+
+@pytest.mark.parametrize("family", sorted(FACTORS))
+def test_estimate_and_step_size_match_a_reference_from_stored_snapshots(family):
+    named = make_params(family, dtype=torch.float64)  # differences of snapshots exact enough to measure a 1e-6 step
+    names = [n for n, _ in named]
+    params = [p for _, p in named]
+    optimizer = ANLO(groups_of(named), lr=1.0, lr_free=True, adaptive_eps=False, eps=0.0)
+    snapshots = [[p.detach().clone() for p in params]]
+    reported = []
+    for step in range(30):
+        run(optimizer, params, range(step, step + 1))
+        snapshots.append([p.detach().clone() for p in params])
+        reported.append(optimizer._last.step_size.double())
+    expected = reference_estimates(snapshots, names)
+    assert max(max(e.values()) for e in expected) > 10 * _LR_FREE_D0  # the estimate grew: the test is not vacuous
+    for t, (estimates, sizes) in enumerate(zip(expected, reported)):
+        for i, name in enumerate(names):
+            want = estimates[lora_module_key(name)]
+            assert sizes[i].item() == pytest.approx(want, rel=1e-4), (t, name)
+        # the update of each module has RMS lr * d (no decay): the step size is what was applied
+        for module, want in estimates.items():
+            members = [i for i, n in enumerate(names) if lora_module_key(n) == module]
+            diff_sq = sum(float((snapshots[t + 1][i] - snapshots[t][i]).double().square().sum()) for i in members)
+            numel = sum(params[i].numel() for i in members)
+            assert math.sqrt(diff_sq / numel) == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "family,names,plus", [("lora", True, False), ("lora", False, False), ("lora", True, True), ("loha", True, False)]
+)
+def test_resume_continues_bit_identically(family, names, plus):
+    def fresh():
+        named = make_params(family)
+        params = [p for _, p in named]
+        return params, ANLO(groups_of(named, names, plus), lr=1.0, lr_free=True, weight_decay=0.01)
+
+    straight_params, straight = fresh()
+    run(straight, straight_params, range(10))
+
+    first_params, first = fresh()
+    run(first, first_params, range(5))
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    assert saved[LR_FREE_KEY].shape == (len(first_params), 3)  # scalars per tensor, none per element
+
+    resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in first_params]
+    named = make_params(family)
+    for (_, p), value in zip(named, resumed_params):
+        p.data.copy_(value)
+    resumed = ANLO(groups_of(named, names, plus), lr=1.0, lr_free=True, weight_decay=0.01)
+    resumed.load_state_dict(saved)
+    resumed_params = [p for _, p in named]
+    run(resumed, resumed_params, range(5, 10))
+    for a, b in zip(straight_params, resumed_params):
+        assert torch.equal(a, b)
+
+
+def test_unnamed_groups_give_tensors_without_a_zero_start_the_mean_estimate():
+    named = make_params("lora")
+    params = [p for _, p in named]
+    optimizer = ANLO(groups_of(named, names=False), lr=1.0, lr_free=True)
+    run(optimizer, params, range(8))
+    before = optimizer._lr_free.state[:, 2].clone()
+    run(optimizer, params, range(8, 9))
+    sizes = optimizer._last.step_size
+    ups = [i for i, (n, _) in enumerate(named) if "lora_up" in n]
+    downs = [i for i, (n, _) in enumerate(named) if "lora_down" in n]
+    assert len(set(sizes[ups].tolist())) == len(ups)  # each up its own layer, its own estimate
+    mean = sizes[ups].mean()
+    for i in downs:
+        assert sizes[i].item() == pytest.approx(max(mean.item(), before[i].item()), rel=1e-6)
+
+
+def test_lora_plus_ratio_holds_and_the_multiplier_scales_the_step():
+    named = make_params("lora", dtype=torch.float64)
+    params = [p for _, p in named]
+    optimizer = ANLO(groups_of(named, plus=True), lr=0.5, lr_free=True, adaptive_eps=False, eps=0.0)
+    run(optimizer, params, range(6))
+    before = [p.detach().clone() for p in params]
+    run(optimizer, params, range(6, 7))
+    sizes = optimizer._last.step_size
+    stats = optimizer.get_normalization_stats()
+    downs, ups = optimizer.param_groups
+    # module 0: its down (group 0, lr 0.5) and up (group 1, lr 4) share one d and one unit-RMS normalization
+    down, up = params[0], params[1]
+    scale_sq = (sum(float(p.grad.double().square().sum()) for p in (down, up))) / (down.numel() + up.numel())
+    for p, lr, b in ((down, 0.5, before[0]), (up, 4.0, before[1])):
+        step = (p.detach() - b).double()
+        expected = lr * sizes[0].item() * p.grad.double() / math.sqrt(scale_sq)
+        torch.testing.assert_close(-step, expected, rtol=1e-9, atol=0)
+    assert stats["lr_free_step_group1"] == pytest.approx(4.0 * stats["groups"][1]["lr_free_d"])
+    assert stats["lr_free_step_group0"] == pytest.approx(0.5 * stats["groups"][0]["lr_free_d"])
+    for key in ("lr_free_d_mean", "lr_free_d_min", "lr_free_d_max", "lr_free_step_group0", "lr_free_step_group1"):
+        assert isinstance(stats[key], float)
+    assert downs["lr"] == 0.5 and ups["lr"] == 4.0
+
+
+def test_decoupled_decay_scales_with_the_step_taken():
+    p = torch.nn.Parameter(torch.full((3, 3), 2.0))
+    optimizer = ANLO([("lora_unet_x.lora_down.weight", p)], lr=1.0, lr_free=True, weight_decay=0.1)
+    p.grad = torch.zeros_like(p)  # no gradient step: only the decay, p *= 1 - lr * d * wd with d = d0
+    optimizer.step()
+    expected = torch.full((3, 3), 2.0) * (1 - 1.0 * _LR_FREE_D0 * 0.1)
+    torch.testing.assert_close(p.detach(), expected.float(), rtol=0, atol=0)
+
+
+def test_a_skipped_step_adds_nothing_to_the_path():
+    named = make_params("lora")
+    params = [p for _, p in named]
+    optimizer = ANLO(groups_of(named), lr=1.0, lr_free=True)
+    run(optimizer, params, range(4))
+    state = optimizer._lr_free.state.clone()
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.full_like(p, math.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, params))
+    assert torch.equal(optimizer._lr_free.state[:, :2], state[:, :2])
+
+
+def test_off_by_default_and_lr_defaults():
+    p = torch.nn.Parameter(torch.zeros(2, 2))
+    assert ANLO([p]).defaults["lr"] == 1e-4
+    optimizer = ANLO([p], lr_free=True)
+    assert optimizer.defaults["lr"] == 1.0
+    p.grad = torch.ones_like(p)
+    ANLO([p]).step()
+    off = ANLO([p])
+    off.step()
+    assert LR_FREE_KEY not in off.state_dict()
+    assert "lr_free_d_mean" not in off.get_normalization_stats()
+    with pytest.warns(UserWarning, match="lr multiplies the estimated step size"):
+        ANLO([p], lr=1e-4, lr_free=True)
+    with pytest.raises(ValueError, match="lr_free"):
+        ANLO([p], lr_free="yes")
