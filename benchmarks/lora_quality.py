@@ -299,6 +299,11 @@ class RunResult:
     seconds: float
 
 
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """The lr factor of step ``step`` (0-based) under a linear warm-up: (step + 1) / warmup_steps, then 1."""
+    return min(1.0, (step + 1) / warmup_steps)
+
+
 def train_run(
     setup: Setup, spec: OptimizerSpec, lr: float, seed: int, steps: int, eval_every: int, initial_loss: float,
     rank: int = NETWORK_DIM, alpha: float = NETWORK_ALPHA,
@@ -315,8 +320,7 @@ def train_run(
     optimizer = spec.build(groups, lr)
     scheduler = None
     if spec.warmup_steps:
-        warmup = spec.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_factor, warmup_steps=spec.warmup_steps))
     modes = hasattr(optimizer, "train") and hasattr(optimizer, "eval")  # schedule-free: train / eval weights
     if modes:
         optimizer.train()

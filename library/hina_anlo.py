@@ -637,7 +637,7 @@ class _LRFreeEstimator:
         return estimate
 
     def commit(self, coef: Tensor, update_sq: Tensor, finite: Tensor) -> None:
-        """After a step with coefficients ``coef`` (``step_p = coef_p * u_p``): record its squared steps and estimates."""
+        """After a step with coefficients ``coef`` (``step_p = coef_p * u_p``): record the steps and the estimates."""
         assert self.state is not None and self._pending is not None
         positions, started, estimate = self._pending
         step_sq = torch.where(finite, coef.square() * update_sq, 0.0)
@@ -823,7 +823,7 @@ class ANLO(torch.optim.Optimizer):
 
     Args:
         params: iterable of tensors, of ``(name, tensor)`` pairs, or of parameter-group dicts.
-        lr: learning rate; with unit-RMS updates it sits in AdamW's range. (default: 1e-4)
+        lr: learning rate; with unit-RMS updates it sits in AdamW's range. (default: 1e-4, or 1.0 with lr_free)
         eps: added to every norm. (default: 1e-8)
         weight_decay: decay coefficient. (default: 0)
         normalize_frequency: with ``normalization="alternating"``, how many consecutive steps one mode
@@ -856,13 +856,17 @@ class ANLO(torch.optim.Optimizer):
             From each gradient's small Gram matrix (rank x rank for a LoRA factor): by ``eigh`` on the CPU,
             by Newton-Schulz steps without host synchronization on CUDA. Costs about ``4 r`` flops per
             parameter (rank ``r``) plus one small decomposition per tensor. (default: False)
+        lr_free: estimate each layer's step size from the distance its zero-initialised tensors (``lora_up``)
+            travelled, D-Adaptation's lower bound in closed form (:class:`_LRFreeEstimator`); ``lr`` and every
+            group's lr become multipliers of it. Three scalars per tensor, saved in the state dict; one more pass
+            that reads every parameter. (default: False; with it, ``lr`` defaults to 1.0)
         stochastic_rounding: update bfloat16 parameters in float32 and round stochastically, so tiny
             updates are not lost to round-to-nearest. Other dtypes are unaffected. (default: True)
         foreach: use the multi-tensor (``torch._foreach_*``) implementation; False runs a plain loop
             over tensors with the same arithmetic. (default: None = True)
 
     All options except ``normalization``, ``normalize_frequency``, ``sinkgd_iterations``, ``orthogonalize``,
-    ``stochastic_rounding``, ``foreach`` and ``verbose`` can be set per parameter group.
+    ``lr_free``, ``stochastic_rounding``, ``foreach`` and ``verbose`` can be set per parameter group.
     Unknown keyword arguments raise ``TypeError``.
     """
 

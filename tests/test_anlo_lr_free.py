@@ -36,7 +36,8 @@ def make_params(
         for factor in FACTORS[family]:
             shape = (4, 6 + m) if factor.startswith(("lora_down", "hada_w1_a", "hada_w2_b")) else (5 + m, 4)
             zero = factor.startswith(("lora_up", "hada_w2_a"))
-            value = torch.zeros(shape, dtype=dtype) if zero else torch.randn(shape, generator=generator, dtype=dtype) * 0.3
+            random = torch.randn(shape, generator=generator, dtype=dtype) * 0.3
+            value = torch.zeros(shape, dtype=dtype) if zero else random
             params.append((f"lora_unet_block_{m}.{factor}", torch.nn.Parameter(value)))
     return params
 
