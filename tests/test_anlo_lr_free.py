@@ -242,3 +242,22 @@ def test_off_by_default_and_lr_defaults():
         ANLO([p], lr=1e-4, lr_free=True)
     with pytest.raises(ValueError, match="lr_free"):
         ANLO([p], lr_free="yes")
+
+
+def test_optimizer_args_turn_it_on_and_the_trainer_logs_each_groups_step():
+    from library.optimizers import get_optimizer
+    from library.trainer import optimizer_stats_logs
+    from tests.test_optimizers import make_args
+
+    named = make_params("lora")
+    params = [p for _, p in named]
+    groups = groups_of(named, plus=True)
+    groups[1]["lr"] = 2.0
+    args = make_args(optimizer_type="ANLO", optimizer_args=["lr_free=True"], learning_rate=1.0)
+    _, _, optimizer = get_optimizer(args, groups)
+    assert optimizer.lr_free and [g["lr"] for g in optimizer.param_groups] == [1.0, 2.0]
+    run(optimizer, params, range(3))
+    logs = optimizer_stats_logs(optimizer)
+    stats = optimizer.get_normalization_stats()
+    assert logs["optimizer/lr_free_step_group1"] == pytest.approx(2.0 * stats["groups"][1]["lr_free_d"])
+    assert logs["optimizer/lr_free_d_mean"] == pytest.approx(stats["lr_free_d_mean"])
