@@ -1298,17 +1298,12 @@ class ANLO(torch.optim.Optimizer):
         return stats
 
     def _lr_free_stats(self, last: _StepRecord, groups: list[dict[str, Any]]) -> dict[str, float]:
-        """lr_free: the estimate ``d`` (step RMS at lr 1) of the last step, per group (into ``groups``: mean over its
-        tensors, and ``lr * d``) and at top level (over every tensor, and each group's step as
-        ``lr_free_step_group<i>``, so that a trainer logging top-level numbers logs them per group)."""
-        sizes = last.step_size.cpu().double()
-        top: dict[str, float] = {
-            "lr_free_d_mean": sizes.mean().item(),
-            "lr_free_d_min": sizes.min().item(),
-            "lr_free_d_max": sizes.max().item(),
-        }
-        for gi, start, end in last.group_slices:
-            d = sizes[start:end].mean().item()
+        """lr_free: the estimate ``d`` (step RMS at lr 1) of the last step, and each group's step ``lr * d``, per group
+        (into ``groups``) and at top level as ``lr_free_step_group<i>``, so that a trainer logging top-level numbers
+        logs them per group."""
+        d = last.step_size[0].item()
+        top: dict[str, float] = {"lr_free_d": d}
+        for gi, _, _ in last.group_slices:
             groups[gi]["lr_free_d"] = d
             groups[gi]["lr_free_step"] = self.param_groups[gi]["lr"] * d
             top[f"lr_free_step_group{gi}"] = self.param_groups[gi]["lr"] * d
