@@ -238,3 +238,14 @@ def test_optimizer_args_turn_it_on_and_the_trainer_logs_each_groups_step():
     stats = optimizer.get_normalization_stats()
     assert logs["optimizer/lr_free_step_group1"] == pytest.approx(2.0 * stats["groups"][1]["lr_free_d"])
     assert logs["optimizer/lr_free_d"] == pytest.approx(stats["lr_free_d"])
+
+
+def test_pickling_keeps_the_option_and_the_estimate():
+    import pickle
+
+    named = make_params("lora")
+    params = [p for _, p in named]
+    optimizer = ANLO(groups_of(named), lr=1.0, lr_free=True)
+    run(optimizer, params, range(4))
+    copy = pickle.loads(pickle.dumps(optimizer))
+    assert copy.lr_free and torch.equal(copy._lr_free.state, optimizer._lr_free.state)
