@@ -600,9 +600,7 @@ class _LRFreeEstimator:
 
     def _state_for(self, layout: _Layout, total: int) -> Tensor:
         """The state on the layout's device and dtype, grown to ``total`` tensors (new ones not seen yet)."""
-        state = self.state
-        if state is None:
-            state = torch.tensor([[-1.0, 0.0, 0.0]]).repeat(0, 1)
+        state = torch.empty(0, 3) if self.state is None else self.state
         state = state.to(device=layout.device, dtype=layout.stat_dtype)
         if len(state) < total:
             fresh = torch.tensor([-1.0, 0.0, 0.0], dtype=state.dtype, device=state.device).repeat(total - len(state), 1)
@@ -611,7 +609,7 @@ class _LRFreeEstimator:
         return state
 
     def step_sizes(self, params: list[Tensor], layout: _Layout, foreach: bool) -> Tensor:
-        """``d`` of each tensor's layer for this step (one entry per tensor, in the step's order)."""
+        """``d`` for this step, once per tensor with a gradient (in the step's order); kept for :meth:`commit`."""
         assert layout.positions is not None and layout.numels is not None
         state = self._state_for(layout, layout.total_tensors)
         positions = layout.positions
