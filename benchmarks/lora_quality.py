@@ -91,6 +91,8 @@ class OptimizerSpec:
     label: str
     build: Callable[[list[dict[str, Any]], float], torch.optim.Optimizer]
     named_groups: bool = True
+    lrs: tuple[float, ...] | None = None  # its own lr grid (learning-rate-free optimizers: lr 1), else --lrs
+    warmup_steps: int = 0  # linear lr warm-up from 0 over this many steps (LambdaLR), then constant
 
 
 def _anlo(**kwargs: Any) -> Callable[[list[dict[str, Any]], float], torch.optim.Optimizer]:
@@ -118,6 +120,32 @@ def _pair_transform_anlo(
 # Riemannian LoRA preconditioner (arXiv 2402.02347) at the reference implementation's damping; a pilot with δ 1e-2
 # (PEFT's default) gave the same loss within 0.01 %.
 RIEMANNIAN = partial(riemannian_precondition_, delta=1e-6)
+
+
+def _prodigy(**kwargs: Any) -> Callable[[list[dict[str, Any]], float], torch.optim.Optimizer]:
+    def build(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+        from prodigyopt import Prodigy
+
+        return Prodigy(groups, lr=lr, **kwargs)
+
+    return build
+
+
+def _dadapt_adam(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+    from dadaptation import DAdaptAdam
+
+    return DAdaptAdam(groups, lr=lr)
+
+
+def _schedule_free_adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+    from schedulefree import AdamWScheduleFree
+
+    return AdamWScheduleFree(groups, lr=lr)
+
+
+#: Multipliers of ANLO(lr_free=True)'s estimated step size in the benchmark, each its own row.
+LR_FREE_MULTIPLIERS = (0.5, 1.0, 2.0)
+PRODIGY_WARMUP_STEPS = 15  # 10 % of the default 150 steps
 
 
 def optimizer_specs() -> dict[str, OptimizerSpec]:
@@ -162,6 +190,21 @@ def optimizer_specs() -> dict[str, OptimizerSpec]:
             "ANLO+rows+orthogonalize",
             _pair_transform_anlo(row_normalize_tensors_, normalization="layer", orthogonalize=True),
         ),
+        # Learning-rate-free: ANLO's estimated step size at a fixed multiplier each (lr = the multiplier), and the
+        # learning-rate-free optimizers LoRA trainers ship, at lr 1 as their authors recommend.
+        *[OptimizerSpec(f"ANLO lr_free x{m:g}", _anlo(lr_free=True), lrs=(m,)) for m in LR_FREE_MULTIPLIERS],
+        *[
+            OptimizerSpec(f"ANLO lr_free x{m:g} per-tensor", _anlo(lr_free=True), named_groups=False, lrs=(m,))
+            for m in LR_FREE_MULTIPLIERS
+        ],
+        OptimizerSpec("Prodigy", _prodigy(), lrs=(1.0,)),
+        OptimizerSpec(
+            "Prodigy safeguard+warmup", _prodigy(safeguard_warmup=True), lrs=(1.0,),
+            warmup_steps=PRODIGY_WARMUP_STEPS,
+        ),  # fmt: skip
+        OptimizerSpec("DAdaptAdam", _dadapt_adam, lrs=(1.0,)),
+        # Schedule-free AdamW (its train()/eval() modes are switched around every evaluation); on --lrs.
+        OptimizerSpec("AdamW schedule-free", _schedule_free_adamw),
     ]
     return {spec.label: spec for spec in specs}
 
@@ -256,6 +299,11 @@ class RunResult:
     seconds: float
 
 
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """The lr factor of step ``step`` (0-based) under a linear warm-up: (step + 1) / warmup_steps, then 1."""
+    return min(1.0, (step + 1) / warmup_steps)
+
+
 def train_run(
     setup: Setup, spec: OptimizerSpec, lr: float, seed: int, steps: int, eval_every: int, initial_loss: float,
     rank: int = NETWORK_DIM, alpha: float = NETWORK_ALPHA,
@@ -270,6 +318,12 @@ def train_run(
     if not spec.named_groups:
         groups = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
     optimizer = spec.build(groups, lr)
+    scheduler = None
+    if spec.warmup_steps:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_factor, warmup_steps=spec.warmup_steps))
+    modes = hasattr(optimizer, "train") and hasattr(optimizer, "eval")  # schedule-free: train / eval weights
+    if modes:
+        optimizer.train()
     generator = torch.Generator().manual_seed(seed)
     timesteps_total = setup.scheduler.config.num_train_timesteps
     context = setup.context.expand(BATCH_SIZE, -1, -1)
@@ -283,9 +337,15 @@ def train_run(
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
         if step % eval_every == 0 or step == steps:
             curve_steps.append(step)
+            if modes:
+                optimizer.eval()
             curve_losses.append(validation_loss(unet, setup))
+            if modes:
+                optimizer.train()
     result = RunResult(spec.label, lr, seed, curve_steps, curve_losses, time.perf_counter() - start)
     return result, unet
 
@@ -339,7 +399,7 @@ def summarize(results: list[RunResult], lrs: tuple[float, ...], reference: str =
     labels = list(dict.fromkeys(r.label for r in results))
     best: dict[str, float] = {}
     for label in labels:
-        candidates = [lr for lr in lrs if (label, lr) in curves]
+        candidates = [lr for lr in sorted({r.lr for r in results if r.label == label}) if (label, lr) in curves]
         best[label] = min(candidates, key=lambda lr: curves[(label, lr)][1][-1])
     ref_steps, ref_mean, _ = curves[(reference, best[reference])]
     target = min(ref_mean)
@@ -350,7 +410,8 @@ def summarize(results: list[RunResult], lrs: tuple[float, ...], reference: str =
         steps, mean, std = curves[(label, lr)]
         reach = steps_to_reach(steps, mean, target)
         ratio = reach / ref_reach if reach is not None and ref_reach else None
-        edge = len(lrs) > 2 and lr in (min(lrs), max(lrs))
+        own = sorted({r.lr for r in results if r.label == label})
+        edge = len(own) > 2 and lr in (min(own), max(own))
         rows.append(Row(label, lr, mean[-1], std[-1], min(mean), reach, ratio, edge))
     return rows
 
@@ -511,7 +572,7 @@ def run_benchmark(
     results: list[RunResult] = []
     kept: dict[str, UNet2DConditionModel] = {}
     for label in labels:
-        for lr in lrs:
+        for lr in specs[label].lrs or lrs:
             for seed in range(seeds[label]):
                 result, unet = train_run(setup, specs[label], lr, seed, steps, eval_every, initial, rank, alpha)
                 results.append(result)

@@ -188,6 +188,7 @@ def optimizer_factories() -> dict[str, Callable[[list[Group]], Any]]:
         "anlo_alternating": anlo(normalization="alternating"),  # the seed algorithm: global steps cost the same
         "anlo_sinkgd1": anlo(sinkgd_iterations=1),  # row/column normalization: an option that won a little
         "anlo_orthogonalize": anlo(orthogonalize=True),  # the option that won the LoRA-quality benchmark
+        "anlo_lr_free": anlo(lr_free=True),  # the estimated step size (the group lrs become its multipliers)
         "adamw_fused": adamw(fused=True),
         "adamw_foreach": adamw(foreach=True),
         "adamw8bit": bnb_adamw8bit,

@@ -71,6 +71,11 @@ _NEWTON_SCHULZ_STEPS = (6, 4)
 # Stochastic rounding draws come from a private generator re-seeded with this value + step each step, so
 # they are reproducible, identical on every data-parallel rank, and need no state in the state dict.
 _SR_SEED = 0x414E4C4F
+# lr_free=True: the estimated step size (RMS of a layer's update at lr 1) before any distance has been measured, as
+# Prodigy's and D-Adaptation's d0.
+_LR_FREE_D0 = 1e-6
+#: Key under which ``state_dict()`` stores the lr_free estimator's per-tensor scalars (with ``lr_free=True``).
+LR_FREE_KEY = "anlo_lr_free"
 
 # Per-group options: constructor defaults, overridable per parameter group (like torch.optim).
 _GROUP_OPTIONS = (
@@ -79,8 +84,8 @@ _GROUP_OPTIONS = (
 )  # fmt: skip
 # Optimizer-wide options: constructor only.
 _OPTIMIZER_OPTIONS = (
-    "normalization", "normalize_frequency", "sinkgd_iterations", "orthogonalize", "stochastic_rounding", "foreach",
-    "verbose",
+    "normalization", "normalize_frequency", "sinkgd_iterations", "orthogonalize", "lr_free", "stochastic_rounding",
+    "foreach", "verbose",
 )  # fmt: skip
 #: Values of the ``normalization`` option: which norm each step divides by.
 NORMALIZATIONS = ("layer", "alternating", "global")
@@ -175,6 +180,7 @@ class _StepRecord:
     fired: Optional[Tensor]  # (groups,) long: tensors whose update the cautious gate scaled; None without the gate
     group_slices: list[tuple[int, int, int]]
     num_layers: int
+    step_size: Optional[Tensor] = None  # (n,) lr_free: each tensor's estimated step size d (at lr 1)
 
 
 def _anlo_step_(
@@ -190,6 +196,7 @@ def _anlo_step_(
     sinkgd_iterations: int,
     orthogonalize: bool,
     write_pass: Optional[Callable[[torch.dtype, torch.device], WritePass]],
+    lr_free: Optional[_LRFreeEstimator] = None,
 ) -> _StepRecord:
     """One ANLO step over ``params`` (every tensor with a gradient, group by group), in the order of docs/ANLO.md.
 
@@ -234,6 +241,10 @@ def _anlo_step_(
 
     # c = -lr * s, each tensor with its own group's lr (LoRA+ ratios survive).
     coef = scale * on_device(-options.lr)
+    step_size = None
+    if lr_free is not None:  # lr_free: lr is a multiplier of the estimated step size d, c = -lr * d * s
+        step_size = lr_free.step_sizes(params, layout, foreach)
+        coef = coef * step_size
     fired = None
     if options.gated.any():  # cautious gate: c *= cautious_scale where cosine(u, g) < cautious_threshold
         factor, fired = _cautious_gate(
@@ -250,10 +261,17 @@ def _anlo_step_(
     decay = None
     if any(options.decayed):
         coupled_decay = 1.0 + coef * on_device(options.weight_decay)
-        decoupled_decay = torch.where(finite, on_device(1.0 - options.lr * options.weight_decay), 1.0)
+        if step_size is None:
+            decoupled_decay = torch.where(finite, on_device(1.0 - options.lr * options.weight_decay), 1.0)
+        else:  # the decay scales with the step actually taken, lr * d, as AdamW's with its lr
+            decoupled_decay = torch.where(finite, 1.0 - on_device(options.lr * options.weight_decay) * step_size, 1.0)
         decay = torch.where(on_device(options.coupled), coupled_decay, decoupled_decay)
 
-    record = _StepRecord(mode, grad_sq, total_sq, finite, scale, fired, layout.group_slices, layout.num_layers)
+    record = _StepRecord(
+        mode, grad_sq, total_sq, finite, scale, fired, layout.group_slices, layout.num_layers, step_size
+    )
+    if lr_free is not None and write_pass is not None:
+        lr_free.commit(coef, update_sq, finite)
     if write_pass is None or (layout.on_host and not finite):  # on the CPU, reading the flag costs no sync
         return record
     # p <- p * d + c * g: the pass that reads every gradient and parameter and writes the parameter.
@@ -555,6 +573,71 @@ def _inverse_sqrt_newton_schulz(matrices: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
+# lr_free=True: the step size estimated per layer
+
+
+class _LRFreeEstimator:
+    """The step size ``d`` (the RMS of every layer's update at lr 1), estimated from how far the tensors that
+    started at zero (a LoRA's ``lora_up``) have moved; docs/ANLO.md has the formulas.
+
+    A tensor that starts at zero has travelled exactly ``‖x_t‖`` from its start, and ``x_t`` is the sum of its
+    steps, so ``‖x_t‖² = P_t + 2 Q_t``, ``P_t = Σ ‖step_i‖²`` and ``Q_t = Σ_i <step_i, x_i>``; without weight decay
+    ``Q_t`` is D-Adaptation's weighted sum ``Σ_i λ_i <g_i, x_0 - x_i>`` with ``λ_i`` the steps taken, so
+    ``Q_t / ‖x_t‖`` bounds the distance from the start to a minimizer from below on a convex loss. Over all tensors
+    that started at zero (``X²`` their squared norms summed, ``P`` their paths, ``N0`` their elements):
+    ``d = max(d0, d of the step before, (X² - P) / (2 X sqrt(N0)))``, a lower bound on the RMS distance to a
+    minimizer, used as the RMS of every layer's step (each layer's update has unit RMS). One estimate for the whole
+    network: per module, the estimates spread over three orders of magnitude in the LoRA benchmark.
+
+    State: three scalars per tensor of the optimizer (all groups, in order): started at zero (-1 not seen yet, 0,
+    1), the path ``P`` of its squared steps, and the last ``d``. Cost per step: one pass that reads every
+    parameter (its norm), and vector operations with one entry per tensor; no host synchronization.
+    """
+
+    def __init__(self) -> None:
+        self.state: Optional[Tensor] = None  # (tensors, 3): started_at_zero, path_sq, estimate
+        self._pending: Optional[tuple[Tensor, Tensor, Tensor]] = None
+
+    def _state_for(self, layout: _Layout, total: int) -> Tensor:
+        """The state on the layout's device and dtype, grown to ``total`` tensors (new ones not seen yet)."""
+        state = torch.empty(0, 3) if self.state is None else self.state
+        state = state.to(device=layout.device, dtype=layout.stat_dtype)
+        if len(state) < total:
+            fresh = torch.tensor([-1.0, 0.0, 0.0], dtype=state.dtype, device=state.device).repeat(total - len(state), 1)
+            state = torch.cat([state, fresh])
+        self.state = state
+        return state
+
+    def step_sizes(self, params: list[Tensor], layout: _Layout, foreach: bool) -> Tensor:
+        """``d`` for this step, once per tensor with a gradient (in the step's order); kept for :meth:`commit`."""
+        assert layout.positions is not None and layout.numels is not None
+        state = self._state_for(layout, layout.total_tensors)
+        positions = layout.positions
+        dtype = layout.stat_dtype
+        param_sq = _gather([_squared_norms(b.select(params), dtype, foreach) for b in layout.buckets], layout)
+        started = state[positions, 0]
+        started = torch.where(started < 0, (param_sq == 0).to(dtype), started)
+        # One estimate for the whole network: sums over every tensor that started at zero, in a fixed order.
+        moved_sq = (param_sq * started).sum()
+        path_sq = (state[positions, 1] * started).sum()
+        numel = (layout.numels * started).sum()
+        bound = (moved_sq - path_sq) / (2 * moved_sq.sqrt() * numel.sqrt())
+        bound = torch.where((numel > 0) & (moved_sq > 0), bound, 0.0)
+        estimate = torch.maximum(state[:, 2].max(), bound).clamp_min(_LR_FREE_D0).expand(len(positions))
+        self._pending = (positions, started, estimate)
+        return estimate
+
+    def commit(self, coef: Tensor, update_sq: Tensor, finite: Tensor) -> None:
+        """After a step with coefficients ``coef`` (``step_p = coef_p * u_p``): record the steps and the estimates."""
+        assert self.state is not None and self._pending is not None
+        positions, started, estimate = self._pending
+        step_sq = torch.where(finite, coef.square() * update_sq, 0.0)
+        updated = torch.stack([started, self.state[positions, 1] + step_sq, estimate], dim=1)
+        self.state.index_put_((positions,), updated)
+        self._pending = None
+
+
+# --------------------------------------------------------------------------------------------------
 # cached structure of one parameter layout
 
 
@@ -607,9 +690,14 @@ class _Layout:
     buckets: list[_Bucket]
     inverse_order: Optional[Tensor]  # maps bucket-major order back to group-major; None if identity
     options: Optional[tuple[tuple, "_TensorOptions"]] = None  # the groups' option values and their expansion
+    # lr_free: each tensor's position among all the optimizer's tensors, their number, and each tensor's numel
+    positions: Optional[Tensor] = None
+    total_tensors: int = 0
+    numels: Optional[Tensor] = None
 
     def nbytes(self) -> int:
-        tensors = [self.layer_index, self.layer_members, self.layer_sqrt_numel, self.inverse_order]
+        tensors = [self.layer_index, self.layer_members, self.layer_sqrt_numel, self.inverse_order, self.positions]
+        tensors += [self.numels]
         tensors += [t for b in self.buckets for t in b.tensors()]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -726,7 +814,7 @@ class ANLO(torch.optim.Optimizer):
 
     Args:
         params: iterable of tensors, of ``(name, tensor)`` pairs, or of parameter-group dicts.
-        lr: learning rate; with unit-RMS updates it sits in AdamW's range. (default: 1e-4)
+        lr: learning rate; with unit-RMS updates it sits in AdamW's range. (default: 1e-4, or 1.0 with lr_free)
         eps: added to every norm. (default: 1e-8)
         weight_decay: decay coefficient. (default: 0)
         normalize_frequency: with ``normalization="alternating"``, how many consecutive steps one mode
@@ -759,13 +847,17 @@ class ANLO(torch.optim.Optimizer):
             From each gradient's small Gram matrix (rank x rank for a LoRA factor): by ``eigh`` on the CPU,
             by Newton-Schulz steps without host synchronization on CUDA. Costs about ``4 r`` flops per
             parameter (rank ``r``) plus one small decomposition per tensor. (default: False)
+        lr_free: estimate the step size from the distance the zero-initialised tensors (``lora_up``)
+            travelled, D-Adaptation's lower bound in closed form (:class:`_LRFreeEstimator`); ``lr`` and every
+            group's lr become multipliers of it. Three scalars per tensor, saved in the state dict; one more pass
+            that reads every parameter. (default: False; with it, ``lr`` defaults to 1.0)
         stochastic_rounding: update bfloat16 parameters in float32 and round stochastically, so tiny
             updates are not lost to round-to-nearest. Other dtypes are unaffected. (default: True)
         foreach: use the multi-tensor (``torch._foreach_*``) implementation; False runs a plain loop
             over tensors with the same arithmetic. (default: None = True)
 
     All options except ``normalization``, ``normalize_frequency``, ``sinkgd_iterations``, ``orthogonalize``,
-    ``stochastic_rounding``, ``foreach`` and ``verbose`` can be set per parameter group.
+    ``lr_free``, ``stochastic_rounding``, ``foreach`` and ``verbose`` can be set per parameter group.
     Unknown keyword arguments raise ``TypeError``.
     """
 
@@ -775,7 +867,7 @@ class ANLO(torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable[Union[Tensor, tuple[str, Tensor], dict[str, Any]]],
-        lr: float = 1e-4,
+        lr: Optional[float] = None,
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         normalize_frequency: int = 1,
@@ -791,12 +883,16 @@ class ANLO(torch.optim.Optimizer):
         normalization: Optional[str] = None,
         sinkgd_iterations: int = 0,
         orthogonalize: bool = False,
+        lr_free: bool = False,
         stochastic_rounding: bool = True,
         foreach: Optional[bool] = None,
         **kwargs: Any,
     ) -> None:
         if kwargs:
             raise TypeError(_unknown_arguments_message(kwargs))
+        _check_bool("lr_free", lr_free)
+        if lr is None:
+            lr = 1.0 if lr_free else 1e-4
         if not isinstance(normalize_frequency, int) or isinstance(normalize_frequency, bool) or normalize_frequency < 1:
             raise ValueError(f"Invalid normalize_frequency: {normalize_frequency!r} (must be an integer >= 1)")
         if normalization is None:  # a normalize_frequency other than 1 only means something when alternating
@@ -834,11 +930,19 @@ class ANLO(torch.optim.Optimizer):
         self.normalize_frequency = normalize_frequency
         self.sinkgd_iterations = sinkgd_iterations
         self.orthogonalize = orthogonalize
+        self.lr_free = lr_free
         self.stochastic_rounding = stochastic_rounding
         self.foreach = True if foreach is None else foreach
         self.verbose = verbose
         self._init_runtime_state()
         super().__init__(params, defaults)
+        if lr_free and max(group["lr"] for group in self.param_groups) < 1e-2:
+            warnings.warn(
+                "ANLO(lr_free=True): lr multiplies the estimated step size (1.0 = as estimated), but the largest "
+                f"group lr is {max(group['lr'] for group in self.param_groups):g}; for the estimate itself use "
+                "lr=1 (--learning_rate 1), and per-group lrs as ratios to it",
+                stacklevel=2,
+            )
 
     def _init_runtime_state(self) -> None:
         """Counters and caches that are not hyperparameters (also rebuilt after unpickling)."""
@@ -851,6 +955,7 @@ class ANLO(torch.optim.Optimizer):
         self._cautious_fired: Optional[Tensor] = None  # device int64 counter per group
         self._cautious_evaluated: list[int] = []
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._lr_free = _LRFreeEstimator()
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -860,6 +965,8 @@ class ANLO(torch.optim.Optimizer):
             normalize_frequency=self.normalize_frequency,
             sinkgd_iterations=self.sinkgd_iterations,
             orthogonalize=self.orthogonalize,
+            lr_free=self.lr_free,
+            _lr_free_state=self._lr_free.state,
             stochastic_rounding=self.stochastic_rounding,
             foreach=self.foreach,
             verbose=self.verbose,
@@ -873,14 +980,16 @@ class ANLO(torch.optim.Optimizer):
             super().__setstate__(state)
             return
         step = state.pop("_step", 0)
+        lr_free_state = state.pop("_lr_free_state", None)
         # Pickled before these options existed: what ANLO did then.
         state.pop("fused", None)  # an option of the fused CPU kernel, removed
-        legacy = {"normalization": "alternating", "sinkgd_iterations": 0, "orthogonalize": False}
+        legacy = {"normalization": "alternating", "sinkgd_iterations": 0, "orthogonalize": False, "lr_free": False}
         for name, value in legacy.items():
             state.setdefault(name, value)
         self._init_runtime_state()
         super().__setstate__(state)
         self._step = step
+        self._lr_free.state = lr_free_state
 
     # ----------------------------------------------------------------------------------------------
     # parameter groups and state dict
@@ -908,6 +1017,8 @@ class ANLO(torch.optim.Optimizer):
         """The standard optimizer state dict plus the step counter under ``"anlo_step"`` (an int)."""
         state_dict = super().state_dict()
         state_dict[STEP_KEY] = self._step
+        if self.lr_free and self._lr_free.state is not None:
+            state_dict[LR_FREE_KEY] = self._lr_free.state.cpu().clone()
         self._report_skipped_steps()
         return state_dict
 
@@ -921,7 +1032,17 @@ class ANLO(torch.optim.Optimizer):
         """
         state_dict = dict(state_dict)
         step = state_dict.pop(STEP_KEY, None)
+        lr_free_state = state_dict.pop(LR_FREE_KEY, None)
         super().load_state_dict(state_dict)
+        if self.lr_free:
+            if lr_free_state is None and step:
+                warnings.warn(
+                    "ANLO(lr_free=True): the state dict has no step-size estimate (saved without lr_free?); "
+                    "tensors that are nonzero now count as not starting at zero, so the estimate starts over "
+                    "only from those that are zero",
+                    stacklevel=2,
+                )
+            self._lr_free.state = None if lr_free_state is None else lr_free_state.clone()
         if step is None:
             logger.info("ANLO: state dict has no %r; the step counter restarts at 0", STEP_KEY)
         self._step = int(step) if step is not None else 0
@@ -986,12 +1107,28 @@ class ANLO(torch.optim.Optimizer):
         layout = self._get_layout(params, counts)
         options = self._get_options(layout)
         step = self._step
+        if self.lr_free and layout.positions is None:
+            self._add_positions(layout)
         return _anlo_step_(
             params, grads, layout, options, mode, step,
             n_groups=len(self.param_groups), foreach=self.foreach, sinkgd_iterations=self.sinkgd_iterations,
             orthogonalize=self.orthogonalize,
             write_pass=None if write_pass is None else functools.partial(write_pass, step=step),
+            lr_free=self._lr_free if self.lr_free else None,
         )  # fmt: skip
+
+    def _add_positions(self, layout: _Layout) -> None:
+        """lr_free: each active tensor's position among all the optimizer's tensors, and each one's numel."""
+        positions, numels, offset = [], [], 0
+        for group in self.param_groups:
+            for index, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    positions.append(offset + index)
+                    numels.append(p.numel())
+            offset += len(group["params"])
+        layout.positions = torch.tensor(positions, device=layout.device)
+        layout.numels = torch.tensor(numels, dtype=layout.stat_dtype, device=layout.device)
+        layout.total_tensors = offset
 
     def _count_cautious_evaluations(self, counts: list[int]) -> None:
         """Add each group's tensors with gradients to its count of cautious-gate evaluations, if it has the gate."""
@@ -1142,7 +1279,7 @@ class ANLO(torch.optim.Optimizer):
                     "grad_norm_max": None if norms is None else norms.max().item(),
                 }
             )
-        return {
+        stats = {
             "step_count": self._step,
             "normalization_mode": None if last is None else last.mode,
             "next_normalization_mode": self._mode(self._step),
@@ -1154,6 +1291,21 @@ class ANLO(torch.optim.Optimizer):
             "cautious_update_enabled": any(g["use_cautious_update"] for g in self.param_groups),
             "groups": groups,
         }
+        if self.lr_free and last is not None and last.step_size is not None:
+            stats.update(self._lr_free_stats(last, groups))
+        return stats
+
+    def _lr_free_stats(self, last: _StepRecord, groups: list[dict[str, Any]]) -> dict[str, float]:
+        """lr_free: the estimate ``d`` (step RMS at lr 1) of the last step, and each group's step ``lr * d``, per group
+        (into ``groups``) and at top level as ``lr_free_step_group<i>``, so that a trainer logging top-level numbers
+        logs them per group."""
+        d = last.step_size[0].item()
+        top: dict[str, float] = {"lr_free_d": d}
+        for gi, _, _ in last.group_slices:
+            groups[gi]["lr_free_d"] = d
+            groups[gi]["lr_free_step"] = self.param_groups[gi]["lr"] * d
+            top[f"lr_free_step_group{gi}"] = self.param_groups[gi]["lr"] * d
+        return top
 
     def get_cautious_update_stats(self) -> dict[str, Any]:
         """Cautious-gate configuration per group and how often it fired.

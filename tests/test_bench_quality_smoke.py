@@ -185,3 +185,30 @@ def test_pair_transform_anlo_is_anlo_on_the_transformed_gradients(per_tensor: bo
             torch.testing.assert_close(p, q)
     # per tensor: ANLO gets no names, so each tensor is its own layer in the layer-norm steps
     assert all(("param_names" in g) != per_tensor for g in optimizer.param_groups)
+
+
+@pytest.mark.slow
+def test_learning_rate_free_rows_run_at_their_own_lr(tmp_path) -> None:
+    labels = ["AdamW", "ANLO lr_free x1", "ANLO lr_free x2 per-tensor", "Prodigy safeguard+warmup", "DAdaptAdam",
+              "AdamW schedule-free"]
+    threads = torch.get_num_threads()
+    try:
+        code = lq.main(["--smoke", "--out", str(tmp_path), "--optimizers", *labels])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    runs = json.loads((tmp_path / "lora_quality.json").read_text())["runs"]
+    lrs = {label: sorted({r["lr"] for r in runs if r["label"] == label}) for label in labels}
+    assert lrs["ANLO lr_free x1"] == [1.0] and lrs["ANLO lr_free x2 per-tensor"] == [2.0]
+    assert lrs["Prodigy safeguard+warmup"] == [1.0] and lrs["DAdaptAdam"] == [1.0]
+    assert lrs["AdamW schedule-free"] == list(lq.SMOKE_LRS)  # on the grid, like AdamW
+    for r in runs:  # every row trained: its loss moved from the pretrained model's
+        assert r["losses"][-1] != r["losses"][0]
+
+
+def test_warmup_rows_ramp_the_lr_linearly() -> None:
+    spec = lq.optimizer_specs()["Prodigy safeguard+warmup"]
+    assert spec.warmup_steps == lq.PRODIGY_WARMUP_STEPS == 15 and spec.lrs == (1.0,)
+    factors = [lq.warmup_factor(step, 15) for step in range(17)]
+    assert factors[0] == pytest.approx(1 / 15) and factors[7] == pytest.approx(8 / 15)
+    assert factors[14:] == [1.0, 1.0, 1.0]
