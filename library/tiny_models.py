@@ -21,6 +21,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from library.clip_tokenizer import bytes_to_unicode
 from library.diffusion import make_noise_scheduler
 
 TINY_SD1 = "tiny-sd1"
@@ -29,20 +30,6 @@ TINY_MODEL_NAMES = (TINY_SD1, TINY_SDXL)
 
 VOCAB_SIZE = 1000
 MAX_TOKEN_LENGTH = 77
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP's reversible byte → printable-character table (the GPT-2 byte-level BPE alphabet)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
 
 # Words the BPE merges are learned from: the demo captions and common caption vocabulary.
 _CORPUS = """
@@ -85,7 +72,7 @@ def build_tokenizer() -> CLIPTokenizer:
     The text encoders keep ``vocab_size=1000`` (unused rows are harmless); the learned merges stop when the
     corpus has no pair left, so the tokenizer itself has fewer entries.
     """
-    alphabet = list(_bytes_to_unicode().values())
+    alphabet = list(bytes_to_unicode().values())
     vocab_list = alphabet + [c + "</w>" for c in alphabet]
     n_merges = VOCAB_SIZE - len(vocab_list) - 2
     merges = _learn_merges(_CORPUS + list(string.ascii_lowercase), n_merges)
