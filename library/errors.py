@@ -43,6 +43,11 @@ class LossNotFinite(RunStopped, FloatingPointError):
     """The loss stayed non-finite for ``--nan_abort_steps`` batches in a row."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message (torch's run over many lines), or its class name when it has none."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 @contextmanager
 def reported_as_user_input(error_types: tuple[type[Exception], ...] = INPUT_ERROR_TYPES) -> Iterator[None]:
     """Re-raise an error of ``error_types`` from the block as a :class:`UserInputError` with the same message

@@ -36,7 +36,7 @@ from accelerate import Accelerator
 from safetensors import SafetensorError
 
 from library.atomic import atomic_output
-from library.errors import INTERRUPTED_STATUS, OutputWriteError, RunStopped, UserInputError
+from library.errors import INTERRUPTED_STATUS, OutputWriteError, RunStopped, UserInputError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def load_state(accelerator: Accelerator, path: str, run_fingerprint: dict[str, A
     try:
         accelerator.load_state(path)
     except STATE_READ_ERRORS as error:
-        reason = (str(error).strip().splitlines() or [""])[0]  # torch.load's messages run over many lines
+        reason = first_line(error)
         if len(reason) > 120:
             reason = reason[:120] + "..."
         raise ResumeError(

@@ -36,7 +36,14 @@ from tqdm import tqdm
 from library import base_weights, diffusion, fp8, masks, metadata as ss_metadata, preflight, resume
 from library.checkpoints import Checkpoints
 from library.dataset import build_dataset
-from library.errors import LossNotFinite, OutOfMemory, OutputWriteError, UserInputError, reported_as_user_input
+from library.errors import (
+    LossNotFinite,
+    OutOfMemory,
+    OutputWriteError,
+    UserInputError,
+    first_line,
+    reported_as_user_input,
+)
 from library.latents import LATENT_DOWNSCALE, encode_latents
 from library.lora_format import modelspec_metadata
 from library.models import ModelBundle, load_models
@@ -275,7 +282,7 @@ class NetworkTrainer:
         except OutputWriteError as error:  # a full disk while caching latents or text-encoder outputs
             raise OutputWriteError(f"{error}; nothing was trained") from error
         except torch.OutOfMemoryError as error:
-            raise OutOfMemory(f"out of memory before training started ({_first_line(error)}); {OOM_ADVICE}") from error
+            raise OutOfMemory(f"out of memory before training started ({first_line(error)}); {OOM_ADVICE}") from error
         self.print_summary(run)
         with run.checkpoints.naming_the_newest_on_failure():  # a full disk, no memory: say which LoRA is left
             interrupt = resume.InterruptRequest().install()  # first Ctrl-C: save after this step, then stop
@@ -284,7 +291,7 @@ class NetworkTrainer:
                     self.train_epoch(run, epoch, interrupt)
             except torch.OutOfMemoryError as error:
                 raise OutOfMemory(
-                    f"out of memory at step {run.global_step + 1} ({_first_line(error)}); {OOM_ADVICE}"
+                    f"out of memory at step {run.global_step + 1} ({first_line(error)}); {OOM_ADVICE}"
                 ) from error
             finally:
                 interrupt.restore()
@@ -699,10 +706,6 @@ OOM_ADVICE = (
     "try --gradient_checkpointing, --cache_latents, --fp8_base, --mixed_precision bf16, a smaller "
     "--train_batch_size or --resolution, or --network_train_unet_only with --cache_text_encoder_outputs (SDXL)"
 )
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def make_dataloader(args: argparse.Namespace, dataset: Any) -> torch.utils.data.DataLoader:
