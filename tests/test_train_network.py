@@ -243,6 +243,12 @@ def test_anlo_runs_and_logs_its_normalization(workspace, monkeypatch):
     monkeypatch.setattr(
         hina_anlo, "_orthogonalize_", lambda grads: (orthogonalized.append(len(grads)), orthogonalize(grads))
     )
+    modes = []  # per step, the normalization mode ANLO applied
+    anlo_step = hina_anlo._anlo_step_
+    monkeypatch.setattr(
+        hina_anlo, "_anlo_step_", lambda params, grads, layout, options, mode, *a, **k: (
+            modes.append(mode), anlo_step(params, grads, layout, options, mode, *a, **k))[1]
+    )
     steps = trainer_module.OPTIMIZER_STATS_EVERY_N_STEPS
     log_dir = workspace / "anlo_logs"
     trainer = run(
@@ -260,8 +266,9 @@ def test_anlo_runs_and_logs_its_normalization(workspace, monkeypatch):
     assert scalars["optimizer/step_count"] == [float(steps)]
     assert scalars["optimizer/global_norm"][0] > 0
     assert not any(key.startswith("optimizer/groups") for key in scalars)  # only the top-level numbers
-    # The options outlived accelerate's prepare() (which reloads the optimizer's state dict): SinkGD rescaled the
-    # gradients with 1 iteration, and every step orthogonalized them.
+    # The options outlived accelerate's prepare() (which reloads the optimizer's state dict): every step normalized
+    # globally, SinkGD rescaled the gradients with 1 iteration, and every step orthogonalized them.
+    assert modes == ["global"] * steps
     assert set(rescaled) == {1}
     assert len(orthogonalized) == steps and min(orthogonalized) > 0
 
