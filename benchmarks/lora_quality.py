@@ -64,6 +64,7 @@ from benchmarks.stateless_variants import (
     riemannian_precondition_,
     row_normalize_tensors_,
 )
+from library import hina_anlo
 from library.hina_anlo import ANLO
 from networks.lora import LoRANetwork, create_network
 
@@ -98,6 +99,18 @@ class OptimizerSpec:
 def _anlo(**kwargs: Any) -> Callable[[list[dict[str, Any]], float], torch.optim.Optimizer]:
     def build(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
         return ANLO(groups, lr=lr, **kwargs)
+
+    return build
+
+
+def _anlo_lr_free_from(d0: float) -> Callable[[list[dict[str, Any]], float], torch.optim.Optimizer]:
+    """ANLO(lr_free=True) whose estimate starts at ``d0`` instead of 1e-6 (a diagnostic: how much of lr_free's gap
+    is its start)."""
+
+    def build(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+        optimizer = ANLO(groups, lr=lr, lr_free=True)
+        optimizer._lr_free = hina_anlo._LRFreeEstimator(d0)
+        return optimizer
 
     return build
 
@@ -195,6 +208,13 @@ def optimizer_specs() -> dict[str, OptimizerSpec]:
         *[OptimizerSpec(f"ANLO lr_free x{m:g}", _anlo(lr_free=True), lrs=(m,)) for m in LR_FREE_MULTIPLIERS],
         *[
             OptimizerSpec(f"ANLO lr_free x{m:g} per-tensor", _anlo(lr_free=True), named_groups=False, lrs=(m,))
+            for m in LR_FREE_MULTIPLIERS
+        ],
+        # ... started at d0 = 1e-3 instead of 1e-6, near the step size the estimate ends at (a diagnostic).
+        *[OptimizerSpec(f"ANLO lr_free x{m:g} d0=1e-3", _anlo_lr_free_from(1e-3), lrs=(m,)) for m in (0.5, 1.0)],
+        # ... and with orthogonalized gradients (what lr_free=True gives if orthogonalize=True is the default).
+        *[
+            OptimizerSpec(f"ANLO+orthogonalize lr_free x{m:g}", _anlo(lr_free=True, orthogonalize=True), lrs=(m,))
             for m in LR_FREE_MULTIPLIERS
         ],
         OptimizerSpec("Prodigy", _prodigy(), lrs=(1.0,)),

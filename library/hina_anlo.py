@@ -594,7 +594,8 @@ class _LRFreeEstimator:
     parameter (its norm), and vector operations with one entry per tensor; no host synchronization.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, d0: float = _LR_FREE_D0) -> None:
+        self.d0 = d0  # the estimate before any distance has been measured
         self.state: Optional[Tensor] = None  # (tensors, 3): started_at_zero, path_sq, estimate
         self._pending: Optional[tuple[Tensor, Tensor, Tensor]] = None
 
@@ -623,7 +624,7 @@ class _LRFreeEstimator:
         numel = (layout.numels * started).sum()
         bound = (moved_sq - path_sq) / (2 * moved_sq.sqrt() * numel.sqrt())
         bound = torch.where((numel > 0) & (moved_sq > 0), bound, 0.0)
-        estimate = torch.maximum(state[:, 2].max(), bound).clamp_min(_LR_FREE_D0).expand(len(positions))
+        estimate = torch.maximum(state[:, 2].max(), bound).clamp_min(self.d0).expand(len(positions))
         self._pending = (positions, started, estimate)
         return estimate
 
