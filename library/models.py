@@ -17,10 +17,11 @@
 
 Nothing is ever downloaded: every ``from_pretrained`` / ``from_single_file`` call gets ``local_files_only=True``
 and a local config folder. The components are loaded in the dtypes the trainer keeps them in (``frozen_dtypes``:
-bf16 / fp16 under ``--mixed_precision``), not in fp32 first: a single file is read one component at a time and
-each tensor is cast as it is read, so loading holds the models in their training dtype plus one component of the
-file. The noise scheduler is not loaded from the model; like sd-scripts, it is built with the
-training configuration (``library.diffusion.make_noise_scheduler``).
+bf16 / fp16 under ``--mixed_precision``), not in fp32 first: a ``.safetensors`` single file is read one component
+at a time and each tensor is cast as it is read, so loading holds the models in their training dtype plus one
+component of the file (a pickle is loaded whole, then handed out component by component). The noise scheduler is
+not loaded from the model; like sd-scripts, it is built with the training configuration
+(``library.diffusion.make_noise_scheduler``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import init_empty_weights
 from diffusers import (
     AutoencoderKL,
     StableDiffusionPipeline,
@@ -42,7 +44,6 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.models.attention_processor import AttnProcessor2_0
-from accelerate import init_empty_weights
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors import safe_open
