@@ -160,8 +160,8 @@ def open_clip_text_from_ldm(state_dict: Mapping[str, torch.Tensor]) -> StateDict
         layer, block = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
         for parameter in ("weight", "bias"):
             q, k, v = state_dict[f"{block}attn.in_proj_{parameter}"].chunk(3)
-            for name, tensor in (("q", q), ("k", k), ("v", v)):
-                converted[f"{layer}self_attn.{name}_proj.{parameter}"] = tensor
+            for name, tensor in (("q", q), ("k", k), ("v", v)):  # copies: a model's parameters must not share memory
+                converted[f"{layer}self_attn.{name}_proj.{parameter}"] = tensor.clone()
             for diffusers_part, open_clip_part in _OPEN_CLIP_LAYER_PARTS.items():
                 converted[f"{layer}{diffusers_part}.{parameter}"] = state_dict[f"{block}{open_clip_part}.{parameter}"]
     return converted

@@ -16,8 +16,12 @@
 * a Hugging Face Hub id, only when it is already in the local Hugging Face cache.
 
 Nothing is ever downloaded: every ``from_pretrained`` / ``from_single_file`` call gets ``local_files_only=True``
-and a local config folder. The noise scheduler is not loaded from the model; like sd-scripts, it is built with the
-training configuration (``library.diffusion.make_noise_scheduler``).
+and a local config folder. The components are loaded in the dtypes the trainer keeps them in (``frozen_dtypes``:
+bf16 / fp16 under ``--mixed_precision``), not in fp32 first: a ``.safetensors`` single file is read one component
+at a time and each tensor is cast as it is read, so loading holds the models in their training dtype plus one
+component of the file (a pickle is loaded whole, then handed out component by component). The noise scheduler is
+not loaded from the model; like sd-scripts, it is built with the training configuration
+(``library.diffusion.make_noise_scheduler``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import init_empty_weights
 from diffusers import (
     AutoencoderKL,
     StableDiffusionPipeline,
@@ -42,7 +47,6 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors import safe_open
-from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from library import clip_tokenizer, ldm_convert, single_file, tiny_models
@@ -65,6 +69,22 @@ SD2_TEXT_ENCODER_WIDTH = 1024
 MAX_TOKEN_LENGTHS = (None, 75, 150, 225)
 # The seed of the embedded models: fixed, so that a name always means the same base weights.
 EMBEDDED_MODEL_SEED = 0
+# --mixed_precision → the dtype the trainer keeps the frozen U-Net and text encoders in (sd-scripts' weight_dtype)
+HALF_PRECISION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def frozen_dtypes(args: Any) -> tuple[torch.dtype, torch.dtype]:
+    """The dtypes the trainer keeps the frozen model in, for loading it in them directly: (U-Net and text encoders,
+    VAE). The first is fp16 / bf16 under ``--mixed_precision fp16`` / ``bf16`` and fp32 otherwise; the VAE's is the
+    same, or fp32 under ``--no_half_vae``. The U-Net and text encoders stay fp32 where their weights are used before
+    the trainer casts them: ``--base_weights`` merges into the fp32 weights (then cast, as in sd-scripts), and a
+    network module of another package (``lycoris.kohya``) may create its parameters in the base weights' dtype."""
+    dtype = HALF_PRECISION_DTYPES.get(getattr(args, "mixed_precision", None), torch.float32)
+    vae_dtype = torch.float32 if getattr(args, "no_half_vae", False) else dtype
+    network_module = getattr(args, "network_module", None) or "networks.lora"
+    if getattr(args, "base_weights", None) or not network_module.startswith("networks."):
+        dtype = torch.float32
+    return dtype, vae_dtype
 
 
 @dataclass
@@ -110,6 +130,8 @@ class LoadOptions:
     lowram: bool = False
     sdpa: bool = False
     xformers: bool = False
+    dtype: torch.dtype = torch.float32  # the U-Net's and text encoders' (see frozen_dtypes)
+    vae_dtype: torch.dtype = torch.float32
 
     @classmethod
     def from_args(cls, args: Any) -> LoadOptions:
@@ -129,6 +151,7 @@ class LoadOptions:
             sdpa=bool(getattr(args, "sdpa", False)),
             xformers=bool(getattr(args, "xformers", False)),
         )
+        options.dtype, options.vae_dtype = frozen_dtypes(args)
         if options.max_token_length not in MAX_TOKEN_LENGTHS:
             raise ValueError(
                 f"--max_token_length must be one of 75, 150, 225 (or unset), got {options.max_token_length!r}"
@@ -142,11 +165,12 @@ def load_models(args: Any, sdxl: bool = False) -> ModelBundle:
     """Load the base model named by ``args.pretrained_model_name_or_path`` (see the module docstring).
 
     Reads ``pretrained_model_name_or_path``, ``v2``, ``v_parameterization``, ``vae``, ``pretrained_model_config``,
-    ``clip_skip``, ``max_token_length``, ``lowram``, ``sdpa`` and ``xformers``. ``sdxl`` says which trainer asks:
+    ``clip_skip``, ``max_token_length``, ``lowram``, ``sdpa`` and ``xformers``, and for the dtypes
+    ``mixed_precision``, ``no_half_vae``, ``base_weights`` and ``network_module``. ``sdxl`` says which trainer asks:
     a model of the other family is an error.
     """
     options = LoadOptions.from_args(args)
-    parts = load_components(options.name_or_path, options.pretrained_model_config)
+    parts = load_components(options.name_or_path, options.pretrained_model_config, options.dtype, options.vae_dtype)
 
     model_is_sdxl = "text_encoder_2" in parts
     if sdxl and not model_is_sdxl:
@@ -157,7 +181,7 @@ def load_models(args: Any, sdxl: bool = False) -> ModelBundle:
         raise ValueError(f"{options.name_or_path} is an SDXL model; use sdxl_train_network.py for it")
 
     if options.vae:
-        parts["vae"] = load_vae(options.vae, reference=parts["vae"])
+        parts["vae"] = load_vae(options.vae, reference=parts["vae"], dtype=options.vae_dtype)
 
     v2 = False
     if not model_is_sdxl:
@@ -220,21 +244,31 @@ def _bundle_from_parts(parts: dict[str, Any], name_or_path: str) -> ModelBundle:
     )
 
 
-def load_components(name_or_path: str, config_dir: str | None = None) -> dict[str, Any]:
+def load_components(
+    name_or_path: str,
+    config_dir: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    vae_dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
     """The model's components by diffusers pipeline name: ``unet``, ``vae``, ``text_encoder``, ``tokenizer``
-    (and ``text_encoder_2``, ``tokenizer_2`` for SDXL), from whichever source ``name_or_path`` names.
+    (and ``text_encoder_2``, ``tokenizer_2`` for SDXL), from whichever source ``name_or_path`` names; the VAE in
+    ``vae_dtype``, the others in ``dtype``.
 
     ``config_dir`` is the diffusers config folder for a single file (``--pretrained_model_config``).
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        return load_diffusers_folder(path)
+        return load_diffusers_folder(path, dtype, vae_dtype)
     if path.is_file():
-        return load_single_file(path, config_dir)
+        return load_single_file(path, config_dir, dtype, vae_dtype)
     if name_or_path in tiny_models.TINY_MODEL_NAMES:
-        return tiny_models.build_tiny(name_or_path, EMBEDDED_MODEL_SEED)
+        parts = tiny_models.build_tiny(name_or_path, EMBEDDED_MODEL_SEED)
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            if name in parts:
+                parts[name].to(vae_dtype if name == "vae" else dtype)
+        return parts
     if _looks_like_hub_id(name_or_path):
-        return load_diffusers_folder(_cached_hub_snapshot(name_or_path))
+        return load_diffusers_folder(_cached_hub_snapshot(name_or_path), dtype, vae_dtype)
     raise FileNotFoundError(
         f"model not found: {name_or_path}; expected a diffusers folder, a .safetensors/.ckpt file, "
         f"or one of {', '.join(tiny_models.TINY_MODEL_NAMES)}"
@@ -272,8 +306,11 @@ def _read_model_index(folder: Path) -> dict[str, Any]:
         raise ValueError(f"{index_file} is not valid JSON: {error}") from error
 
 
-def load_diffusers_folder(folder: Path) -> dict[str, Any]:
-    """Load the components of a diffusers folder (SDXL when ``model_index.json`` lists ``text_encoder_2``).
+def load_diffusers_folder(
+    folder: Path, dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype = torch.float32
+) -> dict[str, Any]:
+    """Load the components of a diffusers folder (SDXL when ``model_index.json`` lists ``text_encoder_2``); the VAE
+    in ``vae_dtype``, the U-Net and text encoders in ``dtype``.
 
     A folder without ``tokenizer/`` (``tokenizer_2/``) gets the built-in CLIP tokenizer, as sd-scripts takes its
     tokenizers from elsewhere too."""
@@ -286,15 +323,15 @@ def load_diffusers_folder(folder: Path) -> dict[str, Any]:
 
     local = {"local_files_only": True}
     parts: dict[str, Any] = {
-        "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **local),
-        "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", **local),
-        "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **local),
+        "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, **local),
+        "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=vae_dtype, **local),
+        "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype, **local),
     }
     open_clip_first = _has_sd2_text_encoder(parts["text_encoder"])
     parts["tokenizer"] = _folder_tokenizer(folder, "tokenizer", open_clip_first)
     if is_sdxl:
         parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
-            folder, subfolder="text_encoder_2", **local
+            folder, subfolder="text_encoder_2", dtype=dtype, **local
         )
         parts["tokenizer_2"] = _folder_tokenizer(folder, "tokenizer_2", open_clip=True)
     return parts
@@ -332,8 +369,14 @@ def _find_config_dir(checkpoint: Path, config_dir: str | None) -> Path | None:
     return None
 
 
-def load_single_file(checkpoint: Path, config_dir: str | None = None) -> dict[str, Any]:
-    """Load an LDM/SGM-layout single file with the component configs of a local diffusers folder.
+def load_single_file(
+    checkpoint: Path,
+    config_dir: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    vae_dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
+    """Load an LDM/SGM-layout single file with the component configs of a local diffusers folder; the VAE in
+    ``vae_dtype``, the U-Net and text encoders in ``dtype``.
 
     The config folder is, in this order: ``config_dir`` (``--pretrained_model_config``), the embedded model named in
     the file's metadata, or the sibling folder ``<file without suffix>/``. Without any, the architecture is
@@ -343,6 +386,7 @@ def load_single_file(checkpoint: Path, config_dir: str | None = None) -> dict[st
         raise ValueError(
             f"{checkpoint} is not a model file; expected one of {', '.join(SINGLE_FILE_SUFFIXES)} or a diffusers folder"
         )
+    dtypes = {"dtype": dtype, "vae_dtype": vae_dtype}
     embedded = None if config_dir else _embedded_config_name(checkpoint)
     if embedded is not None:
         if embedded not in tiny_models.TINY_MODEL_NAMES:
@@ -352,50 +396,72 @@ def load_single_file(checkpoint: Path, config_dir: str | None = None) -> dict[st
             )
         with tempfile.TemporaryDirectory(prefix="anlo-config-") as temp:
             save_diffusers_folder(tiny_models.build_tiny(embedded, EMBEDDED_MODEL_SEED), Path(temp) / "model")
-            return _load_single_file_with_config(checkpoint, Path(temp) / "model")
+            return _load_single_file_with_config(_FileTensors(checkpoint), Path(temp) / "model", **dtypes)
     folder = _find_config_dir(checkpoint, config_dir)
     if folder is None:
-        return _load_recognised_single_file(checkpoint)
-    return _load_single_file_with_config(checkpoint, folder)
+        return _load_recognised_single_file(checkpoint, **dtypes)
+    return _load_single_file_with_config(_FileTensors(checkpoint), folder, **dtypes)
 
 
-def _load_recognised_single_file(checkpoint: Path) -> dict[str, Any]:
+def _load_recognised_single_file(checkpoint: Path, dtype: torch.dtype, vae_dtype: torch.dtype) -> dict[str, Any]:
     """An SD 1.x / 2.x / SDXL base single file with the built-in configs. A ``.safetensors`` file is recognised
     from its header before any weight is read; a pickle is loaded once and recognised from what it holds."""
-    state = None
-    if checkpoint.suffix == ".safetensors":
-        shapes = single_file.read_safetensors_shapes(checkpoint)
-    else:
-        state = read_checkpoint(checkpoint)
-        shapes = single_file.shapes_of(state)
-    arch = single_file.identify(shapes, checkpoint)
+    tensors = _FileTensors(checkpoint)
+    arch = single_file.identify(tensors.shapes, checkpoint)
     logger.info("%s: %s checkpoint, loaded with the published %s configs", checkpoint, arch.label, arch.label)
     tokenizers = [build() for build in arch.tokenizers]
     with tempfile.TemporaryDirectory(prefix="anlo-config-") as temp:
         folder = single_file.write_config_folder(arch, Path(temp))
-        return _load_single_file_with_config(checkpoint, folder, state=state, tokenizers=tokenizers)
+        return _load_single_file_with_config(tensors, folder, dtype, vae_dtype, tokenizers=tokenizers)
 
 
 def read_checkpoint(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a ``.safetensors`` or torch pickle file (a ``state_dict`` wrapper is unwrapped)."""
+    """The tensors of a torch pickle file (``.ckpt`` and the like; a ``state_dict`` wrapper is unwrapped)."""
     try:
-        if checkpoint.suffix == ".safetensors":
-            return load_file(str(checkpoint))
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as error:  # safetensors / pickle raise many types for damaged or foreign files
+    except Exception as error:  # pickle raises many types for damaged or foreign files
         raise ValueError(f"{checkpoint} could not be read as a model checkpoint: {error}") from error
     while isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     return state
 
 
+class _FileTensors:
+    """A single file's tensors, handed out one component (key prefix) at a time in the dtype it is loaded in.
+
+    A ``.safetensors`` file is read per component from its header's offsets
+    (``single_file.read_safetensors_tensors``); a pickle is loaded whole once, and each tensor handed out is
+    dropped from it. Either way the memory held beyond the models built is about one component of the file."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        self.checkpoint = checkpoint
+        self.state: dict[str, Any] | None = None
+        if checkpoint.suffix == ".safetensors":
+            self.shapes = single_file.read_safetensors_shapes(checkpoint)
+        else:
+            self.state = read_checkpoint(checkpoint)
+            self.shapes = single_file.shapes_of(self.state)
+
+    def has(self, prefix: str) -> bool:
+        return any(key.startswith(prefix) for key in self.shapes)
+
+    def take(self, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The tensors under ``prefix`` (names kept), floating-point ones in ``dtype``."""
+        keys = [key for key in self.shapes if key.startswith(prefix)]
+        if self.state is None:
+            return single_file.read_safetensors_tensors(self.checkpoint, keys, dtype)
+        return {key: single_file.cast_floating(self.state.pop(key), dtype) for key in keys}
+
+
 def _load_text_encoder(
     model_class: type, config_dir: Path, subfolder: str, weights: dict[str, torch.Tensor], source: str
 ) -> Any:
     """A transformers CLIP text model from ``config_dir/subfolder`` with ``weights`` (transformers names with the
-    ``text_model.`` level). Extra entries in the file (an unused last layer, a projection) are ignored."""
+    ``text_model.`` level), in the weights' dtype: the parameters are the tensors given, not copies. Extra entries
+    in the file (an unused last layer, a projection) are ignored."""
     config = model_class.config_class.from_pretrained(config_dir, subfolder=subfolder, local_files_only=True)
-    model = model_class(config)
+    with init_empty_weights():  # parameters on the meta device (no memory, no random init); buffers real
+        model = model_class(config)
     expected = model.state_dict().keys()
     if not any(key.startswith("text_model.") for key in expected):  # transformers 5 CLIPTextModel: no such level
         weights = {key.removeprefix("text_model."): tensor for key, tensor in weights.items()}
@@ -403,31 +469,36 @@ def _load_text_encoder(
     if missing:
         raise ValueError(f"{source}: {subfolder} weights missing from the file: {', '.join(missing[:5])}")
     try:
-        model.load_state_dict({key: weights[key] for key in expected})
+        model.load_state_dict({key: weights[key] for key in expected}, assign=True)
     except RuntimeError as error:
         raise ValueError(f"{source}: {subfolder} weights do not fit the config in {config_dir}: {error}") from error
     return model.eval()
 
 
 def _load_single_file_with_config(
-    checkpoint: Path,
+    tensors: _FileTensors,
     config_dir: Path,
-    state: dict[str, torch.Tensor] | None = None,
+    dtype: torch.dtype = torch.float32,
+    vae_dtype: torch.dtype = torch.float32,
     tokenizers: list[Any] | None = None,
 ) -> dict[str, Any]:
-    """Load each component of an LDM/SGM single file with the configs in ``config_dir``.
+    """Load each component of an LDM/SGM single file with the configs in ``config_dir``, one at a time (U-Net,
+    VAE, text encoders), each read from the file in its dtype and built from those tensors.
 
-    ``state`` is the file's tensors when the caller has read them already; ``tokenizers`` replace the config
-    folder's (one, or two for SDXL).
+    ``tokenizers`` replace the config folder's (one, or two for SDXL).
     """
+    checkpoint = tensors.checkpoint
     is_sdxl = "text_encoder_2" in _read_model_index(config_dir)
-    state = read_checkpoint(checkpoint) if state is None else state
     local = {"config": str(config_dir), "local_files_only": True}
+    parts: dict[str, Any] = {}
     try:
-        parts: dict[str, Any] = {
-            "unet": UNet2DConditionModel.from_single_file(state, subfolder="unet", **local),
-            "vae": AutoencoderKL.from_single_file(state, subfolder="vae", **local),
-        }
+        for name, model_class, prefix, part_dtype in (
+            ("unet", UNet2DConditionModel, ldm_convert.UNET_PREFIX, dtype),
+            ("vae", AutoencoderKL, ldm_convert.VAE_PREFIX, vae_dtype),
+        ):
+            state = tensors.take(prefix, part_dtype)
+            parts[name] = model_class.from_single_file(state, subfolder=name, torch_dtype=part_dtype, **local)
+            del state
     except (KeyError, RuntimeError, ValueError) as error:
         raise ValueError(f"{checkpoint}: U-Net/VAE do not fit the configs in {config_dir}: {error}") from error
     if tokenizers:
@@ -436,11 +507,12 @@ def _load_single_file_with_config(
         parts["tokenizer"] = CLIPTokenizer.from_pretrained(config_dir, subfolder="tokenizer", local_files_only=True)
 
     if is_sdxl:
-        te1 = ldm_convert.clip_text_from_ldm(ldm_convert.select_prefixed(state, ldm_convert.SDXL_TEXT_ENCODER_1_PREFIX))
-        te2 = ldm_convert.open_clip_text_from_ldm(
-            ldm_convert.select_prefixed(state, ldm_convert.SDXL_TEXT_ENCODER_2_PREFIX)
-        )
+        prefix = ldm_convert.SDXL_TEXT_ENCODER_1_PREFIX
+        te1 = ldm_convert.clip_text_from_ldm(ldm_convert.select_prefixed(tensors.take(prefix, dtype), prefix))
         parts["text_encoder"] = _load_text_encoder(CLIPTextModel, config_dir, "text_encoder", te1, str(checkpoint))
+        del te1
+        prefix = ldm_convert.SDXL_TEXT_ENCODER_2_PREFIX
+        te2 = ldm_convert.open_clip_text_from_ldm(ldm_convert.select_prefixed(tensors.take(prefix, dtype), prefix))
         parts["text_encoder_2"] = _load_text_encoder(
             CLIPTextModelWithProjection, config_dir, "text_encoder_2", te2, str(checkpoint)
         )
@@ -451,11 +523,12 @@ def _load_single_file_with_config(
                 config_dir, subfolder="tokenizer_2", local_files_only=True
             )
     else:
-        open_clip = ldm_convert.select_prefixed(state, ldm_convert.SD2_TEXT_ENCODER_PREFIX)
-        if open_clip:  # SD 2.x
-            te = ldm_convert.open_clip_text_from_ldm(open_clip)
+        if tensors.has(ldm_convert.SD2_TEXT_ENCODER_PREFIX):  # SD 2.x
+            prefix = ldm_convert.SD2_TEXT_ENCODER_PREFIX
+            te = ldm_convert.open_clip_text_from_ldm(ldm_convert.select_prefixed(tensors.take(prefix, dtype), prefix))
         else:
-            te = ldm_convert.clip_text_from_ldm(ldm_convert.select_prefixed(state, ldm_convert.SD1_TEXT_ENCODER_PREFIX))
+            prefix = ldm_convert.SD1_TEXT_ENCODER_PREFIX
+            te = ldm_convert.clip_text_from_ldm(ldm_convert.select_prefixed(tensors.take(prefix, dtype), prefix))
         parts["text_encoder"] = _load_text_encoder(CLIPTextModel, config_dir, "text_encoder", te, str(checkpoint))
     _check_no_meta_tensors(parts, checkpoint)
     return parts
@@ -470,17 +543,18 @@ def _check_no_meta_tensors(parts: dict[str, Any], source: Path) -> None:
                 raise ValueError(f"{source}: {name} weights missing from the file: {', '.join(empty[:5])}")
 
 
-def load_vae(path: str, reference: AutoencoderKL) -> AutoencoderKL:
-    """The ``--vae`` replacement: a diffusers VAE folder (or a model folder with ``vae/``) or a single file.
+def load_vae(path: str, reference: AutoencoderKL, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+    """The ``--vae`` replacement, in ``dtype``: a diffusers VAE folder (or a model folder with ``vae/``) or a
+    single file.
 
     A single file takes its config (incl. ``scaling_factor``) from ``reference``, the base model's VAE.
     """
     vae_path = Path(path).expanduser()
     if vae_path.is_dir():
         if (vae_path / "config.json").is_file():
-            return AutoencoderKL.from_pretrained(vae_path, local_files_only=True)
+            return AutoencoderKL.from_pretrained(vae_path, torch_dtype=dtype, local_files_only=True)
         if (vae_path / "vae" / "config.json").is_file():
-            return AutoencoderKL.from_pretrained(vae_path, subfolder="vae", local_files_only=True)
+            return AutoencoderKL.from_pretrained(vae_path, subfolder="vae", torch_dtype=dtype, local_files_only=True)
         raise FileNotFoundError(f"--vae {path}: no config.json (or vae/config.json) in this folder")
     if not vae_path.is_file():
         raise FileNotFoundError(f"--vae {path}: no such file or folder; expected a VAE folder or a .safetensors/.ckpt")
@@ -489,7 +563,9 @@ def load_vae(path: str, reference: AutoencoderKL) -> AutoencoderKL:
     with tempfile.TemporaryDirectory(prefix="anlo-vae-config-") as config_dir:
         reference.save_config(config_dir)
         try:
-            return AutoencoderKL.from_single_file(str(vae_path), config=config_dir, local_files_only=True)
+            return AutoencoderKL.from_single_file(
+                str(vae_path), config=config_dir, torch_dtype=dtype, local_files_only=True
+            )
         except (KeyError, RuntimeError, ValueError) as error:
             raise ValueError(f"--vae {path}: not a VAE matching the base model's VAE config: {error}") from error
 

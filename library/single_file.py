@@ -9,6 +9,8 @@ U-Net alone, a damaged file) is a :class:`~library.errors.UserInputError` naming
 
 The expected layout is computed, once per architecture and process, by building the components on the ``meta``
 device (no memory) and naming their weights as the original single files do (``library.ldm_convert``).
+``read_safetensors_tensors`` then reads the tensors of one component at a time, cast to the loading dtype as each
+is read, so that the loader never holds the whole file next to the models.
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ Shapes = dict[str, tuple[int, ...]]
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 # The first U-Net transformer's input projection: a 1×1 convolution or a linear layer, depending on the file.
 PROJ_IN_KEY = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+# safetensors dtype names → torch dtypes (little-endian bytes, as torch stores them on the machines it runs on)
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+} | ({"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2} if hasattr(torch, "float8_e4m3fn") else {})
 
 
 @dataclass(frozen=True)
@@ -90,8 +98,9 @@ _SUPPORTED = "SD 1.x, SD 2.x or SDXL base"
 _OVERRIDE_HINT = "for another model pass --pretrained_model_config DIR (a diffusers folder of its architecture)"
 
 
-def read_safetensors_shapes(path: Path) -> Shapes:
-    """Tensor name → shape from a ``.safetensors`` header, after checking the file holds all the bytes it lists."""
+def read_safetensors_header(path: Path) -> tuple[int, dict[str, dict[str, Any]]]:
+    """The header of a ``.safetensors`` file: its size in bytes and each tensor's entry (``dtype``, ``shape``,
+    ``data_offsets``), after checking the file holds all the bytes the entries list."""
     size = path.stat().st_size
     with open(path, "rb") as handle:
         prefix = handle.read(8)
@@ -107,8 +116,10 @@ def read_safetensors_shapes(path: Path) -> Shapes:
     try:
         header = json.loads(raw)
         entries = {key: value for key, value in header.items() if key != "__metadata__"}
-        shapes = {key: tuple(int(n) for n in value["shape"]) for key, value in entries.items()}
-        data_end = max((int(value["data_offsets"][1]) for value in entries.values()), default=0)
+        for value in entries.values():
+            value["shape"] = tuple(int(n) for n in value["shape"])
+            value["data_offsets"] = tuple(int(n) for n in value["data_offsets"])
+        data_end = max((value["data_offsets"][1] for value in entries.values()), default=0)
     except (ValueError, TypeError, KeyError, AttributeError, IndexError) as error:
         raise UserInputError(f"{path} is not a readable .safetensors file: its header is damaged ({error})") from error
     available = size - 8 - header_size
@@ -117,7 +128,39 @@ def read_safetensors_shapes(path: Path) -> Shapes:
             f"{path} is truncated: its header lists {data_end} bytes of tensor data and the file holds {available}; "
             f"download it again"
         )
-    return shapes
+    return header_size, entries
+
+
+def read_safetensors_shapes(path: Path) -> Shapes:
+    """Tensor name → shape from a ``.safetensors`` header, after checking the file holds all the bytes it lists."""
+    return {key: entry["shape"] for key, entry in read_safetensors_header(path)[1].items()}
+
+
+def cast_floating(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` in ``dtype`` if it holds floating-point values (integer tensors such as position ids stay)."""
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def read_safetensors_tensors(path: Path, keys: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors ``keys`` of a ``.safetensors`` file, floating-point ones cast to ``dtype`` as each is read.
+
+    Reads with plain file reads into tensors of their own (no memory map), so the memory held is that of the
+    tensors returned plus one tensor in the file's dtype while it is cast."""
+    header_size, entries = read_safetensors_header(path)
+    tensors: dict[str, torch.Tensor] = {}
+    with open(path, "rb") as handle:
+        for key in keys:
+            entry = entries[key]
+            if entry["dtype"] not in SAFETENSORS_DTYPES:
+                raise UserInputError(f"{path}: tensor {key} has the dtype {entry['dtype']}, which torch cannot read")
+            start, end = entry["data_offsets"]
+            raw = torch.empty(end - start, dtype=torch.uint8)
+            handle.seek(8 + header_size + start)
+            if handle.readinto(raw.numpy()) != end - start:
+                raise UserInputError(f"{path} is truncated: tensor {key} ends after the end of the file")
+            tensor = raw.view(SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+            tensors[key] = cast_floating(tensor, dtype)
+    return tensors
 
 
 def shapes_of(state_dict: Mapping[str, Any]) -> Shapes:

@@ -354,3 +354,100 @@ def test_inferred_sd2_is_written_as_v2_in_the_metadata() -> None:
                   num_reg_images=0, num_batches_per_epoch=1, num_epochs=1, network_kwargs={})
     assert metadata.training_metadata(args, model_version=models.MODEL_VERSION_SD2, **common)["ss_v2"] == "True"
     assert metadata.training_metadata(args, model_version=models.MODEL_VERSION_SD1, **common)["ss_v2"] == "False"
+
+
+# --- loading in the training dtype ----------------------------------------------------------------------------
+
+
+def _components(bundle: models.ModelBundle) -> dict[str, torch.nn.Module]:
+    loaded = {"unet": bundle.unet, "vae": bundle.vae, "text_encoder": bundle.text_encoders[0]}
+    if bundle.is_sdxl:
+        loaded["text_encoder_2"] = bundle.text_encoders[1]
+    return loaded
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key, suffix, file_dtype, mixed_precision, no_half_vae", [
+    ("sd1", ".safetensors", torch.float16, "bf16", False),
+    ("sd1", ".ckpt", torch.float32, "fp16", True),
+    ("sd2", ".safetensors", torch.float32, "bf16", False),
+    ("sdxl", ".safetensors", torch.float16, "bf16", True),
+    ("sdxl", ".safetensors", torch.float32, "fp16", False),
+])
+def test_single_file_loads_in_the_training_dtype_bit_for_bit(
+    tmp_path: Path, tiny_table: dict, key: str, suffix: str, file_dtype: torch.dtype, mixed_precision: str,
+    no_half_vae: bool,
+) -> None:
+    """Loaded directly in the trainer's dtypes: the same tensors as loading in fp32, then casting as the trainer
+    does (U-Net and text encoders to the mixed-precision dtype, the VAE too unless --no_half_vae)."""
+    state = ldm_convert.components_to_single_file(tiny_table[key], sd2=key == "sd2")
+    state = {name: tensor.to(file_dtype) for name, tensor in state.items()}
+    path = tmp_path / f"model{suffix}"
+    if suffix == ".ckpt":
+        torch.save({"state_dict": state}, path)
+    else:
+        ldm_convert.save_single_file(state, path)
+    sdxl = key == "sdxl"
+    direct = models.load_models(Namespace(pretrained_model_name_or_path=str(path), mixed_precision=mixed_precision,
+                                          no_half_vae=no_half_vae), sdxl=sdxl)
+    reference = models.load_models(Namespace(pretrained_model_name_or_path=str(path)), sdxl=sdxl)
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+    for name, module in _components(reference).items():
+        expected_dtype = torch.float32 if name == "vae" and no_half_vae else half
+        assert {p.dtype for p in module.parameters()} == {torch.float32}, name  # the reference loads in fp32
+        module.to(expected_dtype)
+        expected, actual = module.state_dict(), _components(direct)[name].state_dict()
+        assert actual.keys() == expected.keys(), name
+        for tensor_name, tensor in expected.items():
+            assert actual[tensor_name].dtype == tensor.dtype, f"{name}.{tensor_name}"
+            assert torch.equal(actual[tensor_name], tensor), f"{name}.{tensor_name}"
+        assert {p.dtype for p in _components(direct)[name].parameters()} == {expected_dtype}, name
+
+
+def test_frozen_dtypes_follow_the_trainer() -> None:
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    assert models.frozen_dtypes(Namespace(mixed_precision="bf16")) == (bf16, bf16)
+    assert models.frozen_dtypes(Namespace(mixed_precision="fp16", no_half_vae=True)) == (fp16, fp32)
+    assert models.frozen_dtypes(Namespace(mixed_precision="no")) == (fp32, fp32)
+    assert models.frozen_dtypes(Namespace()) == (fp32, fp32)
+    # weights used before the trainer casts them stay fp32: --base_weights merges, other packages' networks
+    assert models.frozen_dtypes(Namespace(mixed_precision="bf16", base_weights=["b.safetensors"])) == (fp32, bf16)
+    assert models.frozen_dtypes(Namespace(mixed_precision="bf16", network_module="lycoris.kohya")) == (fp32, bf16)
+    assert models.frozen_dtypes(Namespace(mixed_precision="bf16", network_module="networks.dylora")) == (bf16, bf16)
+
+
+def test_safetensors_tensors_are_read_as_safetensors_reads_them(tmp_path: Path) -> None:
+    """The plain-read loader against safetensors' own, for each dtype a checkpoint holds; cast only floats."""
+    tensors = {
+        "f32": torch.randn(3, 5), "f16": torch.randn(7).half(), "bf16": torch.randn(2, 2, 3).bfloat16(),
+        "i64": torch.arange(77)[None], "bool": torch.tensor([True, False, True]), "empty": torch.zeros(0, 4),
+        "u8": torch.arange(9, dtype=torch.uint8),
+    }
+    path = tmp_path / "t.safetensors"
+    ldm_convert.save_single_file(tensors, path)
+    stored = load_file(path)
+    read = single_file.read_safetensors_tensors(path, list(tensors), torch.float32)
+    assert read.keys() == tensors.keys()
+    for name, tensor in stored.items():
+        assert read[name].dtype == (torch.float32 if tensor.is_floating_point() else tensor.dtype), name
+        assert torch.equal(read[name], tensor.to(read[name].dtype)), name
+    half = single_file.read_safetensors_tensors(path, ["f32", "bf16", "i64"], torch.float16)
+    assert [t.dtype for t in half.values()] == [torch.float16, torch.float16, torch.int64]
+    assert torch.equal(half["f32"], stored["f32"].half())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["folder", "embedded"])
+def test_folder_and_embedded_models_load_in_the_training_dtype(tmp_path: Path, source: str) -> None:
+    name = tiny_models.TINY_SDXL
+    if source == "folder":
+        models.save_diffusers_folder(tiny_models.build_tiny(name, models.EMBEDDED_MODEL_SEED), tmp_path / "m")
+        name = str(tmp_path / "m")
+    direct = models.load_models(Namespace(pretrained_model_name_or_path=name, mixed_precision="bf16",
+                                          no_half_vae=True), sdxl=True)
+    reference = models.load_models(Namespace(pretrained_model_name_or_path=name), sdxl=True)
+    for part, module in _components(reference).items():
+        module.to(torch.float32 if part == "vae" else torch.bfloat16)
+        actual = _components(direct)[part].state_dict()
+        for tensor_name, tensor in module.state_dict().items():
+            assert actual[tensor_name].dtype == tensor.dtype and torch.equal(actual[tensor_name], tensor), tensor_name
