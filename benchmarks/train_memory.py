@@ -213,14 +213,18 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
     return specs
 
 
-def run_in_subprocess(spec: dict[str, Any], timeout: float, lock: str | None = None) -> dict[str, Any]:
-    """Run one configuration in a fresh Python process (under ``flock lock`` when given, so that big runs
-    sharing a machine never overlap); its last stdout line is the result as JSON."""
-    command = [sys.executable, "-m", "benchmarks.train_memory", "--child", json.dumps(spec)]
+def run_in_subprocess(
+    spec: dict[str, Any], timeout: float, lock: str | None = None, module: str = "benchmarks.train_memory",
+    child_env: dict[str, str] = CHILD_ENV,
+) -> dict[str, Any]:
+    """Run one configuration in a fresh Python process, ``python -m module --child SPEC`` with ``child_env`` added
+    to the environment (under ``flock lock`` when given, so that big runs sharing a machine never overlap); its
+    last stdout line is the result as JSON."""
+    command = [sys.executable, "-m", module, "--child", json.dumps(spec)]
     if lock:
         command = ["flock", lock, *command]
     completed = subprocess.run(
-        command, cwd=Path(__file__).resolve().parents[1], env={**os.environ, **CHILD_ENV},
+        command, cwd=Path(__file__).resolve().parents[1], env={**os.environ, **child_env},
         capture_output=True, text=True, timeout=timeout,
     )
     if completed.returncode != 0:
