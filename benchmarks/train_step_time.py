@@ -1,22 +1,27 @@
 """Time of whole LoRA training steps through the trainer, per optimizer setting: what ANLO's ``orthogonalize=True``
 and ``lr_free=True`` add to a real step of a full-size SD 1.5 or SDXL LoRA, against ANLO's default and AdamW.
 
-Each run is one subprocess that trains exactly as ``benchmarks/train_memory.py`` does (its trainer, model swap and
-command line: ``NetworkTrainer`` / ``SdxlNetworkTrainer`` with random weights of the published shapes in bf16,
-``--mixed_precision bf16 --cache_latents --network_train_unet_only``, SDXL also ``--cache_text_encoder_outputs``),
-here always with ``--gradient_checkpointing``, batch 1, and the configuration's ``--optimizer_type``,
-``--optimizer_args`` and ``--learning_rate``. Nothing in the trainer changes: the child's trainer subclass wraps
-``training_step`` (forward, backward, clipping, ``optimizer.step()``, the schedule, ``zero_grad``) and the prepared
-optimizer's ``step`` in ``time.perf_counter()`` calls (after ``torch.cuda.synchronize()`` on a GPU).
+Each run is one subprocess that trains as ``benchmarks/train_memory.py`` does (its trainer, model swap and command
+line: ``NetworkTrainer`` / ``SdxlNetworkTrainer`` with random weights of the published shapes,
+``--cache_latents --network_train_unet_only``, SDXL also ``--cache_text_encoder_outputs``), here always with
+``--gradient_checkpointing``, batch 1, ``--mixed_precision`` as given, and the configuration's ``--optimizer_type``,
+``--optimizer_args`` and ``--learning_rate``. The VAE stays the tiny one: it only fills the latent cache before the
+first step, and its latents have the full-size VAE's shape. Nothing in the trainer changes: the child's trainer
+subclass wraps ``training_step`` (forward, backward, clipping, ``optimizer.step()``, the schedule, ``zero_grad``)
+and the prepared optimizer's ``step`` in ``time.perf_counter()`` calls (after ``torch.cuda.synchronize()`` on a
+GPU).
 
 Per configuration it reports the median over every timed step (each run's first step, which allocates the
 optimizer's state and warms caches, is left out), the ratio of that median to the baseline configuration's (the
-first of ``--configs`` run on the same model and rank in the same invocation), and the median of
-``optimizer.step()`` alone. The configurations run interleaved, ``--rounds`` times each in turn, so that load from
+first of ``--configs`` run on the same model and rank in the same invocation), the median of ``optimizer.step()``
+alone, and what the optimizer step adds: its median minus the baseline's, as a share of the baseline's step (the
+rest of the step is the same computation in every configuration, so this is the ratio's part that is not load
+noise). The configurations run interleaved, ``--rounds`` times each in turn, so that load from
 other processes hits all alike. Run from the repository root; full-size runs need several GiB each::
 
     python -m benchmarks.train_step_time --model SD1.5 --rank 32 --resolution 512 --steps 4 --rounds 2 \\
         --configs ANLO ANLO+orthogonalize ANLO+lr_free AdamW --lock /tmp/bigmem.lock
+    python -m benchmarks.train_step_time --model SDXL --mixed_precision no   # a CPU without bf16 arithmetic
 
 Results are appended to ``<out>/train_step_time.jsonl`` as each run finishes (with the invocation's start time) and
 the invocation's table is written to ``<out>/train_step_time.md``. ``--tiny`` runs the tiny test models instead.
@@ -75,7 +80,7 @@ def _timed(function: Callable[..., Any], seconds: list[float]) -> Callable[..., 
 
 def timed_trainer_class(sdxl: bool, full_size: bool) -> type:
     """train_memory's trainer (full-size random weights), timing each ``training_step`` and ``optimizer.step()``."""
-    base = train_memory.trainer_class(sdxl, full_size)
+    base = train_memory.trainer_class(sdxl, full_size, full_size_vae=False)  # the VAE only fills the latent cache
 
     class TimedTrainer(base):
         def __init__(self) -> None:
@@ -98,6 +103,7 @@ def training_argv(spec: dict[str, Any], data: Path, output: Path) -> list[str]:
         dict(spec, optimizer=optimizer, fp8=False, checkpointing=True), data, output
     )
     argv[argv.index("--learning_rate") + 1] = str(learning_rate)
+    argv[argv.index("--mixed_precision") + 1] = spec["mixed_precision"]
     if optimizer_args:
         argv += ["--optimizer_args", *optimizer_args]
     return argv
@@ -144,7 +150,7 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every run, in the order run: each round runs every configuration once."""
     return [
         dict(model=args.model, rank=args.rank, config=config, resolution=args.resolution, steps=args.steps,
-             round=index)
+             mixed_precision=args.mixed_precision, round=index)
         for index in range(args.rounds)
         for config in args.configs
     ]
@@ -168,6 +174,7 @@ def summarize(results: list[dict[str, Any]], baseline: str) -> list[dict[str, An
             timed_steps=len(steps), step_s=statistics.median(steps), min_step_s=min(steps),
             optimizer_s=statistics.median(optimizer_steps), skipped_steps=sum(run["skipped_steps"] for run in runs),
             load=(min(loads), max(loads)), resolution=runs[0]["resolution"], device=runs[0]["device"],
+            mixed_precision=runs[0]["mixed_precision"],
         ))
     for row in rows:
         reference = next((r for r in rows if (r["model"], r["rank"], r["config"]) ==
@@ -179,17 +186,21 @@ def summarize(results: list[dict[str, Any]], baseline: str) -> list[dict[str, An
 
 def markdown_table(rows: list[dict[str, Any]], baseline: str) -> str:
     lines = [
-        f"| model | px | rank | configuration | --optimizer_type | --optimizer_args | --learning_rate | runs × timed "
-        f"steps | median step s | min step s | ÷ {baseline} | optimizer.step() ms | optimizer share | load average |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| model | px | --mixed_precision | rank | configuration | --optimizer_type | --optimizer_args "
+        f"| --learning_rate | runs × timed steps | median step s | min step s | ÷ {baseline} | optimizer.step() ms "
+        f"| optimizer share | optimizer.step() adds | load average |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = "–" if r["ratio"] is None else f"{r['ratio']:.3f}×"
+        reference_step_s = r["step_s"] / r["ratio"] if r["ratio"] else None
+        adds = "–" if reference_step_s is None else f"{r['added_optimizer_s'] / reference_step_s:+.1%}"
         lines.append(
-            f"| {r['model']} | {r['resolution']} | {r['rank']} | {r['config']} | {r['optimizer_type']} "
+            f"| {r['model']} | {r['resolution']} | {r['mixed_precision']} | {r['rank']} | {r['config']} "
+            f"| {r['optimizer_type']} "
             f"| {r['optimizer_args'] or '–'} | {r['learning_rate']:g} | {r['runs']} × {r['timed_steps'] // r['runs']} "
             f"| {r['step_s']:.2f} | {r['min_step_s']:.2f} | {ratio} | {r['optimizer_s'] * 1000:,.0f} "
-            f"| {r['optimizer_s'] / r['step_s']:.1%} | {r['load'][0]:.1f}–{r['load'][1]:.1f} |"
+            f"| {r['optimizer_s'] / r['step_s']:.1%} | {adds} | {r['load'][0]:.1f}–{r['load'][1]:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -201,6 +212,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
                         help="optimizer settings to time; the first is the baseline of the ratio (default: all)")
     parser.add_argument("--resolution", type=int, default=512, help="image side in pixels (default 512)")
+    parser.add_argument("--mixed_precision", default="bf16", choices=["no", "fp16", "bf16"],
+                        help="the trainer's --mixed_precision (default bf16; on a CPU without AVX-512 BF16 or AMX, "
+                        "bf16 convolutions are emulated and hundreds of times slower than fp32: use no)")
     parser.add_argument("--steps", type=int, default=4, help="training steps per run, the first untimed (default 4)")
     parser.add_argument("--rounds", type=int, default=1, help="runs of each configuration, interleaved (default 1)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed per run")
