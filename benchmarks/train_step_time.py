@@ -194,13 +194,13 @@ def markdown_table(rows: list[dict[str, Any]], baseline: str) -> str:
     for r in rows:
         ratio = "–" if r["ratio"] is None else f"{r['ratio']:.3f}×"
         reference_step_s = r["step_s"] / r["ratio"] if r["ratio"] else None
-        adds = "–" if reference_step_s is None else f"{r['added_optimizer_s'] / reference_step_s:+.1%}"
+        adds = "–" if reference_step_s is None else f"{r['added_optimizer_s'] / reference_step_s:+.2%}"
         lines.append(
             f"| {r['model']} | {r['resolution']} | {r['mixed_precision']} | {r['rank']} | {r['config']} "
             f"| {r['optimizer_type']} "
             f"| {r['optimizer_args'] or '–'} | {r['learning_rate']:g} | {r['runs']} × {r['timed_steps'] // r['runs']} "
             f"| {r['step_s']:.2f} | {r['min_step_s']:.2f} | {ratio} | {r['optimizer_s'] * 1000:,.0f} "
-            f"| {r['optimizer_s'] / r['step_s']:.1%} | {adds} | {r['load'][0]:.1f}–{r['load'][1]:.1f} |"
+            f"| {r['optimizer_s'] / r['step_s']:.2%} | {adds} | {r['load'][0]:.1f}–{r['load'][1]:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -223,6 +223,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=train_memory.DEFAULT_OUT,
                         help="folder for train_step_time.jsonl / .md")
     parser.add_argument("--tiny", action="store_true", help="the tiny test models instead (a quick self-check)")
+    parser.add_argument("--table_only", action="store_true",
+                        help="run nothing: write the table of the last invocation recorded in <out>")
     parser.add_argument("--child", type=str, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rank < 1 or args.steps < 2 or args.rounds < 1:
@@ -238,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.child is not None:
         print(json.dumps(run_child(json.loads(args.child))), flush=True)
         return 0
+    if args.table_only:
+        recorded = train_memory.read_results(args.out / "train_step_time.jsonl")
+        results = [result for result in recorded if result["invocation"] == recorded[-1]["invocation"]]
+        return write_table(results, args.out, results[0]["config"])
     invocation = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -251,8 +257,12 @@ def main(argv: list[str] | None = None) -> int:
         steps = ", ".join(f"{seconds:.2f}" for seconds in result["step_seconds"])
         print(f"round {spec['round'] + 1} {spec['model']} rank {spec['rank']} {spec['config']}: steps {steps} s "
               f"({result['seconds']:.0f} s in all)", flush=True)
-    table = markdown_table(summarize(results, args.configs[0]), args.configs[0])
-    with atomic_output(args.out / "train_step_time.md", "w") as handle:
+    return write_table(results, args.out, args.configs[0])
+
+
+def write_table(results: list[dict[str, Any]], out: Path, baseline: str) -> int:
+    table = markdown_table(summarize(results, baseline), baseline)
+    with atomic_output(out / "train_step_time.md", "w") as handle:
         handle.write(table)
     print(table)
     return 0

@@ -63,7 +63,7 @@ def test_medians_leave_out_each_runs_first_step_and_ratios_are_to_the_baseline()
     table = train_step_time.markdown_table(rows, "ANLO")
     # optimizer.step() adds 0.5 s to the baseline's 13 s step: +3.8 %
     assert "| SD1.5 | 512 | bf16 | 32 | ANLO+orthogonalize | ANLO | orthogonalize=True | 0.0001 | 1 × 2 | 12.00 " \
-           "| 11.00 | 0.923× | 600 | 5.0% | +3.8% | 1.0–2.0 |" in table
+           "| 11.00 | 0.923× | 600 | 5.00% | +3.85% | 1.0–2.0 |" in table
 
 
 @pytest.mark.slow
@@ -84,5 +84,15 @@ def test_a_tiny_invocation_times_every_step_without_changing_the_training(tmp_pa
     table = (tmp_path / "train_step_time.md").read_text()
     assert table == capsys.readouterr().out.split("\n", 2)[-1].rstrip("\n") + "\n"
     baseline_row = table.splitlines()[2].split(" | ")
-    assert baseline_row[11] == "1.000×" and baseline_row[14] == "+0.0%"  # the baseline against itself
+    assert baseline_row[11] == "1.000×" and baseline_row[14] == "+0.00%"  # the baseline against itself
     assert len(table.splitlines()) == 4
+
+
+def test_table_only_writes_the_last_invocations_table_without_running(tmp_path):
+    old = dict(_result("ANLO", [9.0, 50.0], [1.0, 1.0]), invocation="A")
+    new = [dict(_result(config, [9.0, seconds], [1.0, 0.5]), invocation="B")
+           for config, seconds in (("ANLO", 10.0), ("AdamW", 12.0))]
+    (tmp_path / "train_step_time.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [old, *new]))
+    assert train_step_time.main(["--table_only", "--out", str(tmp_path)]) == 0
+    rows = (tmp_path / "train_step_time.md").read_text().splitlines()[2:]
+    assert [row.split(" | ")[9:12] for row in rows] == [["10.00", "10.00", "1.000×"], ["12.00", "12.00", "1.200×"]]
