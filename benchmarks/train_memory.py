@@ -53,9 +53,9 @@ CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
 # ------------------------------------------------------------------ the child: one training run
 
 
-def build_full_size(bundle: Any, sdxl: bool) -> Any:
-    """Replace the tiny bundle's U-Net, VAE and text encoders by full-size ones (random weights, bf16); the
-    tokenizers and noise schedule stay (the tiny tokenizer's ids are valid CLIP ids)."""
+def build_full_size(bundle: Any, sdxl: bool, vae: bool = True) -> Any:
+    """Replace the tiny bundle's U-Net, VAE (unless ``vae`` is false) and text encoders by full-size ones (random
+    weights, bf16); the tokenizers and noise schedule stay (the tiny tokenizer's ids are valid CLIP ids)."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -70,10 +70,11 @@ def build_full_size(bundle: Any, sdxl: bool) -> Any:
     try:
         torch.manual_seed(0)
         bundle.unet = UNet2DConditionModel(**(SDXL_UNET if sdxl else SD15_UNET))
-        bundle.vae = AutoencoderKL(  # the SD / SDXL VAE: 83.7 M parameters
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
-        )
+        if vae:
+            bundle.vae = AutoencoderKL(  # the SD / SDXL VAE: 83.7 M parameters
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+            )
         encoders = [CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT, **special))]
         if sdxl:
             encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_BIGG_TEXT, **special,
@@ -97,8 +98,9 @@ def _status_mib(field: str) -> float:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def trainer_class(sdxl: bool, full_size: bool) -> type:
-    """The trainer, with the model swapped for full-size random weights and the peak reset at the first step."""
+def trainer_class(sdxl: bool, full_size: bool, full_size_vae: bool = True) -> type:
+    """The trainer, with the model swapped for full-size random weights (the VAE too when ``full_size_vae``; the
+    tiny one encodes latents of the same shape) and the peak reset at the first step."""
     from library.sdxl import SdxlNetworkTrainer
     from library.trainer import NetworkTrainer
 
@@ -109,7 +111,7 @@ def trainer_class(sdxl: bool, full_size: bool) -> type:
 
         def load_models(self, args: argparse.Namespace) -> Any:
             bundle = super().load_models(args)
-            return build_full_size(bundle, sdxl) if full_size else bundle
+            return build_full_size(bundle, sdxl, vae=full_size_vae) if full_size else bundle
 
         def compute_loss(self, batch: dict, train_text_encoder: bool, weight_dtype: Any) -> Any:
             if self.in_training is None:
@@ -213,14 +215,18 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
     return specs
 
 
-def run_in_subprocess(spec: dict[str, Any], timeout: float, lock: str | None = None) -> dict[str, Any]:
-    """Run one configuration in a fresh Python process (under ``flock lock`` when given, so that big runs
-    sharing a machine never overlap); its last stdout line is the result as JSON."""
-    command = [sys.executable, "-m", "benchmarks.train_memory", "--child", json.dumps(spec)]
+def run_in_subprocess(
+    spec: dict[str, Any], timeout: float, lock: str | None = None, module: str = "benchmarks.train_memory",
+    child_env: dict[str, str] = CHILD_ENV,
+) -> dict[str, Any]:
+    """Run one configuration in a fresh Python process, ``python -m module --child SPEC`` with ``child_env`` added
+    to the environment (under ``flock lock`` when given, so that big runs sharing a machine never overlap); its
+    last stdout line is the result as JSON."""
+    command = [sys.executable, "-m", module, "--child", json.dumps(spec)]
     if lock:
         command = ["flock", lock, *command]
     completed = subprocess.run(
-        command, cwd=Path(__file__).resolve().parents[1], env={**os.environ, **CHILD_ENV},
+        command, cwd=Path(__file__).resolve().parents[1], env={**os.environ, **child_env},
         capture_output=True, text=True, timeout=timeout,
     )
     if completed.returncode != 0:
