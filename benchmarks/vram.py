@@ -63,9 +63,9 @@ MIB = 2**20
 
 
 def build_optimizer(name: str, groups: list[dict[str, Any]], lr: float = 1e-4) -> torch.optim.Optimizer:
-    """ANLO (defaults, or ``orthogonalize=True``), torch AdamW or bitsandbytes AdamW8bit over ``groups``."""
+    """ANLO (without and with ``orthogonalize``, its default), torch AdamW or bitsandbytes AdamW8bit over ``groups``."""
     if name == "ANLO":
-        return ANLO(groups, lr=lr)
+        return ANLO(groups, lr=lr, orthogonalize=False)
     if name == "ANLO+orthogonalize":
         return ANLO(groups, lr=lr, orthogonalize=True)
     plain = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]

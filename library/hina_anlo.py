@@ -847,7 +847,8 @@ class ANLO(torch.optim.Optimizer):
             arXiv 2412.13148; Muon without momentum), singular values far below the largest damped instead.
             From each gradient's small Gram matrix (rank x rank for a LoRA factor): by ``eigh`` on the CPU,
             by Newton-Schulz steps without host synchronization on CUDA. Costs about ``4 r`` flops per
-            parameter (rank ``r``) plus one small decomposition per tensor. (default: False)
+            parameter (rank ``r``) plus one small decomposition per tensor; ``False`` gives the seeds'
+            normalized gradient step. (default: True)
         lr_free: estimate the step size from the distance the zero-initialised tensors (``lora_up``)
             travelled, D-Adaptation's lower bound in closed form (:class:`_LRFreeEstimator`); ``lr`` and every
             group's lr become multipliers of it. Three scalars per tensor, saved in the state dict; one more pass
@@ -883,7 +884,7 @@ class ANLO(torch.optim.Optimizer):
         decoupled_weight_decay: bool = True,
         normalization: Optional[str] = None,
         sinkgd_iterations: int = 0,
-        orthogonalize: bool = False,
+        orthogonalize: bool = True,
         lr_free: bool = False,
         stochastic_rounding: bool = True,
         foreach: Optional[bool] = None,

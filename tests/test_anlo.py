@@ -12,12 +12,16 @@ import logging
 import math
 import pickle
 import warnings
+from functools import partial
 
 import pytest
 import torch
 
 from library import hina_anlo
 from library.hina_anlo import ANLO, lora_module_key
+
+# The seeds' normalized step, which these tests check against its reference: orthogonalize (on by default) off.
+SeedANLO = partial(ANLO, orthogonalize=False)
 
 # --------------------------------------------------------------------------------------------------
 # independent reference
@@ -139,7 +143,7 @@ def _build(params, group_configs, names=NAMES, normalization="alternating", **kw
         groups.append(
             {"params": [params[i] for i in idx], "param_names": [names[i] for i in idx], **_group_options(c)}
         )
-    return ANLO(groups, normalization=normalization, **kwargs)
+    return SeedANLO(groups, normalization=normalization, **kwargs)
 
 
 def _run(opt, params, grad_steps):
@@ -185,12 +189,12 @@ def test_default_normalization_is_layer():
         }
         for group in range(2)
     ]
-    opt = ANLO(groups)
+    opt = SeedANLO(groups)
     _run(opt, params, grads)
     _assert_close_to_reference(params, expected, rtol=1e-12, atol=1e-14)
     assert opt.get_normalization_stats()["normalization"] == "layer"
     # A normalize_frequency other than 1 only means something when alternating, so it selects that.
-    assert ANLO(groups, normalize_frequency=2).normalization == "alternating"
+    assert SeedANLO(groups, normalize_frequency=2).normalization == "alternating"
 
 
 def test_a_layer_of_three_tensors_across_groups_shares_one_norm():
@@ -202,7 +206,7 @@ def test_a_layer_of_three_tensors_across_groups_shares_one_norm():
     grads = [[torch.randn(p.shape, generator=gen, dtype=torch.float64) * (i + 1) for i, p in enumerate(params)]] * 2
     configs = [_config(lr=1e-2, decoupled=True), _config(lr=1.6e-1, decoupled=True)]
     expected = reference_anlo(params, grads, [configs[0]] * 3 + [configs[1]], [0, 0, 1, 0], normalization="layer")
-    opt = ANLO([
+    opt = SeedANLO([
         {"params": params[:3], "param_names": names[:3], "lr": 1e-2},
         {"params": params[3:], "param_names": names[3:], "lr": 1.6e-1},
     ])  # fmt: skip
@@ -343,10 +347,10 @@ def test_global_norm_spans_groups():
     """Splitting the same tensors into several groups with the same options changes nothing."""
     grads = _make_grads(4)
     params_one = _make_params()
-    opt_one = ANLO([{"params": params_one, "param_names": NAMES}], lr=1e-2, normalization="global")
+    opt_one = SeedANLO([{"params": params_one, "param_names": NAMES}], lr=1e-2, normalization="global")
     params_split = _make_params()
     groups = [{"params": [params_split[i]], "param_names": [NAMES[i]]} for i in range(len(NAMES))]
-    opt_split = ANLO(groups, lr=1e-2, normalization="global")
+    opt_split = SeedANLO(groups, lr=1e-2, normalization="global")
     _run(opt_one, params_one, grads)
     _run(opt_split, params_split, grads)
     for a, b in zip(params_one, params_split):
@@ -366,7 +370,7 @@ def test_named_parameters_and_pairs_define_layers():
     model = torch.nn.ModuleDict({"q": Lora(), "k": Lora()})
     lr = 1e-3
     for params_arg in (model.named_parameters(), [(n, p) for n, p in model.named_parameters()]):
-        opt = ANLO(params_arg, lr=lr, normalization="alternating")
+        opt = SeedANLO(params_arg, lr=lr, normalization="alternating")
         assert opt.param_groups[0]["param_names"] == [n for n, _ in model.named_parameters()]
         for p in model.parameters():
             p.grad = torch.randn_like(p) * (10 if p.shape[0] == 5 else 1)
@@ -382,7 +386,7 @@ def test_named_parameters_and_pairs_define_layers():
 
 def test_unnamed_parameters_are_their_own_layers():
     params = _make_params()
-    opt = ANLO(params, lr=1e-3)
+    opt = SeedANLO(params, lr=1e-3)
     _run(opt, params, _make_grads(1))
     before = [p.detach().clone() for p in params]
     _run(opt, params, _make_grads(1, seed=5))
@@ -437,7 +441,7 @@ def test_parameters_without_grad_are_skipped_and_not_counted():
     # N and the global norm exclude the frozen tensor: same result as an optimizer without it.
     others = [i for i in range(len(params)) if i != 3]
     params_without = [p for i, p in enumerate(_make_params()) if i != 3]
-    opt_without = ANLO(
+    opt_without = SeedANLO(
         [{"params": params_without, "param_names": [NAMES[i] for i in others]}], lr=1e-2, normalization="alternating"
     )
     for p, i in zip(params_without, others):
@@ -463,7 +467,7 @@ def test_non_finite_gradient_skips_step(bad, step_index, on_host):
     params = _make_params(torch.float32)
     params.append(torch.ones(3, dtype=torch.bfloat16, requires_grad=True))
     names = NAMES + ["bf16.lora_down.weight"]
-    opt = ANLO([{"params": params, "param_names": names, "weight_decay": 0.1}], lr=1e-2, normalization="alternating")
+    opt = SeedANLO([{"params": params, "param_names": names, "weight_decay": 0.1}], lr=1e-2, normalization="alternating")
     _run(opt, params, [[torch.randn_like(p) for p in params]] * step_index)
     before = [p.detach().clone() for p in params]
     grads = [torch.randn_like(p) for p in params]
@@ -587,7 +591,7 @@ def test_load_state_dict_drops_foreign_per_parameter_state():
         [{"params": [params[i] for i in range(8) if GROUP_OF[i] == g]} for g in range(2)], lr=1e-3
     )
     _run(adamw, params, _make_grads(1))
-    opt = ANLO([{"params": [params[i] for i in range(8) if GROUP_OF[i] == g]} for g in range(2)], lr=1e-3)
+    opt = SeedANLO([{"params": [params[i] for i in range(8) if GROUP_OF[i] == g]} for g in range(2)], lr=1e-3)
     with pytest.warns(UserWarning, match="per-parameter state"):
         opt.load_state_dict(adamw.state_dict())
     assert len(opt.state) == 0 and opt.param_groups[0]["layer_norm_weight"] == 1.0
@@ -613,7 +617,7 @@ def test_pickle_keeps_step_and_options():
     clone = pickle.loads(pickle.dumps(opt))
     assert clone.get_normalization_stats()["step_count"] == 4 and clone.normalize_frequency == 3
     assert clone.normalization == "alternating"
-    single_mode = ANLO([torch.zeros(1, requires_grad=True)], normalization="global")
+    single_mode = SeedANLO([torch.zeros(1, requires_grad=True)], normalization="global")
     assert pickle.loads(pickle.dumps(single_mode)).normalization == "global"
     copied = copy.deepcopy(opt)
     assert copied.state_dict()["anlo_step"] == 4
@@ -674,7 +678,7 @@ def test_bfloat16_stochastic_rounding_makes_progress():
     results = {}
     for stochastic in (True, False):
         weight = torch.ones(4096, dtype=torch.bfloat16, requires_grad=True)
-        opt = ANLO([weight], lr=lr, stochastic_rounding=stochastic)
+        opt = SeedANLO([weight], lr=lr, stochastic_rounding=stochastic)
         for _ in range(steps):
             weight.grad = torch.ones_like(weight)  # unit RMS already: every element moves by lr
             opt.step()
@@ -705,7 +709,7 @@ def test_stochastic_rounding_is_unbiased_and_exact_on_representable_values():
 def test_sparse_gradients_are_rejected():
     embedding = torch.nn.Embedding(10, 3, sparse=True)
     embedding(torch.tensor([1, 2])).sum().backward()
-    opt = ANLO(embedding.parameters())
+    opt = SeedANLO(embedding.parameters())
     before = embedding.weight.detach().clone()
     with pytest.raises(RuntimeError, match="sparse gradients"):
         opt.step()
@@ -724,7 +728,7 @@ def test_cautious_gate_fires_exactly_when_coupled_decay_turns_the_update(p0, fir
     """
     lr, wd = 1e-3, 0.1
     p = torch.tensor([p0, 0.0], dtype=torch.float64, requires_grad=True)
-    opt = ANLO([p], lr=lr, weight_decay=wd, decoupled_weight_decay=False, use_cautious_update=True,
+    opt = SeedANLO([p], lr=lr, weight_decay=wd, decoupled_weight_decay=False, use_cautious_update=True,
                adaptive_eps=False, eps=0.0, normalization="global")  # the gate can fire only with coupled decay
     p.grad = torch.tensor([0.0, 1.0], dtype=torch.float64)
     opt.step()
@@ -741,7 +745,7 @@ def test_cautious_gate_fires_exactly_when_coupled_decay_turns_the_update(p0, fir
 
 def test_cautious_gate_never_fires_without_coupled_decay():
     params = _make_params()
-    opt = ANLO(params, lr=1e-2, use_cautious_update=True, cautious_threshold=1.0, weight_decay=0.5, decoupled_weight_decay=True)
+    opt = SeedANLO(params, lr=1e-2, use_cautious_update=True, cautious_threshold=1.0, weight_decay=0.5, decoupled_weight_decay=True)
     _run(opt, params, _make_grads(5))
     stats = opt.get_cautious_update_stats()
     assert stats["fired_total"] == 0 and stats["evaluated_total"] == 5 * len(params)
@@ -773,7 +777,7 @@ def test_foreach_and_for_loop_paths_agree():
 
 def test_closure_runs_with_grad_and_returns_loss():
     weight = torch.tensor([1.0, 2.0], requires_grad=True)
-    opt = ANLO([weight], lr=0.1)
+    opt = SeedANLO([weight], lr=0.1)
 
     def closure():
         opt.zero_grad()
@@ -791,7 +795,7 @@ def test_weight_decay_is_decoupled_by_default():
     """The default the LoRA benchmark supports: p <- p * (1 - lr * wd) - lr * s * g, g alone normalized."""
     p = torch.tensor([3.0, -4.0], dtype=torch.float64, requires_grad=True)
     p.grad = torch.tensor([1.0, 1.0], dtype=torch.float64)
-    ANLO([p], lr=0.1, weight_decay=0.5, adaptive_eps=False, eps=0.0).step()
+    SeedANLO([p], lr=0.1, weight_decay=0.5, adaptive_eps=False, eps=0.0).step()
     expected = torch.tensor([3.0, -4.0], dtype=torch.float64) * (1 - 0.1 * 0.5) - 0.1 * torch.tensor([1.0, 1.0])
     torch.testing.assert_close(p.detach(), expected, rtol=1e-7, atol=0)  # coefficients are float32
 
@@ -819,7 +823,7 @@ def test_sinkgd_iterations_rescale_rows_and_columns_before_the_step():
     bias.grad = torch.randn(3, generator=generator, dtype=torch.float64)
     expected_down = torch.tensor(_sinkgd_reference(down.grad.tolist(), 3), dtype=torch.float64)
     expected_bias = bias.grad.clone()  # 1-D: left alone
-    ANLO([down, bias], lr=0.1, sinkgd_iterations=3, adaptive_eps=False, eps=0.0, normalization="global").step()
+    SeedANLO([down, bias], lr=0.1, sinkgd_iterations=3, adaptive_eps=False, eps=0.0, normalization="global").step()
 
     torch.testing.assert_close(down.grad, expected_down, rtol=1e-12, atol=0)  # rewritten in place
     torch.testing.assert_close(bias.grad, expected_bias, rtol=0, atol=0)
@@ -854,6 +858,20 @@ def test_orthogonalize_replaces_every_matrix_gradient_by_its_polar_factor_before
     scale = 0.1 * math.sqrt(sum(p.numel() for p in params.values())) / total
     for key, p in params.items():
         torch.testing.assert_close(p.detach(), -scale * expected[key], rtol=1e-12, atol=0, msg=key)
+
+
+def test_orthogonalize_is_the_default():
+    """Constructed without the option, ANLO orthogonalizes: each matrix gradient becomes its polar factor."""
+    generator = torch.Generator().manual_seed(7)
+    p = torch.zeros(3, 7, dtype=torch.float64, requires_grad=True)
+    p.grad = torch.randn(3, 7, generator=generator, dtype=torch.float64)
+    expected = _polar_reference(p.grad)
+    optimizer = ANLO([p], lr=0.1, adaptive_eps=False, eps=0.0)
+    assert optimizer.orthogonalize is True
+    optimizer.step()
+    torch.testing.assert_close(p.grad, expected, rtol=0, atol=1e-12)
+    scale = 0.1 * math.sqrt(p.numel()) / float(expected.norm())  # then a layer step to unit RMS times lr
+    torch.testing.assert_close(p.detach(), -scale * expected, rtol=1e-12, atol=0)
 
 
 def test_orthogonalize_damps_singular_values_below_the_floor_and_keeps_zero_ones_zero():
@@ -1008,16 +1026,16 @@ def test_orthogonalize_with_a_non_finite_gradient_skips_the_step():
 )
 def test_invalid_arguments_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=rf"Invalid {name}: "):
-        ANLO([torch.zeros(1, requires_grad=True)], **kwargs)
+        SeedANLO([torch.zeros(1, requires_grad=True)], **kwargs)
 
 
 def test_invalid_group_options_and_names():
     p = torch.zeros(2, requires_grad=True)
     with pytest.raises(ValueError, match="Invalid lr: -0.5"):
-        ANLO([{"params": [p], "lr": -0.5}])
+        SeedANLO([{"params": [p], "lr": -0.5}])
     with pytest.raises(ValueError, match="Invalid param_names"):
-        ANLO([{"params": [p], "param_names": ["a", "b"]}])
-    opt = ANLO([p])
+        SeedANLO([{"params": [p], "param_names": ["a", "b"]}])
+    opt = SeedANLO([p])
     with pytest.raises(ValueError, match="Invalid cautious_scale"):
         opt.add_param_group({"params": [torch.zeros(1, requires_grad=True)], "cautious_scale": -1.0})
     assert len(opt.param_groups) == 1
@@ -1026,9 +1044,9 @@ def test_invalid_group_options_and_names():
 def test_unknown_keyword_arguments_are_a_type_error():
     p = [torch.zeros(1, requires_grad=True)]
     with pytest.raises(TypeError, match=r"'betas'.*Valid arguments: params, lr, eps"):
-        ANLO(p, betas=(0.9, 0.999))
+        SeedANLO(p, betas=(0.9, 0.999))
     with pytest.raises(TypeError, match=r"'normalise_frequency' \(did you mean 'normalize_frequency'\?\)"):
-        ANLO(p, normalise_frequency=2)
+        SeedANLO(p, normalise_frequency=2)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ update_p = lr_group · √N · g_p / (‖g‖ + eps), over all parameters (globa
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -15,6 +16,9 @@ import torch
 from library.hina_anlo import ANLO
 from library.tiny_models import build_tiny
 from networks.lora import create_network
+
+# The seeds' normalized step, which these tests check against its reference: orthogonalize (on by default) off.
+SeedANLO = partial(ANLO, orthogonalize=False)
 
 EPS = 1e-8
 TOKENS = torch.tensor([[0, 5, 17, 42, 99, 1, 1], [0, 7, 8, 9, 1, 1, 1]])
@@ -66,7 +70,7 @@ def test_anlo_steps_on_lora_groups_match_the_definition():
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
     groups, descriptions = network.prepare_optimizer_params(2e-4, 1e-3, 1e-3)
     assert descriptions == ["textencoder", "textencoder plus", "unet", "unet plus"]
-    optimizer = ANLO(groups, lr=1e-3, eps=EPS, adaptive_eps=False, normalization="alternating", normalize_frequency=1)
+    optimizer = SeedANLO(groups, lr=1e-3, eps=EPS, adaptive_eps=False, normalization="alternating", normalize_frequency=1)
     params = dict(network.named_parameters())
 
     for mode in ("global", "layer"):  # step 0 is global, step 1 layer (normalize_frequency=1)
@@ -86,7 +90,7 @@ def test_layer_mode_without_param_names_normalizes_each_tensor():
     network.apply_to(text_encoder, unet, apply_text_encoder=False)
     groups, _ = network.prepare_optimizer_params(None, 1e-3, 1e-3)
     unnamed = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
-    optimizer = ANLO(unnamed, lr=1e-3, eps=EPS, adaptive_eps=False, normalization="layer")
+    optimizer = SeedANLO(unnamed, lr=1e-3, eps=EPS, adaptive_eps=False, normalization="layer")
     loss_of(text_encoder, unet).backward()
     params = [p for g in unnamed for p in g["params"]]
     grads = [p.grad.detach().clone() for p in params]
@@ -110,7 +114,7 @@ def test_lycoris_network_trains_with_anlo():
     groups = network.prepare_optimizer_params(1e-4, 1e-3, 1e-3)
     groups = groups[0] if isinstance(groups, tuple) else groups
     before = {name: p.detach().clone() for name, p in network.named_parameters()}
-    optimizer = ANLO(groups, lr=1e-3)
+    optimizer = SeedANLO(groups, lr=1e-3)
     for _ in range(3):
         optimizer.zero_grad(set_to_none=True)
         loss = loss_of(text_encoder, unet)
@@ -138,7 +142,7 @@ def test_lycoris_groups_get_names_so_anlo_normalizes_each_module():
     assert all(named[n] is p for g in groups for n, p in zip(g["param_names"], g["params"]))
 
     lr = 1e-3
-    optimizer = ANLO(groups, lr=lr, adaptive_eps=False)  # every step a layer step (the default)
+    optimizer = SeedANLO(groups, lr=lr, adaptive_eps=False)  # every step a layer step (the default)
     for step in range(2):
         for name, p in named.items():
             scale = 10.0 if "lora_up" in name else 1.0  # the halves of a module get gradients of different sizes
