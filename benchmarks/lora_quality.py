@@ -310,9 +310,9 @@ def train_run(
     setup: Setup, spec: OptimizerSpec, lr: float, seed: int, steps: int, eval_every: int, initial_loss: float,
     rank: int = NETWORK_DIM, alpha: float = NETWORK_ALPHA,
 ) -> tuple[RunResult, UNet2DConditionModel]:
-    """Train a fresh LoRA (``rank``, ``alpha``) on the new concept with ``spec`` at ``lr``; the batches, noise and timesteps
-    depend only on ``seed``, so every optimizer sees the same data. Returns the curve and the trained (LoRA-applied)
-    U-Net."""
+    """Train a fresh LoRA (``rank``, ``alpha``) on the new concept with ``spec`` at ``lr``; the batches, noise and
+    timesteps depend only on ``seed``, so every optimizer sees the same data. Returns the curve and the trained
+    (LoRA-applied) U-Net."""
     start = time.perf_counter()
     unet = copy.deepcopy(setup.base)
     network = attach_lora(unet, seed, rank, alpha)
@@ -457,7 +457,9 @@ def plot(results: list[RunResult], rows: list[Row], lrs: tuple[float, ...], path
         right.plot(*zip(*finals), marker="o", color=line.get_color(), label=row.label)
     target = min(curves[("AdamW", next(r.best_lr for r in rows if r.label == "AdamW"))][1])
     left.axhline(target, color="gray", linestyle="--", linewidth=1, label="AdamW best")
-    left.set(xlabel="step", ylabel=f"validation ε-MSE (held-out {concept}s)", title="validation loss at best lr (±1 std)")
+    left.set(
+        xlabel="step", ylabel=f"validation ε-MSE (held-out {concept}s)", title="validation loss at best lr (±1 std)"
+    )
     right.set(xscale="log", xlabel="learning rate", ylabel="final validation ε-MSE", title="lr sensitivity")
     left.legend(fontsize=8)
     right.legend(fontsize=8)
@@ -535,10 +537,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=NETWORK_DIM, help=f"LoRA rank (default {NETWORK_DIM})")
     parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: half the rank)")
     parser.add_argument("--concept", type=int, default=DigitsConfig.concept,
-                        help=f"the digit held out of pretraining and taught to the LoRA (default {DigitsConfig.concept})")
+                        help=f"the digit held out of pretraining and taught to the LoRA "
+                        f"(default {DigitsConfig.concept})")
     parser.add_argument("--image_size", type=int, default=DigitsConfig.image_size,
                         help=f"image side in px; the {DigitsConfig.image_size}-px scans are resized bilinearly "
                         f"(default {DigitsConfig.image_size}: native)")
+    parser.add_argument("--pretrain_steps", type=int, default=DigitsConfig.pretrain_steps,
+                        help=f"AdamW steps that pretrain the base U-Net (default {DigitsConfig.pretrain_steps})")
     parser.add_argument("--lrs", nargs="+", type=float, default=list(LR_GRID),
                         help=f"the learning-rate grid (default: {' '.join(f'{lr:g}' for lr in LR_GRID)})")
     others = [label for label in optimizer_specs() if label not in MAIN_OPTIMIZERS]
@@ -557,13 +562,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--lrs: expected positive learning rates, got {args.lrs}")
     if args.variant_seeds is None:
         args.variant_seeds = args.seeds
-    for name in ("seeds", "variant_seeds", "steps", "eval_every", "draws", "rank"):
+    for name in ("seeds", "variant_seeds", "steps", "eval_every", "draws", "rank", "pretrain_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name}: expected a positive integer, got {getattr(args, name)}")
     if not 0 <= args.concept < NUM_CLASSES:
         parser.error(f"--concept: expected a digit 0..{NUM_CLASSES - 1}, got {args.concept}")
     if args.image_size < DigitsConfig.image_size or args.image_size % 2:
-        parser.error(f"--image_size: expected an even number of px >= {DigitsConfig.image_size}, got {args.image_size}")
+        parser.error(
+            f"--image_size: expected an even number of px >= {DigitsConfig.image_size}, got {args.image_size}"
+        )
     if args.alpha is None:
         args.alpha = args.rank / 2
     if not args.alpha > 0:
@@ -631,14 +638,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
     if args.smoke:
-        config = DigitsConfig(concept=args.concept, image_size=args.image_size, pretrain_steps=5, pretrain_batch_size=16)
+        config = DigitsConfig(
+            concept=args.concept, image_size=args.image_size, pretrain_steps=5, pretrain_batch_size=16
+        )
         temp = tempfile.TemporaryDirectory()
         cache_dir = Path(temp.name) / "cache"
         args.out = args.out if args.out != DEFAULT_OUT else Path(temp.name) / "results"
         seeds, variant_seeds, steps, eval_every, draws, lrs = 1, 1, 10, 5, 1, SMOKE_LRS
         labels = list(args.optimizers or SMOKE_OPTIMIZERS)
     else:
-        config = DigitsConfig(concept=args.concept, image_size=args.image_size)
+        config = DigitsConfig(concept=args.concept, image_size=args.image_size, pretrain_steps=args.pretrain_steps)
         cache_dir = args.cache_dir
         seeds, variant_seeds, lrs = args.seeds, args.variant_seeds, tuple(args.lrs)
         steps, eval_every, draws = args.steps, args.eval_every, args.draws
@@ -661,8 +670,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `{command.strip()}`  \n"
         f"Machine: {env['cpu']}, {env['torch_threads']} torch thread(s); torch {env['torch']}, "
         f"diffusers {env['diffusers']}; {env['date']}; wall time {wall / 60:.1f} min  \n"
-        f"Setup: {len(setup.train_images)} training / {len(setup.val_images) // draws} held-out {setup.config.concept}s, "
-        f"{setup.config.image_size}² px, LoRA rank {args.rank} alpha {args.alpha:g}, batch {BATCH_SIZE}, "
+        f"Setup: {len(setup.train_images)} training / {len(setup.val_images) // draws} held-out "
+        f"{setup.config.concept}s, {setup.config.image_size}² px (base: {setup.config.pretrain_steps} steps), "
+        f"LoRA rank {args.rank} alpha {args.alpha:g}, batch {BATCH_SIZE}, "
         f"{steps} steps, {seeds} seed(s) for {' and '.join(REFERENCE_PAIR)}, {variant_seeds} for the others, "
         f"lr grid {', '.join(lr_text(lr) for lr in lrs)}; "
         f"validation: {len(setup.val_images)} fixed draws, evaluated every {eval_every} steps.  \n"

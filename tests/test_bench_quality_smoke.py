@@ -55,7 +55,7 @@ def test_smoke_run_on_another_concept_and_image_size(tmp_path) -> None:
     report = json.loads((tmp_path / "lora_quality.json").read_text())
     assert (report["config"]["concept"], report["config"]["image_size"]) == (3, 16)
     threes = int((load_digits().target == 3).sum())  # 183 scans of a 3
-    assert f"100 training / {threes - 100} held-out 3s, 16² px" in (tmp_path / "lora_quality.md").read_text()
+    assert f"100 training / {threes - 100} held-out 3s, 16² px (base: 5 steps)" in (tmp_path / "lora_quality.md").read_text()
     assert all(math.isfinite(x) for r in report["runs"] for x in r["losses"])
 
 
@@ -93,13 +93,17 @@ def test_cache_key_tells_concepts_and_image_sizes_apart() -> None:
     from benchmarks.digits_unet import DigitsConfig
 
     keys = {DigitsConfig(concept=c, image_size=s).cache_key() for c in (3, 9) for s in (8, 16)}
-    assert len(keys) == 4
+    keys.add(DigitsConfig(pretrain_steps=300).cache_key())
+    assert len(keys) == 5
     assert DigitsConfig().cache_key() == DigitsConfig(concept=9, image_size=8).cache_key()
 
 
-def test_concept_and_image_size_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
+def test_concept_image_size_and_pretrain_steps_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
     args = lq.parse_args([])
-    assert (args.concept, args.image_size) == (9, 8)
+    assert (args.concept, args.image_size, args.pretrain_steps) == (9, 8, 1500)
+    with pytest.raises(SystemExit):
+        lq.parse_args(["--pretrain_steps", "0"])
+    assert "--pretrain_steps: expected a positive integer, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         lq.parse_args(["--concept", "10"])
     assert "--concept: expected a digit 0..9, got 10" in capsys.readouterr().err
