@@ -1,13 +1,15 @@
 """A small SD-architecture diffusion model pretrained on scikit-learn's digits, for the LoRA-quality benchmark.
 
 The data ships with scikit-learn (``load_digits``: 1797 scans of 8×8 pixels, values 0..16), so nothing is
-downloaded. Each scan is upsampled to ``image_size``² and scaled to [-1, 1]; the pixels are used directly as a
+downloaded. Each scan is resized to ``image_size``² (bilinear, ``align_corners=False``; the identity at the native
+8 px) and scaled to [-1, 1]; the pixels are used directly as a
 one-channel "latent" (no VAE). The model is a diffusers ``UNet2DConditionModel`` with cross-attention at every
 level, conditioned on a fixed random "caption" embedding per digit (``tokens`` × ``cross_attention_dim``), and
 trained with Stable Diffusion's DDPM ε-objective (scaled-linear betas 0.00085..0.012, 1000 steps).
 
-``pretrained_unet(config, cache_dir)`` trains it on the digits 0–8 once and caches the weights on disk, keyed by
-a hash of the config; the benchmark then teaches digit 9 to a LoRA under a caption the model has never seen.
+``pretrained_unet(config, cache_dir)`` trains it on every digit except ``config.concept`` (9 by default) once and
+caches the weights on disk, keyed by a hash of the config; the benchmark then teaches the held-out digit to a LoRA
+under a caption the model has never seen.
 """
 
 from __future__ import annotations
@@ -27,13 +29,13 @@ from safetensors.torch import load_file, save_file
 from sklearn.datasets import load_digits
 
 NUM_CLASSES = 10
-NEW_CONCEPT = 9  # the digit held out of pretraining and taught to the LoRA
 
 
 @dataclass(frozen=True)
 class DigitsConfig:
     """Everything that determines the pretrained model; its hash names the cache file."""
 
+    concept: int = 9  # the digit held out of pretraining and taught to the LoRA
     image_size: int = 8
     block_out_channels: tuple[int, ...] = (32, 64)
     layers_per_block: int = 1
@@ -106,12 +108,12 @@ def diffusion_loss(
 
 
 def pretrain(config: DigitsConfig) -> UNet2DConditionModel:
-    """Train the U-Net from scratch on the digits 0..8 (every class except ``NEW_CONCEPT``)."""
+    """Train the U-Net from scratch on every digit except ``config.concept``."""
     torch.manual_seed(config.seed)
     unet = build_unet(config)
     scheduler = noise_scheduler()
     images, labels = load_digit_images(config.image_size)
-    keep = labels != NEW_CONCEPT
+    keep = labels != config.concept
     images, labels = images[keep], labels[keep]
     captions = caption_embeddings(config)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.pretrain_lr, weight_decay=0.0)

@@ -2,7 +2,8 @@
 
 Setup (see ``benchmarks/digits_unet.py``): an SD-architecture U-Net pretrained on scikit-learn's digits 0–8
 learns digit 9 through a LoRA (``networks.lora``, kohya's U-Net targets) under a caption embedding it has never
-seen. The score is the diffusion (ε-MSE) loss on held-out 9s at FIXED noise and timesteps (stratified over
+seen (``--concept`` holds out another digit instead; ``--image_size`` resizes the 8×8 scans, bilinear). The score
+is the diffusion (ε-MSE) loss on held-out images of the new digit at FIXED noise and timesteps (stratified over
 0..999), measured along training. Every optimizer is run on the same learning-rate grid and seeds (``--seeds``
 for AdamW and ANLO; ``--variant_seeds``, by default the same, for the other variants) and is reported at its
 best lr (lowest mean final loss):
@@ -48,7 +49,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from benchmarks.digits_unet import (
-    NEW_CONCEPT,
+    NUM_CLASSES,
     DigitsConfig,
     caption_embeddings,
     diffusion_loss,
@@ -74,7 +75,7 @@ SMOKE_LRS = (1e-4, 1e-3)
 NETWORK_DIM = 8
 NETWORK_ALPHA = 4.0
 BATCH_SIZE = 16
-TRAIN_IMAGES = 100  # of the 180 nines; the rest are the held-out validation images
+TRAIN_IMAGES = 100  # of the new digit's ~180 scans (180 nines); the rest are the held-out validation images
 EVAL_BATCH = 512
 WEIGHT_DECAY = 1e-2  # for the ANLO weight-decay variants (AdamW's own default is also 1e-2)
 DEFAULT_CACHE = Path(__file__).resolve().parent / "cache"
@@ -286,14 +287,15 @@ def validation_draws(images: torch.Tensor, draws_per_image: int, seed: int) -> t
 
 
 def make_setup(config: DigitsConfig, cache_dir: Path, draws_per_image: int, draw_seed: int = 1000) -> Setup:
-    """Load (or pretrain) the base model and split the nines into training and held-out validation images."""
+    """Load (or pretrain) the base model and split the new concept's images into training and held-out
+    validation images."""
     base = pretrained_unet(config, cache_dir)
     images, labels = load_digit_images(config.image_size)
-    nines = images[labels == NEW_CONCEPT]
-    order = torch.randperm(len(nines), generator=torch.Generator().manual_seed(0))
-    train, held_out = nines[order[:TRAIN_IMAGES]], nines[order[TRAIN_IMAGES:]]
+    concept = images[labels == config.concept]
+    order = torch.randperm(len(concept), generator=torch.Generator().manual_seed(0))
+    train, held_out = concept[order[:TRAIN_IMAGES]], concept[order[TRAIN_IMAGES:]]
     val_images, val_noise, val_timesteps = validation_draws(held_out, draws_per_image, draw_seed)
-    context = caption_embeddings(config)[NEW_CONCEPT].unsqueeze(0)
+    context = caption_embeddings(config)[config.concept].unsqueeze(0)
     return Setup(config, base, train, val_images, val_noise, val_timesteps, context)
 
 
@@ -334,9 +336,9 @@ def train_run(
     setup: Setup, spec: OptimizerSpec, lr: float, seed: int, steps: int, eval_every: int, initial_loss: float,
     rank: int = NETWORK_DIM, alpha: float = NETWORK_ALPHA,
 ) -> tuple[RunResult, UNet2DConditionModel]:
-    """Train a fresh LoRA (``rank``, ``alpha``) on the nines with ``spec`` at ``lr``; the batches, noise and timesteps
-    depend only on ``seed``, so every optimizer sees the same data. Returns the curve and the trained (LoRA-applied)
-    U-Net."""
+    """Train a fresh LoRA (``rank``, ``alpha``) on the new concept with ``spec`` at ``lr``; the batches, noise and
+    timesteps depend only on ``seed``, so every optimizer sees the same data. Returns the curve and the trained
+    (LoRA-applied) U-Net."""
     start = time.perf_counter()
     unet = copy.deepcopy(setup.base)
     network = attach_lora(unet, seed, rank, alpha)
@@ -462,7 +464,7 @@ def markdown_table(rows: list[Row], reference: str = "AdamW") -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: list[RunResult], rows: list[Row], lrs: tuple[float, ...], path: Path) -> None:
+def plot(results: list[RunResult], rows: list[Row], lrs: tuple[float, ...], path: Path, concept: int) -> None:
     """Validation curves at each optimizer's best lr, and final loss against lr."""
     import matplotlib
 
@@ -481,7 +483,9 @@ def plot(results: list[RunResult], rows: list[Row], lrs: tuple[float, ...], path
         right.plot(*zip(*finals), marker="o", color=line.get_color(), label=row.label)
     target = min(curves[("AdamW", next(r.best_lr for r in rows if r.label == "AdamW"))][1])
     left.axhline(target, color="gray", linestyle="--", linewidth=1, label="AdamW best")
-    left.set(xlabel="step", ylabel="validation ε-MSE (held-out 9s)", title="validation loss at best lr (±1 std)")
+    left.set(
+        xlabel="step", ylabel=f"validation ε-MSE (held-out {concept}s)", title="validation loss at best lr (±1 std)"
+    )
     right.set(xscale="log", xlabel="learning rate", ylabel="final validation ε-MSE", title="lr sensitivity")
     left.legend(fontsize=8)
     right.legend(fontsize=8)
@@ -558,6 +562,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--draws", type=int, default=4, help="validation draws (noise, timestep) per held-out image")
     parser.add_argument("--rank", type=int, default=NETWORK_DIM, help=f"LoRA rank (default {NETWORK_DIM})")
     parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: half the rank)")
+    parser.add_argument("--concept", type=int, default=DigitsConfig.concept,
+                        help=f"the digit held out of pretraining and taught to the LoRA "
+                        f"(default {DigitsConfig.concept})")
+    parser.add_argument("--image_size", type=int, default=DigitsConfig.image_size,
+                        help=f"image side in px; the {DigitsConfig.image_size}-px scans are resized bilinearly "
+                        f"(default {DigitsConfig.image_size}: native)")
+    parser.add_argument("--pretrain_steps", type=int, default=DigitsConfig.pretrain_steps,
+                        help=f"AdamW steps that pretrain the base U-Net (default {DigitsConfig.pretrain_steps})")
     parser.add_argument("--lrs", nargs="+", type=float, default=list(LR_GRID),
                         help=f"the learning-rate grid (default: {' '.join(f'{lr:g}' for lr in LR_GRID)})")
     others = [label for label in optimizer_specs() if label not in MAIN_OPTIMIZERS]
@@ -576,9 +588,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--lrs: expected positive learning rates, got {args.lrs}")
     if args.variant_seeds is None:
         args.variant_seeds = args.seeds
-    for name in ("seeds", "variant_seeds", "steps", "eval_every", "draws", "rank"):
+    for name in ("seeds", "variant_seeds", "steps", "eval_every", "draws", "rank", "pretrain_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name}: expected a positive integer, got {getattr(args, name)}")
+    if not 0 <= args.concept < NUM_CLASSES:
+        parser.error(f"--concept: expected a digit 0..{NUM_CLASSES - 1}, got {args.concept}")
+    if args.image_size < DigitsConfig.image_size or args.image_size % 2:
+        parser.error(
+            f"--image_size: expected an even number of px >= {DigitsConfig.image_size}, got {args.image_size}"
+        )
     if args.alpha is None:
         args.alpha = args.rank / 2
     if not args.alpha > 0:
@@ -646,14 +664,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
     if args.smoke:
-        config = DigitsConfig(pretrain_steps=5, pretrain_batch_size=16)
+        config = DigitsConfig(
+            concept=args.concept, image_size=args.image_size, pretrain_steps=5, pretrain_batch_size=16
+        )
         temp = tempfile.TemporaryDirectory()
         cache_dir = Path(temp.name) / "cache"
         args.out = args.out if args.out != DEFAULT_OUT else Path(temp.name) / "results"
         seeds, variant_seeds, steps, eval_every, draws, lrs = 1, 1, 10, 5, 1, SMOKE_LRS
         labels = list(args.optimizers or SMOKE_OPTIMIZERS)
     else:
-        config, cache_dir = DigitsConfig(), args.cache_dir
+        config = DigitsConfig(concept=args.concept, image_size=args.image_size, pretrain_steps=args.pretrain_steps)
+        cache_dir = args.cache_dir
         seeds, variant_seeds, lrs = args.seeds, args.variant_seeds, tuple(args.lrs)
         steps, eval_every, draws = args.steps, args.eval_every, args.draws
         labels = list(args.optimizers or MAIN_OPTIMIZERS)
@@ -675,8 +696,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `{command.strip()}`  \n"
         f"Machine: {env['cpu']}, {env['torch_threads']} torch thread(s); torch {env['torch']}, "
         f"diffusers {env['diffusers']}; {env['date']}; wall time {wall / 60:.1f} min  \n"
-        f"Setup: {len(setup.train_images)} training / {len(setup.val_images) // draws} held-out 9s, "
-        f"{setup.config.image_size}² px, LoRA rank {args.rank} alpha {args.alpha:g}, batch {BATCH_SIZE}, "
+        f"Setup: {len(setup.train_images)} training / {len(setup.val_images) // draws} held-out "
+        f"{setup.config.concept}s, {setup.config.image_size}² px (base: {setup.config.pretrain_steps} steps), "
+        f"LoRA rank {args.rank} alpha {args.alpha:g}, batch {BATCH_SIZE}, "
         f"{steps} steps, {seeds} seed(s) for {' and '.join(REFERENCE_PAIR)}, {variant_seeds} for the others, "
         f"lr grid {', '.join(lr_text(lr) for lr in lrs)}; "
         f"validation: {len(setup.val_images)} fixed draws, evaluated every {eval_every} steps.  \n"
@@ -687,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"environment": env, "noise": noise, "config": vars(setup.config),
                "rows": [vars(r) for r in rows], "runs": [vars(r) for r in results]}
     _write_text(args.out / "lora_quality.json", json.dumps(payload, indent=1, default=str))
-    plot(results, rows, lrs, args.out / "lora_quality.png")
+    plot(results, rows, lrs, args.out / "lora_quality.png", setup.config.concept)
     print(header + table)
 
     problems = [f"{r.label} lr {r.lr:g} seed {r.seed}" for r in results if not all(map(math.isfinite, r.losses))]

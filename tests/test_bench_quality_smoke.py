@@ -10,6 +10,7 @@ import pytest
 import torch
 
 pytest.importorskip("sklearn", reason="the quality benchmark trains on scikit-learn's digits")
+from sklearn.datasets import load_digits  # noqa: E402
 
 from benchmarks import lora_quality as lq  # noqa: E402
 from benchmarks import stateless_variants as sv  # noqa: E402
@@ -40,6 +41,75 @@ def test_smoke_run_succeeds_with_finite_curves_and_a_table(smoke: tuple[int, dic
     assert len({r["losses"][0] for r in runs}) == 1  # every run starts from the same pretrained model
     for label in lq.SMOKE_OPTIMIZERS:
         assert f"| {label} |" in table
+
+
+@pytest.mark.slow
+def test_smoke_run_on_another_concept_and_image_size(tmp_path) -> None:
+    threads = torch.get_num_threads()
+    try:
+        code = lq.main(["--smoke", "--out", str(tmp_path), "--optimizers", "AdamW", "--concept", "3",
+                        "--image_size", "16"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    report = json.loads((tmp_path / "lora_quality.json").read_text())
+    assert (report["config"]["concept"], report["config"]["image_size"]) == (3, 16)
+    threes = int((load_digits().target == 3).sum())  # 183 scans of a 3
+    assert f"100 training / {threes - 100} held-out 3s, 16² px (base: 5 steps)" in (tmp_path / "lora_quality.md").read_text()
+    assert all(math.isfinite(x) for r in report["runs"] for x in r["losses"])
+
+
+def test_setup_teaches_the_held_out_concept_at_the_requested_size(tmp_path, monkeypatch) -> None:
+    from benchmarks import digits_unet
+
+    config = digits_unet.DigitsConfig(concept=3, image_size=16)
+    monkeypatch.setattr(lq, "pretrained_unet", lambda config, cache_dir: None)  # the data split only
+    setup = lq.make_setup(config, tmp_path, draws_per_image=2)
+    images, labels = digits_unet.load_digit_images(16)
+    threes = images[labels == 3]
+    assert setup.train_images.shape == (lq.TRAIN_IMAGES, 1, 16, 16)
+    assert len(setup.val_images) == 2 * (len(threes) - lq.TRAIN_IMAGES)
+    flat = threes.flatten(1)
+    for image in torch.cat([setup.train_images, setup.val_images]).flatten(1):
+        assert (flat == image).all(dim=1).any()  # every training and validation image is a 3
+    torch.testing.assert_close(setup.context[0], digits_unet.caption_embeddings(config)[3])
+
+
+def test_native_size_is_the_raw_scans_and_larger_sizes_are_bilinear() -> None:
+    from benchmarks.digits_unet import load_digit_images
+
+    raw = torch.from_numpy(load_digits().images).float()
+    images, labels = load_digit_images(8)
+    torch.testing.assert_close(images[:, 0], raw / 8.0 - 1.0)  # 0..16 → [-1, 1], untouched by the resize
+    large, _ = load_digit_images(16)
+    # align_corners=False at 2×: each output pixel is 3/4 of its nearest input pixel and 1/4 of the next one
+    # (edge pixels repeat); pixel (5, 5) of the output sits between input pixels 2 and 3 on both axes.
+    a, b = raw[:, 2], raw[:, 3]
+    expected = 0.75 * (0.75 * a[:, 2] + 0.25 * a[:, 3]) + 0.25 * (0.75 * b[:, 2] + 0.25 * b[:, 3])
+    torch.testing.assert_close(large[:, 0, 5, 5], (expected / 16.0).clamp(0, 1) * 2 - 1)
+
+
+def test_cache_key_tells_concepts_and_image_sizes_apart() -> None:
+    from benchmarks.digits_unet import DigitsConfig
+
+    keys = {DigitsConfig(concept=c, image_size=s).cache_key() for c in (3, 9) for s in (8, 16)}
+    keys.add(DigitsConfig(pretrain_steps=300).cache_key())
+    assert len(keys) == 5
+    assert DigitsConfig().cache_key() == DigitsConfig(concept=9, image_size=8).cache_key()
+
+
+def test_concept_image_size_and_pretrain_steps_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    args = lq.parse_args([])
+    assert (args.concept, args.image_size, args.pretrain_steps) == (9, 8, 1500)
+    with pytest.raises(SystemExit):
+        lq.parse_args(["--pretrain_steps", "0"])
+    assert "--pretrain_steps: expected a positive integer, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        lq.parse_args(["--concept", "10"])
+    assert "--concept: expected a digit 0..9, got 10" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        lq.parse_args(["--image_size", "15"])
+    assert "--image_size: expected an even number of px >= 8, got 15" in capsys.readouterr().err
 
 
 def test_steps_to_reach_is_the_first_step_at_or_below_target() -> None:
