@@ -802,7 +802,8 @@ def _validate_group_options(options: dict[str, Any]) -> None:
 class ANLO(torch.optim.Optimizer):
     r"""Alternating Norm LoRA Optimizer: stateless, unit-RMS normalized gradient steps.
 
-    Each step normalizes the gradients (plus coupled weight decay, if any) to unit RMS, by default with
+    Each step replaces every matrix gradient by its orthogonal polar factor (``orthogonalize``, on by default),
+    then normalizes the gradients (plus coupled weight decay, if any) to unit RMS, by default with
     one norm per LoRA module (``normalization="layer"``); ``"alternating"`` switches every
     ``normalize_frequency`` steps between one global norm over all parameters of all groups and the
     module norms. Then each parameter's own group ``lr`` applies. No per-parameter state is kept; the

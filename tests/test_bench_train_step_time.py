@@ -14,7 +14,8 @@ def test_each_configuration_trains_with_its_optimizer_arguments_and_learning_rat
     spec = dict(model="SDXL", rank=32, config="ANLO+lr_free", resolution=512, steps=4, mixed_precision="no", round=0)
     argv = train_step_time.training_argv(spec, "data", "out")
     assert argv[argv.index("--optimizer_type") + 1] == "ANLO"
-    assert argv[argv.index("--optimizer_args") + 1:argv.index("--optimizer_args") + 2] == ["lr_free=True"]
+    assert argv[argv.index("--optimizer_args") + 1:argv.index("--optimizer_args") + 3] == [
+        "orthogonalize=False", "lr_free=True"]
     assert float(argv[argv.index("--learning_rate") + 1]) == 1.0
     assert argv[argv.index("--resolution") + 1] == "512"
     assert argv[argv.index("--mixed_precision") + 1] == "no"
