@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 #: Key under which ``state_dict()`` stores the step counter (a plain ``int``).
 STEP_KEY = "anlo_step"
+#: Key under which ``state_dict()`` stores the options that apply to all groups, so a resume can name a change.
+OPTIONS_KEY = "anlo_options"
+_RECORDED_OPTIONS = ("normalization", "sinkgd_iterations", "orthogonalize", "lr_free")
 
 #: Name components that mark a LoRA / LyCORIS / DoRA factor. A parameter's module key is its name
 #: with the last such component and everything after it removed (``a.b.lora_down.weight`` -> ``a.b``).
@@ -997,6 +1000,20 @@ class ANLO(torch.optim.Optimizer):
     # ----------------------------------------------------------------------------------------------
     # parameter groups and state dict
 
+    def _warn_about_changed_options(self, saved: Optional[dict[str, Any]]) -> None:
+        """Warn where this optimizer's all-group options differ from those an ANLO state was saved with. A state
+        saved before they were recorded comes from an ANLO whose default was ``orthogonalize=False``."""
+        if saved is None:
+            saved = {"orthogonalize": False}
+        changed = [f"{name}={getattr(self, name)!r} (saved: {saved[name]!r})" for name in _RECORDED_OPTIONS
+                   if name in saved and saved[name] != getattr(self, name)]
+        if changed:
+            warnings.warn(
+                "ANLO: resuming with other options than the state was saved with: " + ", ".join(changed)
+                + "; pass the saved values in --optimizer_args to continue as before",
+                stacklevel=3,
+            )
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group (validated like the constructor arguments)."""
         super().add_param_group(param_group)
@@ -1020,6 +1037,7 @@ class ANLO(torch.optim.Optimizer):
         """The standard optimizer state dict plus the step counter under ``"anlo_step"`` (an int)."""
         state_dict = super().state_dict()
         state_dict[STEP_KEY] = self._step
+        state_dict[OPTIONS_KEY] = {name: getattr(self, name) for name in _RECORDED_OPTIONS}
         if self.lr_free and self._lr_free.state is not None:
             state_dict[LR_FREE_KEY] = self._lr_free.state.cpu().clone()
         self._report_skipped_steps()
@@ -1030,12 +1048,17 @@ class ANLO(torch.optim.Optimizer):
 
         A state dict without ``"anlo_step"`` (e.g. saved by another optimizer) restarts the step
         counter at 0: adaptive eps starts over, and an alternating run's next step is a global one.
+        Options that apply to all groups stay the constructor's; where they differ from those the state was
+        saved with (``"anlo_options"``), a warning names them.
         Per-parameter state from another optimizer is dropped with a warning (ANLO keeps none), and
         option keys missing from the saved groups take the constructor's values.
         """
         state_dict = dict(state_dict)
         step = state_dict.pop(STEP_KEY, None)
         lr_free_state = state_dict.pop(LR_FREE_KEY, None)
+        saved_options = state_dict.pop(OPTIONS_KEY, None)
+        if step is not None:
+            self._warn_about_changed_options(saved_options)
         super().load_state_dict(state_dict)
         if self.lr_free:
             if lr_free_state is None and step:

@@ -570,6 +570,29 @@ def test_load_state_dict_keeps_the_options_and_counters():
     assert opt.get_normalization_stats()["step_count"] == 3
 
 
+def test_load_state_dict_names_the_options_that_differ_from_the_saved_ones():
+    params = _make_params()
+    saved_without = SeedANLO(params, lr=1e-3).state_dict()  # orthogonalize=False
+    assert saved_without["anlo_options"]["orthogonalize"] is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SeedANLO(params, lr=1e-3).load_state_dict(saved_without)  # the same options: silent
+    with pytest.warns(UserWarning, match=r"orthogonalize=True \(saved: False\).*--optimizer_args"):
+        ANLO(params, lr=1e-3).load_state_dict(saved_without)
+    # saved before the options were recorded: by an ANLO whose default did not orthogonalize
+    old = SeedANLO(params, lr=1e-3).state_dict()
+    del old["anlo_options"]
+    with pytest.warns(UserWarning, match=r"orthogonalize=True \(saved: False\)"):
+        ANLO(params, lr=1e-3).load_state_dict(old)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SeedANLO(params, lr=1e-3).load_state_dict(old)
+    # a state dict of another optimizer (no step counter) says nothing about ANLO's options
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ANLO(params, lr=1e-3).load_state_dict({k: v for k, v in old.items() if k != "anlo_step"})
+
+
 def test_load_state_dict_without_step_key_restarts_at_zero():
     params = _make_params()
     opt = _build(params, [_config(), _config()], normalize_frequency=2)
