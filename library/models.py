@@ -70,7 +70,7 @@ MAX_TOKEN_LENGTHS = (None, 75, 150, 225)
 # The seed of the embedded models: fixed, so that a name always means the same base weights.
 EMBEDDED_MODEL_SEED = 0
 # --mixed_precision → the dtype the trainer keeps the frozen U-Net and text encoders in (sd-scripts' weight_dtype)
-HALF_PRECISION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def frozen_dtypes(args: Any) -> tuple[torch.dtype, torch.dtype]:
@@ -79,7 +79,7 @@ def frozen_dtypes(args: Any) -> tuple[torch.dtype, torch.dtype]:
     same, or fp32 under ``--no_half_vae``. The U-Net and text encoders stay fp32 where their weights are used before
     the trainer casts them: ``--base_weights`` merges into the fp32 weights (then cast, as in sd-scripts), and a
     network module of another package (``lycoris.kohya``) may create its parameters in the base weights' dtype."""
-    dtype = HALF_PRECISION_DTYPES.get(getattr(args, "mixed_precision", None), torch.float32)
+    dtype = MIXED_PRECISION_DTYPES.get(getattr(args, "mixed_precision", None), torch.float32)
     vae_dtype = torch.float32 if getattr(args, "no_half_vae", False) else dtype
     network_module = getattr(args, "network_module", None) or "networks.lora"
     if getattr(args, "base_weights", None) or not network_module.startswith("networks."):

@@ -46,7 +46,7 @@ from library.errors import (
 )
 from library.latents import LATENT_DOWNSCALE, encode_latents
 from library.lora_format import modelspec_metadata
-from library.models import ModelBundle, load_models
+from library.models import MIXED_PRECISION_DTYPES, ModelBundle, load_models
 from library.optimizers import (
     get_optimizer,
     get_scheduler,
@@ -70,7 +70,6 @@ from networks import lycoris_adapter
 DEFAULT_NETWORK_MODULE = "networks.lora"
 logger = logging.getLogger(__name__)
 
-MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # An optimizer's statistics (get_normalization_stats()) may synchronise with the device: read them this rarely.
 OPTIMIZER_STATS_EVERY_N_STEPS = 10
 
