@@ -23,6 +23,16 @@ from helpers import parser_args, shape_workspace  # noqa: E402  (tests/helpers.p
 
 
 @pytest.fixture
+def one_torch_thread():
+    """One intra-op thread during the test, whatever an earlier test set: reductions may group differently with
+    more (the ANLO golden fixture and the lr_free resume checks compare bit for bit)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def default_args() -> Callable[..., object]:
     """``default_args(sdxl=False, **overrides)``: an ``argparse.Namespace`` with every flag at the real parser's
     default (``library.config.build_parser``), then ``overrides``; no test copies the flag defaults."""

@@ -18,13 +18,7 @@ from tests import anlo_golden
 FIXTURE = torch.load(anlo_golden.FIXTURE)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The fixture was written with one intra-op thread; reductions may group differently with more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the fixture was written with one intra-op thread
 
 
 def _expected(name: str) -> dict:

@@ -12,12 +12,7 @@ import torch
 from library.hina_anlo import _LR_FREE_D0, ANLO, LR_FREE_KEY, lora_module_key
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 FACTORS = {
