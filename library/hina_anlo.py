@@ -576,7 +576,7 @@ def _inverse_sqrt_newton_schulz(matrices: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# lr_free=True: the step size estimated per layer
+# lr_free=True: one step size estimated for the whole network
 
 
 class _LRFreeEstimator:
