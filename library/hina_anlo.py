@@ -74,10 +74,11 @@ _NEWTON_SCHULZ_STEPS = (6, 4)
 # Stochastic rounding draws come from a private generator re-seeded with this value + step each step, so
 # they are reproducible, identical on every data-parallel rank, and need no state in the state dict.
 _SR_SEED = 0x414E4C4F
-# lr_free=True: the estimated step size (RMS of a layer's update at lr 1) before any distance has been measured, as
-# Prodigy's and D-Adaptation's d0.
+# lr_free=True: the step size (RMS of a layer's update at lr 1) before any step has been measured, as Prodigy's and
+# D-Adaptation's d0; it grows by up to e per step from there.
 _LR_FREE_D0 = 1e-6
-#: Key under which ``state_dict()`` stores the lr_free estimator's per-tensor scalars (with ``lr_free=True``).
+#: Key under which ``state_dict()`` stores the lr_free estimator's state (with ``lr_free=True``): a flag per tensor and
+#: three scalars.
 LR_FREE_KEY = "anlo_lr_free"
 
 # Per-group options: constructor defaults, overridable per parameter group (like torch.optim).
@@ -580,64 +581,92 @@ def _inverse_sqrt_newton_schulz(matrices: Tensor) -> Tensor:
 
 
 class _LRFreeEstimator:
-    """The step size ``d`` (the RMS of every layer's update at lr 1), estimated from how far the tensors that
-    started at zero (a LoRA's ``lora_up``) have moved; docs/ANLO.md has the formulas.
+    """The step size ``d`` (the RMS of every layer's update at lr 1), steered by the direction of the steps taken by
+    the tensors that started at zero (a LoRA's ``lora_up``); docs/ANLO.md has the formulas.
 
-    A tensor that starts at zero has travelled exactly ``‖x_t‖`` from its start, and ``x_t`` is the sum of its
-    steps, so ``‖x_t‖² = P_t + 2 Q_t``, ``P_t = Σ ‖step_i‖²`` and ``Q_t = Σ_i <step_i, x_i>``; without weight decay
-    ``Q_t`` is D-Adaptation's weighted sum ``Σ_i λ_i <g_i, x_0 - x_i>`` with ``λ_i`` the steps taken, so
-    ``Q_t / ‖x_t‖`` bounds the distance from the start to a minimizer from below on a convex loss. Over all tensors
-    that started at zero (``X²`` their squared norms summed, ``P`` their paths, ``N0`` their elements):
-    ``d = max(d0, d of the step before, (X² - P) / (2 X sqrt(N0)))``, a lower bound on the RMS distance to a
-    minimizer, used as the RMS of every layer's step (each layer's update has unit RMS). One estimate for the whole
-    network: per module, the estimates spread over three orders of magnitude in the LoRA benchmark.
+    Those tensors together, ``x`` (``x_0 = 0``), have moved by ``x_t`` so far. The cosine between a step and that
+    way so far, ``c_t = <δ_t, x_t> / (‖δ_t‖ ‖x_t‖)``, says whether the steps are too short (they keep going the
+    same way: c > 0) or too long (they turn back: c < 0), and every step multiplies the step size by ``exp(c)``:
+    ``d_t+1 = d_t · exp(c_t)``, from ``d0``, so a run settles where its steps are as often with the way so far as
+    against it. ``c_t`` costs no pass of its own: ``‖x_t+1‖² = ‖x_t‖² + 2 <δ_t, x_t> + ‖δ_t‖²``, so it follows one
+    step late from the norms the estimator reads anyway (the first step from zero counts as ``c = 1``).
+    Decoupled weight decay also shrinks ``x``; that adds about ``-lr·d·wd·‖x‖/‖δ‖`` to ``c`` (1e-3 at wd 0.01).
 
-    State: three scalars per tensor of the optimizer (all groups, in order): started at zero (-1 not seen yet, 0,
-    1), the path ``P`` of its squared steps, and the last ``d``. Cost per step: one pass that reads every
-    parameter (its norm), and vector operations with one entry per tensor; no host synchronization.
+    State: per tensor of the optimizer (all groups, in order), whether it started at zero (-1 not seen yet, 0, 1);
+    for the network, ``d``, ``‖x‖²`` before the last step and that step's ``‖δ‖²``. Cost per step: one pass that
+    reads every parameter (its norm), and vector operations with one entry per tensor; no host synchronization.
     """
 
     def __init__(self, d0: float = _LR_FREE_D0) -> None:
-        self.d0 = d0  # the estimate before any distance has been measured
-        self.state: Optional[Tensor] = None  # (tensors, 3): started_at_zero, path_sq, estimate
+        self.d0 = d0  # the step size before any step has been measured
+        self.started: Optional[Tensor] = None  # (tensors,): started at zero; -1 not seen yet
+        self.scalars: Optional[Tensor] = None  # (3,): d, ‖x‖² before the last step, the last step's ‖δ‖²
         self._pending: Optional[tuple[Tensor, Tensor, Tensor]] = None
 
-    def _state_for(self, layout: _Layout, total: int) -> Tensor:
-        """The state on the layout's device and dtype, grown to ``total`` tensors (new ones not seen yet)."""
-        state = torch.empty(0, 3) if self.state is None else self.state
-        state = state.to(device=layout.device, dtype=layout.stat_dtype)
-        if len(state) < total:
-            fresh = torch.tensor([-1.0, 0.0, 0.0], dtype=state.dtype, device=state.device).repeat(total - len(state), 1)
-            state = torch.cat([state, fresh])
-        self.state = state
-        return state
+    def state_dict(self) -> Optional[dict[str, Tensor]]:
+        if self.started is None or self.scalars is None:
+            return None
+        return {"started_at_zero": self.started.cpu().clone(), "scalars": self.scalars.cpu().clone()}
+
+    def load_state_dict(self, state: Optional[Union[dict[str, Tensor], Tensor]]) -> None:
+        """Load :meth:`state_dict`'s output; the ``(tensors, 3)`` tensor of the distance bound used before
+        (2026-12) keeps its zero flags and its last ``d``, and the steering starts from there."""
+        if state is None:
+            self.started = self.scalars = None
+        elif isinstance(state, Tensor):
+            self.started = state[:, 0].clone()
+            self.scalars = torch.stack([state[:, 2].max(), state.new_zeros(()), state.new_zeros(())])
+        else:
+            self.started = state["started_at_zero"].clone()
+            self.scalars = state["scalars"].clone()
+
+    def _prepare(self, layout: _Layout) -> tuple[Tensor, Tensor]:
+        """The zero flags (grown to every tensor, new ones not seen yet) and scalars on the layout's device."""
+        device, dtype = layout.device, layout.stat_dtype
+        started = torch.empty(0) if self.started is None else self.started
+        started = started.to(device=device, dtype=dtype)
+        if len(started) < layout.total_tensors:
+            started = torch.cat([started, started.new_full((layout.total_tensors - len(started),), -1.0)])
+        scalars = torch.tensor([self.d0, 0.0, 0.0]) if self.scalars is None else self.scalars
+        self.started, self.scalars = started, scalars.to(device=device, dtype=dtype)
+        return self.started, self.scalars
 
     def step_sizes(self, params: list[Tensor], layout: _Layout, foreach: bool) -> Tensor:
         """``d`` for this step, once per tensor with a gradient (in the step's order); kept for :meth:`commit`."""
-        assert layout.positions is not None and layout.numels is not None
-        state = self._state_for(layout, layout.total_tensors)
+        assert layout.positions is not None
+        first = self.started is None
+        all_started, scalars = self._prepare(layout)
         positions = layout.positions
-        dtype = layout.stat_dtype
-        param_sq = _gather([_squared_norms(b.select(params), dtype, foreach) for b in layout.buckets], layout)
-        started = state[positions, 0]
-        started = torch.where(started < 0, (param_sq == 0).to(dtype), started)
-        # One estimate for the whole network: sums over every tensor that started at zero, in a fixed order.
-        moved_sq = (param_sq * started).sum()
-        path_sq = (state[positions, 1] * started).sum()
-        numel = (layout.numels * started).sum()
-        bound = (moved_sq - path_sq) / (2 * moved_sq.sqrt() * numel.sqrt())
-        bound = torch.where((numel > 0) & (moved_sq > 0), bound, 0.0)
-        estimate = torch.maximum(state[:, 2].max(), bound).clamp_min(self.d0).expand(len(positions))
-        self._pending = (positions, started, estimate)
-        return estimate
+        norms = [_squared_norms(b.select(params), layout.stat_dtype, foreach) for b in layout.buckets]
+        param_sq = _gather(norms, layout)
+        started = all_started[positions]
+        started = torch.where(started < 0, (param_sq == 0).to(started.dtype), started)
+        if first and not bool((started > 0).any()):  # one host synchronization, at the first step only
+            warnings.warn(
+                f"ANLO(lr_free=True): no parameter with a gradient is zero at the first step, so the step size "
+                f"cannot be measured and stays at {self.d0:g}; lr_free estimates it while a fresh LoRA's lora_up "
+                "moves away from zero: to continue training saved weights (--network_weights), set a learning rate",
+                stacklevel=7,  # the caller of step()
+            )
+        x_sq = (param_sq * started).sum()  # in a fixed order: the same sum on every run
+        d, before_sq, step_sq = scalars.unbind()
+        # c of the last step from ‖x_t+1‖² = ‖x_t‖² + 2 <δ_t, x_t> + ‖δ_t‖²; 1 for the first step from zero, 0 with
+        # no step (none taken yet, or skipped)
+        cosine = (x_sq - before_sq - step_sq) / (2 * (before_sq * step_sq).sqrt())
+        cosine = torch.where(before_sq > 0, cosine.clamp(-1.0, 1.0), 1.0)
+        cosine = torch.where(step_sq > 0, cosine, 0.0)
+        d = d * cosine.exp()
+        self._pending = (positions, started, torch.stack([d, x_sq]))
+        return d.expand(len(positions))
 
     def commit(self, coef: Tensor, update_sq: Tensor, finite: Tensor) -> None:
-        """After a step with coefficients ``coef`` (``step_p = coef_p * u_p``): record the steps and the estimates."""
-        assert self.state is not None and self._pending is not None
-        positions, started, estimate = self._pending
-        step_sq = torch.where(finite, coef.square() * update_sq, 0.0)
-        updated = torch.stack([started, self.state[positions, 1] + step_sq, estimate], dim=1)
-        self.state.index_put_((positions,), updated)
+        """After a step with coefficients ``coef`` (``δ_p = coef_p * u_p``): record the zero flags, ``d``, ``‖x‖²``
+        before the step and the step's ``‖δ‖²`` over the tensors that started at zero."""
+        assert self.started is not None and self.scalars is not None and self._pending is not None
+        positions, started, d_and_x_sq = self._pending
+        step_sq = (torch.where(finite, coef.square() * update_sq, 0.0) * started).sum()
+        self.started.index_put_((positions,), started)
+        self.scalars = torch.cat([d_and_x_sq, step_sq[None]])
         self._pending = None
 
 
@@ -853,10 +882,10 @@ class ANLO(torch.optim.Optimizer):
             by Newton-Schulz steps without host synchronization on CUDA. Costs about ``4 r`` flops per
             parameter (rank ``r``) plus one small decomposition per tensor; ``False`` gives the seeds'
             normalized gradient step. (default: True)
-        lr_free: estimate the step size from the distance the zero-initialised tensors (``lora_up``)
-            travelled, D-Adaptation's lower bound in closed form (:class:`_LRFreeEstimator`); ``lr`` and every
-            group's lr become multipliers of it. Three scalars per tensor, saved in the state dict; one more pass
-            that reads every parameter. (default: False; with it, ``lr`` defaults to 1.0)
+        lr_free: estimate the step size: steered every step by the cosine between the step of the
+            zero-initialised tensors (``lora_up``) and the way they have moved so far (:class:`_LRFreeEstimator`);
+            ``lr`` and every group's lr become multipliers of it. A flag per tensor and three scalars, saved in the
+            state dict; one more pass that reads every parameter. (default: False; with it, ``lr`` defaults to 1.0)
         stochastic_rounding: update bfloat16 parameters in float32 and round stochastically, so tiny
             updates are not lost to round-to-nearest. Other dtypes are unaffected. (default: True)
         foreach: use the multi-tensor (``torch._foreach_*``) implementation; False runs a plain loop
@@ -972,7 +1001,7 @@ class ANLO(torch.optim.Optimizer):
             sinkgd_iterations=self.sinkgd_iterations,
             orthogonalize=self.orthogonalize,
             lr_free=self.lr_free,
-            _lr_free_state=self._lr_free.state,
+            _lr_free_state=self._lr_free.state_dict(),
             stochastic_rounding=self.stochastic_rounding,
             foreach=self.foreach,
             verbose=self.verbose,
@@ -995,7 +1024,7 @@ class ANLO(torch.optim.Optimizer):
         self._init_runtime_state()
         super().__setstate__(state)
         self._step = step
-        self._lr_free.state = lr_free_state
+        self._lr_free.load_state_dict(lr_free_state)
 
     # ----------------------------------------------------------------------------------------------
     # parameter groups and state dict
@@ -1038,8 +1067,9 @@ class ANLO(torch.optim.Optimizer):
         state_dict = super().state_dict()
         state_dict[STEP_KEY] = self._step
         state_dict[OPTIONS_KEY] = {name: getattr(self, name) for name in _RECORDED_OPTIONS}
-        if self.lr_free and self._lr_free.state is not None:
-            state_dict[LR_FREE_KEY] = self._lr_free.state.cpu().clone()
+        lr_free_state = self._lr_free.state_dict() if self.lr_free else None
+        if lr_free_state is not None:
+            state_dict[LR_FREE_KEY] = lr_free_state
         self._report_skipped_steps()
         return state_dict
 
@@ -1068,7 +1098,7 @@ class ANLO(torch.optim.Optimizer):
                     "only from those that are zero",
                     stacklevel=2,
                 )
-            self._lr_free.state = None if lr_free_state is None else lr_free_state.clone()
+            self._lr_free.load_state_dict(lr_free_state)
         if step is None:
             logger.info("ANLO: state dict has no %r; the step counter restarts at 0", STEP_KEY)
         self._step = int(step) if step is not None else 0
