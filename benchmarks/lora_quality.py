@@ -58,6 +58,7 @@ from benchmarks.digits_unet import (
     pretrained_unet,
 )
 from benchmarks.stateless_variants import (
+    DistanceBoundEstimator,
     PairTransform,
     PairTransformANLO,
     chain,
@@ -94,7 +95,8 @@ class OptimizerSpec:
     build: Callable[[list[dict[str, Any]], float], torch.optim.Optimizer]
     named_groups: bool = True
     lrs: tuple[float, ...] | None = None  # its own lr grid (learning-rate-free optimizers: lr 1), else --lrs
-    warmup_steps: int = 0  # linear lr warm-up from 0 over this many steps (LambdaLR), then constant
+    warmup_steps: int = 0  # linear lr warm-up from 0 over this many steps (LambdaLR), then constant ...
+    cosine: bool = False  # ... or a cosine decay to 0 over the rest of the run (sd-scripts' --lr_scheduler cosine)
 
 
 def _anlo(**kwargs: Any) -> Callable[[list[dict[str, Any]], float], torch.optim.Optimizer]:
@@ -108,13 +110,16 @@ def _anlo(**kwargs: Any) -> Callable[[list[dict[str, Any]], float], torch.optim.
     return build
 
 
-def _anlo_lr_free_from(d0: float) -> Callable[[list[dict[str, Any]], float], torch.optim.Optimizer]:
-    """ANLO(lr_free=True) whose estimate starts at ``d0`` instead of 1e-6 (a diagnostic: how much of lr_free's gap
-    is its start)."""
+def _anlo_bound(
+    d0: float = hina_anlo._LR_FREE_D0, **kwargs: Any
+) -> Callable[[list[dict[str, Any]], float], torch.optim.Optimizer]:
+    """ANLO(lr_free=True) with the step-size estimator it had before, the distance bound, starting at ``d0`` (its
+    rows in docs/benchmarks.md were measured with it)."""
+    options = {"orthogonalize": False, **kwargs}
 
     def build(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
-        optimizer = ANLO(groups, lr=lr, lr_free=True, orthogonalize=False)
-        optimizer._lr_free = hina_anlo._LRFreeEstimator(d0)
+        optimizer = ANLO(groups, lr=lr, lr_free=True, **options)
+        optimizer._lr_free = DistanceBoundEstimator(d0)
         return optimizer
 
     return build
@@ -165,7 +170,7 @@ def _schedule_free_adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim
 
 #: Multipliers of ANLO(lr_free=True)'s estimated step size in the benchmark, each its own row.
 LR_FREE_MULTIPLIERS = (0.5, 1.0, 2.0)
-PRODIGY_WARMUP_STEPS = 15  # 10 % of the default 150 steps
+WARMUP_STEPS = 15  # 10 % of the default 150 steps
 
 
 def optimizer_specs() -> dict[str, OptimizerSpec]:
@@ -214,20 +219,37 @@ def optimizer_specs() -> dict[str, OptimizerSpec]:
         # learning-rate-free optimizers LoRA trainers ship, at lr 1 as their authors recommend.
         *[OptimizerSpec(f"ANLO lr_free x{m:g}", _anlo(lr_free=True), lrs=(m,)) for m in LR_FREE_MULTIPLIERS],
         *[
-            OptimizerSpec(f"ANLO lr_free x{m:g} per-tensor", _anlo(lr_free=True), named_groups=False, lrs=(m,))
+            OptimizerSpec(f"ANLO+orthogonalize lr_free x{m:g}", _anlo(lr_free=True, orthogonalize=True), lrs=(m,))
             for m in LR_FREE_MULTIPLIERS
         ],
-        # ... started at d0 = 1e-3 instead of 1e-6, near the step size the estimate ends at (a diagnostic).
-        *[OptimizerSpec(f"ANLO lr_free x{m:g} d0=1e-3", _anlo_lr_free_from(1e-3), lrs=(m,)) for m in (0.5, 1.0)],
-        # ... and with orthogonalized gradients (what lr_free=True gives if orthogonalize=True is the default).
+        OptimizerSpec("ANLO lr_free x1 per-tensor", _anlo(lr_free=True), named_groups=False, lrs=(1.0,)),
+        # ... under a cosine decay, with and without a warm-up; AdamW under the same schedules on --lrs.
+        OptimizerSpec("ANLO lr_free x1 cosine", _anlo(lr_free=True), lrs=(1.0,), cosine=True),
+        OptimizerSpec(
+            "ANLO lr_free x1 warmup+cosine", _anlo(lr_free=True), lrs=(1.0,), warmup_steps=WARMUP_STEPS, cosine=True
+        ),
+        OptimizerSpec("AdamW cosine", lambda groups, lr: torch.optim.AdamW(groups, lr=lr), cosine=True),
+        OptimizerSpec(
+            "AdamW warmup+cosine", lambda groups, lr: torch.optim.AdamW(groups, lr=lr), warmup_steps=WARMUP_STEPS,
+            cosine=True,
+        ),  # fmt: skip
+        # ... with the estimator lr_free had before (the distance bound), as its rows were measured: as above, ...
+        *[OptimizerSpec(f"ANLO lr_free bound x{m:g}", _anlo_bound(), lrs=(m,)) for m in LR_FREE_MULTIPLIERS],
         *[
-            OptimizerSpec(f"ANLO+orthogonalize lr_free x{m:g}", _anlo(lr_free=True, orthogonalize=True), lrs=(m,))
+            OptimizerSpec(f"ANLO lr_free bound x{m:g} per-tensor", _anlo_bound(), named_groups=False, lrs=(m,))
+            for m in LR_FREE_MULTIPLIERS
+        ],
+        # ... started at d0 = 1e-3 instead of 1e-6, near the step size the estimate ends at (a diagnostic), ...
+        *[OptimizerSpec(f"ANLO lr_free bound x{m:g} d0=1e-3", _anlo_bound(1e-3), lrs=(m,)) for m in (0.5, 1.0)],
+        # ... and with orthogonalized gradients.
+        *[
+            OptimizerSpec(f"ANLO+orthogonalize lr_free bound x{m:g}", _anlo_bound(orthogonalize=True), lrs=(m,))
             for m in LR_FREE_MULTIPLIERS
         ],
         OptimizerSpec("Prodigy", _prodigy(), lrs=(1.0,)),
         OptimizerSpec(
             "Prodigy safeguard+warmup", _prodigy(safeguard_warmup=True), lrs=(1.0,),
-            warmup_steps=PRODIGY_WARMUP_STEPS,
+            warmup_steps=WARMUP_STEPS,
         ),  # fmt: skip
         OptimizerSpec("DAdaptAdam", _dadapt_adam, lrs=(1.0,)),
         # Schedule-free AdamW (its train()/eval() modes are switched around every evaluation); on --lrs.
@@ -327,9 +349,14 @@ class RunResult:
     seconds: float
 
 
-def warmup_factor(step: int, warmup_steps: int) -> float:
-    """The lr factor of step ``step`` (0-based) under a linear warm-up: (step + 1) / warmup_steps, then 1."""
-    return min(1.0, (step + 1) / warmup_steps)
+def lr_factor(step: int, warmup_steps: int, cosine_steps: int | None = None) -> float:
+    """The lr factor of step ``step`` (0-based): a linear warm-up, (step + 1) / warmup_steps, then 1; or, with
+    ``cosine_steps`` (the whole run), a cosine decay from 1 to 0 over the steps after the warm-up."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if cosine_steps is None:
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / (cosine_steps - warmup_steps)))
 
 
 def train_run(
@@ -347,8 +374,9 @@ def train_run(
         groups = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
     optimizer = spec.build(groups, lr)
     scheduler = None
-    if spec.warmup_steps:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_factor, warmup_steps=spec.warmup_steps))
+    if spec.warmup_steps or spec.cosine:
+        factor = partial(lr_factor, warmup_steps=spec.warmup_steps, cosine_steps=steps if spec.cosine else None)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     modes = hasattr(optimizer, "train") and hasattr(optimizer, "eval")  # schedule-free: train / eval weights
     if modes:
         optimizer.train()

@@ -21,6 +21,9 @@ The transforms:
   same normalization alone is ``ANLO(normalization="layer")`` on unnamed parameters).
 
 :func:`chain` applies several transforms in turn.
+
+:class:`DistanceBoundEstimator` is the step-size estimator ``ANLO(lr_free=True)`` had before the one it has now: the
+distance bound of D-Adaptation in closed form (docs/benchmarks.md has both measured).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from library.hina_anlo import ANLO, lora_module_key
+from library.hina_anlo import _LR_FREE_D0, ANLO, _gather, _LRFreeEstimator, _squared_norms, lora_module_key
 
 __all__ = [
     "PairTransformANLO", "chain", "lora_pairs", "normalize_tensors_", "riemannian_precondition_",
@@ -133,3 +136,43 @@ class PairTransformANLO(ANLO):
             self.transform(down, up)
         super().step()
         return loss
+
+
+class DistanceBoundEstimator(_LRFreeEstimator):
+    """``lr_free``'s step size as the RMS distance from the start to a minimizer that D-Adaptation's lower bound
+    gives (Defazio & Mishchenko, arXiv 2301.07733), never shrinking: over the tensors that started at zero, ``X²``
+    their squared norms, ``P`` the sum of their squared steps and ``N0`` their elements,
+    ``d = max(d0, d of the step before, (X² - P) / (2 X sqrt(N0)))``. Replaced in ANLO by the cosine steering;
+    kept so that the rows measured with it reproduce (not saved in state dicts)."""
+
+    def __init__(self, d0: float = _LR_FREE_D0) -> None:
+        super().__init__(d0)
+        self.path_sq: Tensor | None = None  # (tensors,): each tensor's sum of squared steps
+
+    def step_sizes(self, params: list[Tensor], layout: Any, foreach: bool) -> Tensor:
+        all_started, scalars = self._prepare(layout)
+        if self.path_sq is None or len(self.path_sq) < len(all_started):
+            grown = all_started.new_zeros(len(all_started))
+            if self.path_sq is not None:
+                grown[: len(self.path_sq)] = self.path_sq
+            self.path_sq = grown
+        positions = layout.positions
+        norms = [_squared_norms(b.select(params), layout.stat_dtype, foreach) for b in layout.buckets]
+        param_sq = _gather(norms, layout)
+        started = all_started[positions]
+        started = torch.where(started < 0, (param_sq == 0).to(started.dtype), started)
+        moved_sq = (param_sq * started).sum()
+        path_sq = (self.path_sq[positions] * started).sum()
+        numel = (layout.numels * started).sum()
+        bound = (moved_sq - path_sq) / (2 * moved_sq.sqrt() * numel.sqrt())
+        bound = torch.where((numel > 0) & (moved_sq > 0), bound, 0.0)
+        d = torch.maximum(scalars[0], bound).clamp_min(self.d0)
+        self._pending = (positions, started, torch.stack([d, moved_sq]))
+        return d.expand(len(positions))
+
+    def commit(self, coef: Tensor, update_sq: Tensor, finite: Tensor) -> None:
+        assert self.path_sq is not None and self._pending is not None
+        positions, started, _ = self._pending
+        step_sq = torch.where(finite, coef.square() * update_sq, 0.0)
+        self.path_sq.index_put_((positions,), self.path_sq[positions] + step_sq)
+        super().commit(coef, update_sq, finite)

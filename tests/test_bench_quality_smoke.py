@@ -259,7 +259,7 @@ def test_pair_transform_anlo_is_anlo_on_the_transformed_gradients(per_tensor: bo
 
 @pytest.mark.slow
 def test_learning_rate_free_rows_run_at_their_own_lr(tmp_path) -> None:
-    labels = ["AdamW", "ANLO lr_free x1", "ANLO lr_free x2 per-tensor", "Prodigy safeguard+warmup", "DAdaptAdam",
+    labels = ["AdamW", "ANLO lr_free x1", "ANLO lr_free bound x2 per-tensor", "Prodigy safeguard+warmup", "DAdaptAdam",
               "AdamW schedule-free"]
     threads = torch.get_num_threads()
     try:
@@ -269,7 +269,7 @@ def test_learning_rate_free_rows_run_at_their_own_lr(tmp_path) -> None:
     assert code == 0
     runs = json.loads((tmp_path / "lora_quality.json").read_text())["runs"]
     lrs = {label: sorted({r["lr"] for r in runs if r["label"] == label}) for label in labels}
-    assert lrs["ANLO lr_free x1"] == [1.0] and lrs["ANLO lr_free x2 per-tensor"] == [2.0]
+    assert lrs["ANLO lr_free x1"] == [1.0] and lrs["ANLO lr_free bound x2 per-tensor"] == [2.0]
     assert lrs["Prodigy safeguard+warmup"] == [1.0] and lrs["DAdaptAdam"] == [1.0]
     assert lrs["AdamW schedule-free"] == list(lq.SMOKE_LRS)  # on the grid, like AdamW
     for r in runs:  # every row trained: its loss moved from the pretrained model's
@@ -278,7 +278,27 @@ def test_learning_rate_free_rows_run_at_their_own_lr(tmp_path) -> None:
 
 def test_warmup_rows_ramp_the_lr_linearly() -> None:
     spec = lq.optimizer_specs()["Prodigy safeguard+warmup"]
-    assert spec.warmup_steps == lq.PRODIGY_WARMUP_STEPS == 15 and spec.lrs == (1.0,)
-    factors = [lq.warmup_factor(step, 15) for step in range(17)]
+    assert spec.warmup_steps == lq.WARMUP_STEPS == 15 and spec.lrs == (1.0,) and not spec.cosine
+    factors = [lq.lr_factor(step, 15) for step in range(17)]
     assert factors[0] == pytest.approx(1 / 15) and factors[7] == pytest.approx(8 / 15)
     assert factors[14:] == [1.0, 1.0, 1.0]
+
+
+def test_cosine_rows_decay_to_zero_after_the_warmup() -> None:
+    specs = lq.optimizer_specs()
+    assert specs["AdamW warmup+cosine"].cosine and specs["AdamW warmup+cosine"].warmup_steps == 15
+    assert specs["ANLO lr_free x1 cosine"].cosine and specs["ANLO lr_free x1 cosine"].warmup_steps == 0
+    # against torch's own cosine annealing (eta_min 0) over the 135 steps after a 15-step warm-up
+    p = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([p], lr=1.0)
+    annealing = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=135)
+    expected = []
+    for _ in range(135):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        annealing.step()
+    factors = [lq.lr_factor(step, 15, 150) for step in range(150)]
+    assert factors[:15] == pytest.approx([(k + 1) / 15 for k in range(15)])
+    assert factors[15:] == pytest.approx(expected, abs=1e-12)
+    assert lq.lr_factor(0, 0, 150) == 1.0
+    assert lq.lr_factor(149, 0, 150) == pytest.approx(0.5 * (1 + math.cos(math.pi * 149 / 150)))
