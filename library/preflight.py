@@ -89,7 +89,13 @@ def check_optimizer(args: argparse.Namespace) -> None:
     lr = args.unet_lr or args.learning_rate
     with reported_as_user_input(), _quiet("library.optimizers"):
         # get_optimizer may rewrite scheduler flags (Adafactor): give it a copy
-        get_optimizer(copy.copy(args), [{"params": [dummy], "lr": lr}])
+        _, _, optimizer = get_optimizer(copy.copy(args), [{"params": [dummy], "lr": lr}])
+    if getattr(optimizer, "lr_free", False) is True and args.network_weights and not args.resume:
+        raise UserInputError(
+            "--optimizer_args lr_free=True measures the step size while a fresh LoRA's lora_up moves away from zero, "
+            f"but --network_weights {args.network_weights} starts from trained weights: set a learning rate instead "
+            "(--learning_rate, without lr_free=True)"
+        )
 
 
 @contextmanager

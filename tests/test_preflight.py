@@ -68,3 +68,15 @@ def test_a_zero_lr_part_is_fine_while_another_trains(data_dir, tmp_path):
     argv = base_argv(data_dir, tmp_path / "out") + ["--text_encoder_lr", "0", "--unet_lr", "1e-4"]
     output_file = train_network.main(argv)
     assert output_file.endswith(".safetensors")
+
+
+def test_lr_free_on_trained_weights_comes_before_the_models(data_dir, tmp_path, capsys, no_model_loading):
+    """lr_free measures its step while a fresh lora_up leaves zero; --network_weights starts elsewhere."""
+    weights = tmp_path / "trained.safetensors"
+    weights.write_bytes(b"")  # only its existence is checked before the models
+    argv = base_argv(data_dir, tmp_path / "out") + [
+        "--optimizer_type", "ANLO", "--learning_rate", "1", "--optimizer_args", "lr_free=True",
+        "--network_weights", str(weights),
+    ]  # fmt: skip
+    pattern = rf"--optimizer_args lr_free=True measures .*--network_weights {weights} starts from trained weights.*"
+    assert_one_error_line(run_main(train_network.main, argv, capsys), pattern)
