@@ -594,7 +594,8 @@ class _LRFreeEstimator:
 
     State: per tensor of the optimizer (all groups, in order), whether it started at zero (-1 not seen yet, 0, 1);
     for the network, ``d``, ``‖x‖²`` before the last step and that step's ``‖δ‖²``. Cost per step: one pass that
-    reads every parameter (its norm), and vector operations with one entry per tensor; no host synchronization.
+    reads every parameter (its norm), and vector operations with one entry per tensor; no host synchronization
+    after the first step (which checks that some tensor starts at zero).
     """
 
     def __init__(self, d0: float = _LR_FREE_D0) -> None:
