@@ -175,6 +175,18 @@ def test_lora_plus_ratio_holds_and_the_multiplier_scales_the_step():
     assert downs["lr"] == 0.5 and ups["lr"] == 4.0
 
 
+def test_the_steering_corrects_the_multiplier():
+    """The cosine sees the steps taken, lr * d: a 16x larger lr ends at about the same step, with a 16x smaller d."""
+    taken = {}
+    for lr in (0.5, 8.0):
+        named = make_params("lora")
+        optimizer = ANLO(groups_of(named), lr=lr, lr_free=True)
+        run(optimizer, [p for _, p in named], range(80))
+        taken[lr] = lr * optimizer._last.step_size[0].item()
+    assert taken[8.0] > 1e3 * _LR_FREE_D0 * 8.0  # d moved far from where it started: the test is not vacuous
+    assert taken[8.0] == pytest.approx(taken[0.5], rel=0.2)
+
+
 def test_decoupled_decay_scales_with_the_step_taken():
     p = torch.nn.Parameter(torch.full((3, 3), 2.0))
     optimizer = ANLO([("lora_unet_x.lora_down.weight", p)], lr=1.0, lr_free=True, weight_decay=0.1)
