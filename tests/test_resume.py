@@ -227,3 +227,19 @@ def test_ctrl_c_saves_the_lora_and_the_state_and_stops(save_state, workspace, mo
     with safe_open(str(lora_file), framework="pt") as handle:
         assert handle.metadata()["ss_steps"] == "3"
     assert signal.getsignal(signal.SIGINT) is handler_before
+
+
+def test_lr_free_anlo_resumes_bit_for_bit(workspace):
+    """ANLO(lr_free=True)'s estimate travels in the state folder: a resumed run ends with the same LoRA."""
+    anlo = ("--optimizer_type", "ANLO", "--learning_rate", "1", "--optimizer_args", "lr_free=True")
+    train(base_args(workspace, "free_full", "--save_every_n_steps", "4", "--save_state", *anlo))
+    state = workspace / "out" / "free_full-step00000004-state"
+    train(base_args(workspace, "free_resumed", "--resume", str(state), *anlo))
+    saved = torch.load(state / "optimizer.bin", weights_only=True)
+    d = saved["anlo_lr_free"]["scalars"][0].item()
+    assert d > 1e-6 * 2  # four steps moved the estimate off d0: the resumed run had something to carry on from
+    full = load_file(workspace / "out" / "free_full.safetensors")
+    resumed = load_file(workspace / "out" / "free_resumed.safetensors")
+    assert full.keys() == resumed.keys()
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
