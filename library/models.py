@@ -452,6 +452,10 @@ class _FileTensors:
             return single_file.read_safetensors_tensors(self.checkpoint, keys, dtype)
         return {key: single_file.cast_floating(self.state.pop(key), dtype) for key in keys}
 
+    def component(self, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """:meth:`take` with ``prefix`` removed from the names: one component's own state dict."""
+        return ldm_convert.select_prefixed(self.take(prefix, dtype), prefix)
+
 
 def _load_text_encoder(
     model_class: type, config_dir: Path, subfolder: str, weights: dict[str, torch.Tensor], source: str
@@ -507,12 +511,10 @@ def _load_single_file_with_config(
         parts["tokenizer"] = CLIPTokenizer.from_pretrained(config_dir, subfolder="tokenizer", local_files_only=True)
 
     if is_sdxl:
-        prefix = ldm_convert.SDXL_TEXT_ENCODER_1_PREFIX
-        te1 = ldm_convert.clip_text_from_ldm(ldm_convert.select_prefixed(tensors.take(prefix, dtype), prefix))
+        te1 = ldm_convert.clip_text_from_ldm(tensors.component(ldm_convert.SDXL_TEXT_ENCODER_1_PREFIX, dtype))
         parts["text_encoder"] = _load_text_encoder(CLIPTextModel, config_dir, "text_encoder", te1, str(checkpoint))
         del te1
-        prefix = ldm_convert.SDXL_TEXT_ENCODER_2_PREFIX
-        te2 = ldm_convert.open_clip_text_from_ldm(ldm_convert.select_prefixed(tensors.take(prefix, dtype), prefix))
+        te2 = ldm_convert.open_clip_text_from_ldm(tensors.component(ldm_convert.SDXL_TEXT_ENCODER_2_PREFIX, dtype))
         parts["text_encoder_2"] = _load_text_encoder(
             CLIPTextModelWithProjection, config_dir, "text_encoder_2", te2, str(checkpoint)
         )
@@ -524,11 +526,9 @@ def _load_single_file_with_config(
             )
     else:
         if tensors.has(ldm_convert.SD2_TEXT_ENCODER_PREFIX):  # SD 2.x
-            prefix = ldm_convert.SD2_TEXT_ENCODER_PREFIX
-            te = ldm_convert.open_clip_text_from_ldm(ldm_convert.select_prefixed(tensors.take(prefix, dtype), prefix))
+            te = ldm_convert.open_clip_text_from_ldm(tensors.component(ldm_convert.SD2_TEXT_ENCODER_PREFIX, dtype))
         else:
-            prefix = ldm_convert.SD1_TEXT_ENCODER_PREFIX
-            te = ldm_convert.clip_text_from_ldm(ldm_convert.select_prefixed(tensors.take(prefix, dtype), prefix))
+            te = ldm_convert.clip_text_from_ldm(tensors.component(ldm_convert.SD1_TEXT_ENCODER_PREFIX, dtype))
         parts["text_encoder"] = _load_text_encoder(CLIPTextModel, config_dir, "text_encoder", te, str(checkpoint))
     _check_no_meta_tensors(parts, checkpoint)
     return parts
