@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from library.hina_anlo import _LR_FREE_D0, ANLO, _gather, _LRFreeEstimator, _squared_norms, lora_module_key
+from library.hina_anlo import _LR_FREE_D0, ANLO, _LRFreeEstimator, lora_module_key
 
 __all__ = [
     "PairTransformANLO", "chain", "lora_pairs", "normalize_tensors_", "riemannian_precondition_",
@@ -157,13 +157,11 @@ class DistanceBoundEstimator(_LRFreeEstimator):
                 grown[: len(self.path_sq)] = self.path_sq
             self.path_sq = grown
         positions = layout.positions
-        norms = [_squared_norms(b.select(params), layout.stat_dtype, foreach) for b in layout.buckets]
-        param_sq = _gather(norms, layout)
-        started = all_started[positions]
-        started = torch.where(started < 0, (param_sq == 0).to(started.dtype), started)
+        param_sq, started = self._norms_and_flags(params, layout, foreach)
         moved_sq = (param_sq * started).sum()
         path_sq = (self.path_sq[positions] * started).sum()
-        numel = (layout.numels * started).sum()
+        numels = torch.tensor([p.numel() for p in params], dtype=started.dtype, device=started.device)
+        numel = (numels * started).sum()
         bound = (moved_sq - path_sq) / (2 * moved_sq.sqrt() * numel.sqrt())
         bound = torch.where((numel > 0) & (moved_sq > 0), bound, 0.0)
         d = torch.maximum(scalars[0], bound).clamp_min(self.d0)

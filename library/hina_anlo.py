@@ -632,16 +632,22 @@ class _LRFreeEstimator:
         self.started, self.scalars = started, scalars.to(device=device, dtype=dtype)
         return self.started, self.scalars
 
+    def _norms_and_flags(self, params: list[Tensor], layout: _Layout, foreach: bool) -> tuple[Tensor, Tensor]:
+        """Each active tensor's squared norm and its flag, started at zero (a tensor seen for the first time: whether
+        it is zero now); after :meth:`_prepare`."""
+        assert self.started is not None and layout.positions is not None
+        norms = [_squared_norms(b.select(params), layout.stat_dtype, foreach) for b in layout.buckets]
+        param_sq = _gather(norms, layout)
+        started = self.started[layout.positions]
+        return param_sq, torch.where(started < 0, (param_sq == 0).to(started.dtype), started)
+
     def step_sizes(self, params: list[Tensor], layout: _Layout, foreach: bool) -> Tensor:
         """``d`` for this step, once per tensor with a gradient (in the step's order); kept for :meth:`commit`."""
         assert layout.positions is not None
         first = self.started is None
-        all_started, scalars = self._prepare(layout)
+        _, scalars = self._prepare(layout)
         positions = layout.positions
-        norms = [_squared_norms(b.select(params), layout.stat_dtype, foreach) for b in layout.buckets]
-        param_sq = _gather(norms, layout)
-        started = all_started[positions]
-        started = torch.where(started < 0, (param_sq == 0).to(started.dtype), started)
+        param_sq, started = self._norms_and_flags(params, layout, foreach)
         if first and not bool((started > 0).any()):  # one host synchronization, at the first step only
             warnings.warn(
                 f"ANLO(lr_free=True): no parameter with a gradient is zero at the first step, so the step size "
@@ -724,14 +730,12 @@ class _Layout:
     buckets: list[_Bucket]
     inverse_order: Optional[Tensor]  # maps bucket-major order back to group-major; None if identity
     options: Optional[tuple[tuple, "_TensorOptions"]] = None  # the groups' option values and their expansion
-    # lr_free: each tensor's position among all the optimizer's tensors, their number, and each tensor's numel
+    # lr_free: each tensor's position among all the optimizer's tensors, and their number
     positions: Optional[Tensor] = None
     total_tensors: int = 0
-    numels: Optional[Tensor] = None
 
     def nbytes(self) -> int:
         tensors = [self.layer_index, self.layer_members, self.layer_sqrt_numel, self.inverse_order, self.positions]
-        tensors += [self.numels]
         tensors += [t for b in self.buckets for t in b.tensors()]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -1175,16 +1179,12 @@ class ANLO(torch.optim.Optimizer):
         )  # fmt: skip
 
     def _add_positions(self, layout: _Layout) -> None:
-        """lr_free: each active tensor's position among all the optimizer's tensors, and each one's numel."""
-        positions, numels, offset = [], [], 0
+        """lr_free: each active tensor's position among all the optimizer's tensors."""
+        positions, offset = [], 0
         for group in self.param_groups:
-            for index, p in enumerate(group["params"]):
-                if p.grad is not None:
-                    positions.append(offset + index)
-                    numels.append(p.numel())
+            positions += [offset + index for index, p in enumerate(group["params"]) if p.grad is not None]
             offset += len(group["params"])
         layout.positions = torch.tensor(positions, device=layout.device)
-        layout.numels = torch.tensor(numels, dtype=layout.stat_dtype, device=layout.device)
         layout.total_tensors = offset
 
     def _count_cautious_evaluations(self, counts: list[int]) -> None:
