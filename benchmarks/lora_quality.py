@@ -115,10 +115,10 @@ def _anlo_bound(
 ) -> Callable[[list[dict[str, Any]], float], torch.optim.Optimizer]:
     """ANLO(lr_free=True) with the step-size estimator it had before, the distance bound, starting at ``d0`` (its
     rows in docs/benchmarks.md were measured with it)."""
-    options = {"orthogonalize": False, **kwargs}
+    anlo = _anlo(lr_free=True, **kwargs)
 
     def build(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
-        optimizer = ANLO(groups, lr=lr, lr_free=True, **options)
+        optimizer = anlo(groups, lr)
         optimizer._lr_free = DistanceBoundEstimator(d0)
         return optimizer
 
@@ -156,6 +156,10 @@ def _prodigy(**kwargs: Any) -> Callable[[list[dict[str, Any]], float], torch.opt
     return build
 
 
+def _adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=lr)
+
+
 def _dadapt_adam(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
     from dadaptation import DAdaptAdam
 
@@ -176,7 +180,7 @@ WARMUP_STEPS = 15  # 10 % of the default 150 steps
 def optimizer_specs() -> dict[str, OptimizerSpec]:
     """Every optimizer this benchmark knows, by label."""
     specs = [
-        OptimizerSpec("AdamW", lambda groups, lr: torch.optim.AdamW(groups, lr=lr)),
+        OptimizerSpec("AdamW", _adamw),
         # ANLO as constructed by default: one norm per LoRA module on every step.
         OptimizerSpec("ANLO", _anlo()),
         # The same with lora_down and lora_up each its own layer (what stock sd-scripts gets: no param_names).
@@ -228,11 +232,8 @@ def optimizer_specs() -> dict[str, OptimizerSpec]:
         OptimizerSpec(
             "ANLO lr_free x1 warmup+cosine", _anlo(lr_free=True), lrs=(1.0,), warmup_steps=WARMUP_STEPS, cosine=True
         ),
-        OptimizerSpec("AdamW cosine", lambda groups, lr: torch.optim.AdamW(groups, lr=lr), cosine=True),
-        OptimizerSpec(
-            "AdamW warmup+cosine", lambda groups, lr: torch.optim.AdamW(groups, lr=lr), warmup_steps=WARMUP_STEPS,
-            cosine=True,
-        ),  # fmt: skip
+        OptimizerSpec("AdamW cosine", _adamw, cosine=True),
+        OptimizerSpec("AdamW warmup+cosine", _adamw, warmup_steps=WARMUP_STEPS, cosine=True),
         # ... with the estimator lr_free had before (the distance bound), as its rows were measured: as above, ...
         *[OptimizerSpec(f"ANLO lr_free bound x{m:g}", _anlo_bound(), lrs=(m,)) for m in LR_FREE_MULTIPLIERS],
         *[
