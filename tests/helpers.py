@@ -1,19 +1,25 @@
 """What many test files share: argument namespaces at the real parser's defaults, training workspaces of shape
-images, a skip for runs that log to TensorBoard without it, and a free TCP port for multi-process runs. ``tests/conftest.py`` offers the first two as fixtures."""
+images, a skip for runs that log to TensorBoard without it, a free TCP port for multi-process runs, and the seeds'
+ANLO step. ``tests/conftest.py`` offers the first two as fixtures."""
 
 from __future__ import annotations
 
 import argparse
 import socket
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from library.config import build_parser
+from library.hina_anlo import ANLO
 from shape_images import write_shape_images
 
 COLORS = ("red", "green", "blue", "yellow")  # one 64×64 image per colour
+
+# The seeds' normalized step, which the ANLO tests check against its reference: orthogonalize (on by default) off.
+SeedANLO = partial(ANLO, orthogonalize=False)
 
 
 def parser_args(sdxl: bool = False, **overrides) -> argparse.Namespace:

@@ -12,16 +12,13 @@ import logging
 import math
 import pickle
 import warnings
-from functools import partial
 
 import pytest
 import torch
 
+from helpers import SeedANLO  # tests/helpers.py
 from library import hina_anlo
 from library.hina_anlo import ANLO, lora_module_key
-
-# The seeds' normalized step, which these tests check against its reference: orthogonalize (on by default) off.
-SeedANLO = partial(ANLO, orthogonalize=False)
 
 # --------------------------------------------------------------------------------------------------
 # independent reference

@@ -8,17 +8,13 @@ update_p = lr_group · √N · g_p / (‖g‖ + eps), over all parameters (globa
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import pytest
 import torch
 
-from library.hina_anlo import ANLO
+from helpers import SeedANLO  # tests/helpers.py
 from library.tiny_models import build_tiny
 from networks.lora import create_network
-
-# The seeds' normalized step, which these tests check against its reference: orthogonalize (on by default) off.
-SeedANLO = partial(ANLO, orthogonalize=False)
 
 EPS = 1e-8
 TOKENS = torch.tensor([[0, 5, 17, 42, 99, 1, 1], [0, 7, 8, 9, 1, 1, 1]])
