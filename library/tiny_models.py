@@ -116,7 +116,7 @@ def _vae(scaling_factor: float) -> AutoencoderKL:
     )
 
 
-# The tiny U-Nets: SD's block structure at toy width (see build_tiny_sdxl for the SDXL widths).
+# The tiny U-Nets: SD's block structure at toy width (see _build_tiny_sdxl for the SDXL widths).
 TINY_SD1_UNET: dict[str, Any] = dict(
     sample_size=8,
     in_channels=4,
@@ -139,7 +139,7 @@ TINY_SDXL_UNET: dict[str, Any] = dict(
 )
 
 
-def build_tiny_sd1(seed: int = 0) -> dict[str, Any]:
+def _build_tiny_sd1(seed: int = 0) -> dict[str, Any]:
     """Components of a tiny SD 1.x model: ``unet``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**TINY_SD1_UNET)
@@ -155,7 +155,7 @@ def build_tiny_sd1(seed: int = 0) -> dict[str, Any]:
     }
 
 
-def build_tiny_sdxl(seed: int = 0) -> dict[str, Any]:
+def _build_tiny_sdxl(seed: int = 0) -> dict[str, Any]:
     """Components of a tiny SDXL model: ``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``,
     ``tokenizer``, ``tokenizer_2``, ``scheduler``.
 
@@ -180,9 +180,10 @@ def build_tiny_sdxl(seed: int = 0) -> dict[str, Any]:
 
 
 def build_tiny(name: str, seed: int = 0) -> dict[str, Any]:
-    """Build the embedded model called ``name`` (one of ``TINY_MODEL_NAMES``)."""
-    if name == TINY_SD1:
-        return build_tiny_sd1(seed)
-    if name == TINY_SDXL:
-        return build_tiny_sdxl(seed)
-    raise ValueError(f"unknown embedded model {name!r}; expected one of {', '.join(TINY_MODEL_NAMES)}")
+    """Build the embedded model called ``name`` (one of ``TINY_MODEL_NAMES``) from ``seed``, leaving torch's
+    global random state as it was (a run's ``--seed`` still decides the LoRA's initialisation and the noise)."""
+    builders = {TINY_SD1: _build_tiny_sd1, TINY_SDXL: _build_tiny_sdxl}
+    if name not in builders:
+        raise ValueError(f"unknown embedded model {name!r}; expected one of {', '.join(TINY_MODEL_NAMES)}")
+    with torch.random.fork_rng(devices=[]):
+        return builders[name](seed)

@@ -183,6 +183,20 @@ def test_embedded_weights_do_not_depend_on_args_seed(reference: dict[str, dict[s
         assert torch.equal(bundle.unet.state_dict()[key], tensor), key
 
 
+@pytest.mark.parametrize("name", KINDS)
+def test_loading_an_embedded_model_leaves_the_random_state_to_args_seed(name: str) -> None:
+    """The weights come from their own seed, and what follows the load (the LoRA's initialisation, the noise)
+    still draws from the state ``--seed`` set: two different seeds draw differently after the load."""
+    draws = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        expected = torch.get_rng_state()
+        models.load_models(make_args(name), sdxl=KINDS[name] == "sdxl")
+        assert torch.equal(torch.get_rng_state(), expected)
+        draws.append(torch.rand(4))
+    assert not torch.equal(draws[0], draws[1])
+
+
 def test_clip_skip_and_max_token_length_are_stored() -> None:
     bundle = models.load_models(make_args("tiny-sd1", clip_skip=2, max_token_length=225))
     assert bundle.clip_skip == 2 and bundle.max_token_length == 225
