@@ -22,7 +22,7 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast, set_seed
 from tqdm import tqdm
 
 from library import base_weights, diffusion, fp8, masks, metadata as ss_metadata, preflight, resume
@@ -348,7 +348,14 @@ class NetworkTrainer:
         if fp8.text_encoders_in_fp8(args):
             for encoder in models.text_encoders:
                 fp8.store_in_fp8(encoder, weight_dtype, encoder.device)
-        network, optimizer, dataloader, lr_scheduler = accelerator.prepare(network, optimizer, dataloader, lr_scheduler)
+        # Registered with accelerate (its weights go into the saved state, mixed precision applies) but not wrapped
+        # in DDP: the LoRA's forward never runs through the wrapper (it patches the models' layers), and
+        # _all_reduce_gradients averages the gradients. DDP would only add its gradient buckets and a reducer whose
+        # teardown at exit can deadlock gloo (torch frees it holding the GIL that a gloo worker thread waits for).
+        network = accelerator.prepare_model(network, evaluation_mode=True)
+        if accelerator.num_processes > 1:
+            _broadcast_from_main_process(network)
+        optimizer, dataloader, lr_scheduler = accelerator.prepare(optimizer, dataloader, lr_scheduler)
         if args.full_fp16:
             _allow_fp16_gradient_unscaling(accelerator)
         # train mode only where it matters: gradient checkpointing is active in train mode only
@@ -867,16 +874,28 @@ def _gradient_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
 
 
 def _all_reduce_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter]) -> None:
-    """Average the network's gradients over processes (the network's forward never runs through DDP): one
-    collective per dtype over the gradients laid end to end, not one per tensor."""
+    """Average the network's gradients over processes (the network is not wrapped in DDP)."""
+    grads = [param.grad for param in params if param.grad is not None]
+    _collective_in_place(grads, lambda flat: accelerator.reduce(flat, reduction="mean"))
+
+
+@torch.no_grad()
+def _broadcast_from_main_process(network: torch.nn.Module) -> None:
+    """Give every process the main process's weights and buffers, as DDP does when it wraps a model: the ranks
+    start alike whatever each drew before (a ``--seed`` of its own, random draws on one process only)."""
+    _collective_in_place([*network.parameters(), *network.buffers()], lambda flat: broadcast(flat, from_process=0))
+
+
+def _collective_in_place(tensors: list[torch.Tensor], collective: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Apply ``collective`` (one flat tensor in, one out) to ``tensors`` laid end to end and copy the result back
+    into them: one collective per dtype, not one per tensor."""
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for param in params:
-        if param.grad is not None:
-            by_dtype.setdefault(param.grad.dtype, []).append(param.grad)
-    for grads in by_dtype.values():
-        flat = accelerator.reduce(torch.cat([grad.reshape(-1) for grad in grads]), reduction="mean")
-        for grad, averaged in zip(grads, flat.split([grad.numel() for grad in grads])):
-            grad.copy_(averaged.view_as(grad))
+    for tensor in tensors:
+        by_dtype.setdefault(tensor.dtype, []).append(tensor)
+    for group in by_dtype.values():
+        flat = collective(torch.cat([tensor.reshape(-1) for tensor in group]))
+        for tensor, value in zip(group, flat.split([tensor.numel() for tensor in group])):
+            tensor.copy_(value.view_as(tensor))
 
 
 def _allow_fp16_gradient_unscaling(accelerator: Accelerator) -> None:
