@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, broadcast, set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast, broadcast_object_list, set_seed
 from tqdm import tqdm
 
 from library import base_weights, diffusion, fp8, masks, metadata as ss_metadata, preflight, resume
@@ -302,17 +302,17 @@ class NetworkTrainer:
         return self.output_file
 
     def set_up(self, args: argparse.Namespace) -> TrainingRun:
-        """Everything before the first step, in sd-scripts' order: seed, accelerator, data, models, the latent cache,
-        network, optimizer and schedule, accelerate's prepare, metadata, ``--resume``, trackers."""
+        """Everything before the first step, in sd-scripts' order: accelerator and seed, data, models, the latent
+        cache, network, optimizer and schedule, accelerate's prepare, metadata, ``--resume``, trackers."""
         session_id = random.randint(0, 2**32)
         training_started_at = time.time()
-        if args.seed is None:
-            args.seed = random.randint(0, 2**32)
-        set_seed(args.seed)
         self.args = args
         preflight.check_before_models(args)  # seconds, not the minutes a model load and latent cache take
 
         accelerator = self.accelerator = make_accelerator(args)
+        if args.seed is None:  # one seed for every process, as with --seed: they shuffle the data alike
+            args.seed = broadcast_object_list([random.randint(0, 2**32)], from_process=0)[0]
+        set_seed(args.seed)
         fp8.check_fp8_run(args, accelerator)
         check_output_dir(args.output_dir)
         weight_dtype = MIXED_PRECISION_DTYPES[args.mixed_precision]

@@ -9,13 +9,15 @@ Each process runs this file as its script (see ``main`` at the bottom): it recor
 ``$PROBE_DIR``, the sha256 of every trained parameter after each optimizer step (a global optimizer step
 hook), the images of each batch it trained on, and every file it opened for writing from Python or renamed
 under ``$PROBE_ROOT`` (an audit hook: the LoRA files, TensorBoard events and json files; torch.save and
-safetensors' own writers work below Python and are not seen); then it runs ``train_network.py`` unchanged. The tests check that
+safetensors' own writers work below Python and are not seen); then it runs ``train_network.py`` unchanged (with
+``--seed <rank>`` added when a test asks for it). The tests check that
 
-* both ranks hold bit-identical LoRA weights after every step,
-* the images of an epoch are split between the ranks (each sees half the batches),
+* both ranks hold bit-identical LoRA weights after every step, even when each started from its own ``--seed``,
+* the images of an epoch are split between the ranks (each sees half the batches), also without ``--seed``,
 * only rank 0 writes the LoRA files, the TensorBoard log and the state folders' json files and renames them
   into place (each rank adds its own RNG state to the state folder, as accelerate does),
-* a state saved by two processes resumes in two processes and goes on exactly as the uninterrupted run.
+* a state saved by two processes resumes in two processes and goes on exactly as the uninterrupted run,
+* every run ends: the processes exit (``LAUNCH_TIMEOUT_S``; one once hung at exit in gloo's teardown).
 
 ``resume.save_state`` itself is also run on a bare two-process gloo group, with a full disk on one rank.
 """
@@ -29,7 +31,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import torch
@@ -41,30 +43,35 @@ from helpers import free_port, skip_without_tensorboard  # tests/helpers.py
 
 pytestmark = pytest.mark.slow
 
-# The trainer calls accelerator.end_training(), which destroys the process group, before its final save_state;
-# the 2-process state runs fail until it is moved after the final saves (library/trainer.py, end of train()).
 REPO = Path(__file__).resolve().parent.parent
 # the shared workspace (tests/helpers.py): 4 images, 1 repeat: 4 batches per epoch, 2 per rank
 STEPS = 4
 LAUNCH_TIMEOUT_S = 300
 
 
-def launch(root: Path, name: str, *extra: str) -> None:
+def launch(root: Path, name: str, *extra: str, seed: Literal["config", "drawn", "by rank"] = "config") -> None:
     """``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 <this file> --config_file
     configs/quickstart.toml ...`` on the images in ``root``; probe records go to ``root/probe/<name>``, outputs
-    to ``root/out/<name>``."""
+    to ``root/out/<name>``. ``seed``: the config's ``seed = 42``, none (a copy of the config without it), or
+    ``--seed <rank>`` added by each process (what each one initialises differs)."""
+    config = REPO / "configs" / "quickstart.toml"
+    if seed == "drawn":
+        text = config.read_text(encoding="utf-8")
+        assert "\nseed = 42\n" in text
+        config = root / f"{name}-without-seed.toml"
+        config.write_text(text.replace("\nseed = 42\n", "\n"), encoding="utf-8")
     skip_without_tensorboard(extra)
     probe = root / "probe" / name
     probe.mkdir(parents=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-               PROBE_DIR=str(probe), PROBE_ROOT=str(root))
+               PROBE_DIR=str(probe), PROBE_ROOT=str(root), PROBE_SEED_BY_RANK="1" if seed == "by rank" else "")
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()),
         __file__,
-        "--config_file", str(REPO / "configs" / "quickstart.toml"),
+        "--config_file", str(config),
         "--train_data_dir", str(root / "data"),
         "--output_dir", str(root / "out" / name),
         "--output_name", name,
@@ -94,23 +101,25 @@ def workspace(make_shape_workspace) -> Path:
 
 @pytest.fixture(scope="module")
 def two_process_run(workspace) -> dict[int, list[dict[str, Any]]]:
-    """4 steps on 2 processes, LoRA every 2 steps, TensorBoard log."""
+    """4 steps on 2 processes, LoRA every 2 steps, TensorBoard log; no --seed (the trainer draws one)."""
     # --log_config: the tracker's hparams.yml is a Python-level write the audit sees (the event file is not)
-    launch(workspace, "ddp", "--save_every_n_steps", "2", "--logging_dir", str(workspace / "logs"), "--log_config")
+    launch(workspace, "ddp", "--save_every_n_steps", "2", "--logging_dir", str(workspace / "logs"), "--log_config",
+           seed="drawn")
     return records(workspace, "ddp")
 
 
 @pytest.fixture(scope="module")
 def state_run(workspace) -> dict[int, list[dict[str, Any]]]:
-    """4 steps on 2 processes saving the state every 2 steps (and at the end)."""
-    launch(workspace, "state", "--save_every_n_steps", "2", "--save_state")
+    """4 steps on 2 processes saving the state every 2 steps (and at the end); each rank with its own --seed."""
+    launch(workspace, "state", "--save_every_n_steps", "2", "--save_state", seed="by rank")
     return records(workspace, "state")
 
 
 @pytest.fixture(scope="module")
 def resumed_run(workspace, state_run) -> dict[int, list[dict[str, Any]]]:
     """The state run's step-2 state resumed on 2 processes for the last 2 steps."""
-    launch(workspace, "resumed", "--resume", str(workspace / "out" / "state" / "state-step00000002-state"))
+    launch(workspace, "resumed", "--resume", str(workspace / "out" / "state" / "state-step00000002-state"),
+           seed="by rank")
     return records(workspace, "resumed")
 
 
@@ -146,6 +155,14 @@ def test_only_rank_0_writes_the_lora_files_and_the_log(two_process_run, workspac
     assert {str(out / name) for name in ("ddp-step00000002.safetensors", "ddp.safetensors")} <= set(written[0])
     assert any(path.startswith(str(workspace / "logs")) for path in written[0])
     assert len(list((workspace / "logs").iterdir())) == 1  # one run folder
+
+
+def test_ranks_start_from_rank_0s_weights_whatever_their_seeds(state_run):
+    """Each rank initialises its own LoRA from its own --seed; rank 0's is given to both before the first step
+    (as DDP's wrapping does), and they stay identical."""
+    hashes = {rank: [entry["sha256"] for entry in of_kind(entries, "step")] for rank, entries in state_run.items()}
+    assert len(hashes[0]) == STEPS
+    assert hashes[0] == hashes[1]
 
 
 def test_two_process_state_is_complete_and_only_rank_0_completes_it(state_run, workspace):
@@ -282,7 +299,8 @@ def main() -> None:
     trainer.NetworkTrainer.compute_loss = recording_compute_loss
     torch.set_num_threads(1)
     sys.addaudithook(audit)
-    train_network.main(sys.argv[1:])
+    seed = ["--seed", str(rank)] if os.environ["PROBE_SEED_BY_RANK"] else []
+    train_network.main(sys.argv[1:] + seed)
 
 
 if __name__ == "__main__":
