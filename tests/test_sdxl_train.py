@@ -63,6 +63,7 @@ lr_scheduler = "constant"
 
 [training_arguments]
 max_train_steps = {STEPS}
+train_batch_size = 4                            # every image in every step: a loss that falls step over step
 seed = 7
 min_timestep = 400
 max_timestep = 600
