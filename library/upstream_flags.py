@@ -81,6 +81,8 @@ IMPLEMENTED_NOTES: dict[str, str] = {
     "resume": "continues at the state's step and skips the batches already used (sd-scripts does that only with "
               "--skip_until_initial_step); a state saved at the last step trains no more steps and writes the "
               "LoRA of that state (sd-scripts stops with an assertion there)",
+    "seed": "without it, the main process draws one seed for every process (sd-scripts draws one per process, so "
+            "several GPUs shuffled the data each their own way and shared out an epoch's batches unevenly)",
 }
 
 FACE_CROP_NOTE = ("face-centred crops are not implemented: with --enable_bucket it has no effect, as in sd-scripts; "
