@@ -59,9 +59,11 @@ from benchmarks.digits_unet import (
 )
 from benchmarks.stateless_variants import (
     DistanceBoundEstimator,
+    LoRAMuonSGD,
     PairTransform,
     PairTransformANLO,
     chain,
+    lora_muon_,
     normalize_tensors_,
     riemannian_precondition_,
     row_normalize_tensors_,
@@ -73,6 +75,9 @@ from networks.lora import LoRANetwork, create_network
 # Half-decades around the optimum at this horizon (3e-4 lost for every optimizer in a pilot).
 LR_GRID = (2e-3, 3e-3, 5e-3, 7e-3)
 SMOKE_LRS = (1e-4, 1e-3)
+# LoRA-Muon's own grid: its step is sized in the spectral norm of the product's change, not in RMS per entry
+# (seed 0 at rank 8 from 3e-3 to 3e-1 was best at 1e-2).
+LORA_MUON_LRS = (5e-3, 1e-2, 2e-2)
 NETWORK_DIM = 8
 NETWORK_ALPHA = 4.0
 BATCH_SIZE = 16
@@ -218,6 +223,13 @@ def optimizer_specs() -> dict[str, OptimizerSpec]:
         OptimizerSpec(
             "ANLO+rows+orthogonalize",
             _pair_transform_anlo(row_normalize_tensors_, normalization="layer", orthogonalize=True),
+        ),
+        # LoRA-Muon (arXiv 2606.12921) without momentum: Muon's step of the product on the rank-r manifold ...
+        OptimizerSpec("LoRA-Muon", LoRAMuonSGD, lrs=LORA_MUON_LRS),
+        # ... and its directions rescaled by ANLO's module norms, or by per-tensor ones.
+        OptimizerSpec("ANLO+LoRA-Muon", _pair_transform_anlo(lora_muon_, normalization="layer")),
+        OptimizerSpec(
+            "ANLO+LoRA-Muon per-tensor", _pair_transform_anlo(lora_muon_, per_tensor=True, normalization="layer")
         ),
         # Learning-rate-free: ANLO's estimated step size at a fixed multiplier each (lr = the multiplier), and the
         # learning-rate-free optimizers LoRA trainers ship, at lr 1 as their authors recommend.

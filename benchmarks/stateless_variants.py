@@ -14,6 +14,17 @@ The transforms:
 
   The reference implementation's damping is δ = 1e-6; PEFT's port defaults to 1e-2. At kohya's initialisation
   ``up = 0``, hence ``grad_down = 0`` too and the first step preconditions nothing but ``grad_up``.
+* :func:`lora_muon_`: the factor directions of LoRA-Muon (Cesista, Crowson, Simal & Biderman, "LoRA-Muon:
+  Spectral Steepest Descent on the Low-Rank Manifold", arXiv 2606.12921), without its momentum: Muon's step for
+  the product ``up @ down`` taken on the rank-r manifold, one half through each factor, each factor's gradient
+  whitened by the other factor's Gram matrix (``msign(X) = U Vᵀ`` for ``X = U S Vᵀ``)::
+
+      R_down = (down downᵀ)^(-1/2),   grad_up   <- msign(grad_up R_down) R_down
+      R_up   = (upᵀ up)^(-1/2),       grad_down <- R_up msign(R_up grad_down)
+
+  Unlike a factor's own orthogonalization (``ANLO(orthogonalize=True)``), the change of the product does not
+  depend on how ``up`` and ``down`` share its scale. :class:`LoRAMuonSGD` steps along them as the paper does;
+  in :class:`PairTransformANLO` ANLO's norms rescale them.
 * :func:`row_normalize_tensors_`: every row of ``grad_down`` and ``grad_up`` to unit RMS, the step SWAN (Ma et al.,
   "SWAN: SGD with Normalization and Whitening", arXiv 2412.13148) takes before its whitening (which is
   ``ANLO(orthogonalize=True)``).
@@ -34,11 +45,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from library.hina_anlo import _LR_FREE_D0, ANLO, _LRFreeEstimator, lora_module_key
+from library.hina_anlo import (
+    _LR_FREE_D0,
+    _ORTHOGONAL_FLOOR,
+    ANLO,
+    _damped_inverse_sqrt_,
+    _LRFreeEstimator,
+    _orthogonalize_,
+    lora_module_key,
+)
 
 __all__ = [
-    "PairTransformANLO", "chain", "lora_pairs", "normalize_tensors_", "riemannian_precondition_",
-    "row_normalize_tensors_",
+    "LoRAMuonSGD", "PairTransformANLO", "chain", "lora_muon_", "lora_pairs", "normalize_tensors_",
+    "riemannian_precondition_", "row_normalize_tensors_",
 ]  # fmt: skip
 
 _EPS = 1e-12  # added to the norms of the normalizing transforms
@@ -80,6 +99,28 @@ def riemannian_precondition_(down: Tensor, up: Tensor, delta: float) -> None:
         new_grads.append((up.grad, _damped_gram_solve(down_matrix @ down_matrix.T, grad.T, delta).T))
     for grad, preconditioned in new_grads:
         grad.copy_(preconditioned.view(grad.shape))
+
+
+@torch.no_grad()
+def lora_muon_(down: Tensor, up: Tensor, relative_floor: float = _ORTHOGONAL_FLOOR) -> None:
+    """Replace ``down.grad`` and ``up.grad`` in place by LoRA-Muon's directions (see the module docstring),
+    computed in float64. The inverse square roots and ``msign`` are damped as ``ANLO(orthogonalize=True)`` damps
+    its own (singular values below ``relative_floor`` of the largest are scaled down, not raised); while ``up``
+    is zero (kohya's initialisation), so are ``R_up`` and ``grad_down``."""
+    r = down.shape[0]
+    down_matrix = down.detach().reshape(r, -1).double()  # (r, in·k·k)
+    up_matrix = up.detach().reshape(up.shape[0], r).double()  # (out, r)
+    r_down, r_up = _damped_inverse_sqrt_(
+        torch.stack([down_matrix @ down_matrix.T, up_matrix.T @ up_matrix]), relative_floor
+    ).unbind(0)
+    if up.grad is not None:
+        direction = up.grad.reshape(up.shape[0], r).double() @ r_down
+        _orthogonalize_([direction], relative_floor)
+        up.grad.copy_((direction @ r_down).view(up.grad.shape))
+    if down.grad is not None:
+        direction = r_up @ down.grad.reshape(r, -1).double()
+        _orthogonalize_([direction], relative_floor)
+        down.grad.copy_((r_up @ direction).view(down.grad.shape))
 
 
 @torch.no_grad()
@@ -134,6 +175,26 @@ class PairTransformANLO(ANLO):
                 loss = closure()
         for down, up in self.lora_pairs:
             self.transform(down, up)
+        super().step()
+        return loss
+
+
+class LoRAMuonSGD(torch.optim.SGD):
+    """LoRA-Muon without momentum or weight decay, so stateless: every LoRA pair of ``groups`` (named, as for
+    :class:`PairTransformANLO`) steps by ``-lr / 2`` times its :func:`lora_muon_` directions (the paper's split of
+    the step between the two factors). Parameters outside a pair take plain SGD steps."""
+
+    def __init__(self, groups: list[dict[str, Any]], lr: float) -> None:
+        self.lora_pairs = lora_pairs(groups)
+        super().__init__(groups, lr=lr / 2)
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for down, up in self.lora_pairs:
+            lora_muon_(down, up)
         super().step()
         return loss
 

@@ -219,6 +219,63 @@ def test_riemannian_preconditioner_matches_the_explicit_inverses() -> None:
         torch.testing.assert_close(up.grad.reshape(-1, r).double(), expected_up, rtol=1e-4, atol=1e-5)
 
 
+def _msign(matrix: torch.Tensor) -> torch.Tensor:
+    u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return u @ vh
+
+
+def _inverse_sqrt(gram: torch.Tensor) -> torch.Tensor:
+    u, s, _ = torch.linalg.svd(gram)
+    return u @ torch.diag(s.rsqrt()) @ u.T
+
+
+def test_lora_muon_matches_the_papers_formulas_computed_by_svd() -> None:
+    for down, up in sv.lora_pairs(_lora_groups()):
+        r = down.shape[0]
+        d, u = down.detach().reshape(r, -1).double(), up.detach().reshape(-1, r).double()
+        r_down, r_up = _inverse_sqrt(d @ d.T), _inverse_sqrt(u.T @ u)
+        expected_up = _msign(up.grad.reshape(-1, r).double() @ r_down) @ r_down
+        expected_down = r_up @ _msign(r_up @ down.grad.reshape(r, -1).double())
+        sv.lora_muon_(down, up, relative_floor=1e-6)  # the damping negligible: the exact formulas
+        torch.testing.assert_close(up.grad.reshape(-1, r).double(), expected_up, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(down.grad.reshape(r, -1).double(), expected_down, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_muon_changes_the_product_alike_however_the_factors_share_its_scale() -> None:
+    """``up · c`` and ``down / c`` make the same product; one LoRAMuonSGD step changes it by the same amount
+    (a factor-wise step, ANLO's orthogonalize, does not)."""
+    torch.manual_seed(0)
+    grad_of_product = torch.randn(6, 9, dtype=torch.float64)
+    down0, up0 = torch.randn(3, 9, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+
+    def product_change(scale: float, optimizer: type) -> torch.Tensor:
+        down = torch.nn.Parameter(down0 / scale)
+        up = torch.nn.Parameter(up0 * scale)
+        down.grad, up.grad = up.detach().T @ grad_of_product, grad_of_product @ down.detach().T
+        names = ["lora_unet_x.lora_down.weight", "lora_unet_x.lora_up.weight"]
+        if optimizer is sv.LoRAMuonSGD:
+            sv.LoRAMuonSGD([{"params": [down, up], "param_names": names}], lr=0.1).step()
+        else:
+            ANLO([{"params": [down, up], "param_names": names}], lr=0.1, orthogonalize=True).step()
+        return (up @ down - up0 @ down0).detach()
+
+    torch.testing.assert_close(product_change(10.0, sv.LoRAMuonSGD), product_change(1.0, sv.LoRAMuonSGD))
+    assert not torch.allclose(product_change(10.0, ANLO), product_change(1.0, ANLO), rtol=0.1)
+
+
+def test_lora_muon_sgd_steps_by_half_the_lr_along_the_directions() -> None:
+    groups, reference_groups = _lora_groups(), _lora_groups()
+    sv.LoRAMuonSGD(groups, lr=0.2).step()
+    for down, up in sv.lora_pairs(reference_groups):
+        sv.lora_muon_(down, up)
+        with torch.no_grad():
+            down.sub_(0.1 * down.grad)
+            up.sub_(0.1 * up.grad)
+    for group, reference in zip(groups, reference_groups):
+        for p, q in zip(group["params"], reference["params"]):
+            torch.testing.assert_close(p, q)
+
+
 def test_normalize_tensors_gives_each_tensor_unit_rms() -> None:
     for down, up in sv.lora_pairs(_lora_groups()):
         up.grad.mul_(100.0)
