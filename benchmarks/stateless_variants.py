@@ -151,7 +151,25 @@ def chain(*transforms: PairTransform) -> PairTransform:
     return chained
 
 
-class PairTransformANLO(ANLO):
+class _TransformedStep:
+    """An optimizer whose ``step()`` first applies ``self.transform(down, up)`` to every pair of
+    ``self.lora_pairs``, then takes its own step."""
+
+    lora_pairs: list[tuple[Tensor, Tensor]]
+    transform: PairTransform
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for down, up in self.lora_pairs:
+            self.transform(down, up)
+        super().step()  # type: ignore[misc]
+        return loss
+
+
+class PairTransformANLO(_TransformedStep, ANLO):
     """ANLO whose ``step()`` first applies ``transform(down, up)`` to every LoRA pair of ``groups``.
 
     ``groups`` must carry ``param_names`` (to pair ``lora_down`` with ``lora_up``). ``per_tensor`` hands ANLO the
@@ -168,35 +186,16 @@ class PairTransformANLO(ANLO):
             groups = [{k: v for k, v in group.items() if k != "param_names"} for group in groups]
         super().__init__(groups, **anlo_kwargs)
 
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for down, up in self.lora_pairs:
-            self.transform(down, up)
-        super().step()
-        return loss
 
-
-class LoRAMuonSGD(torch.optim.SGD):
+class LoRAMuonSGD(_TransformedStep, torch.optim.SGD):
     """LoRA-Muon without momentum or weight decay, so stateless: every LoRA pair of ``groups`` (named, as for
     :class:`PairTransformANLO`) steps by ``-lr / 2`` times its :func:`lora_muon_` directions (the paper's split of
     the step between the two factors). Parameters outside a pair take plain SGD steps."""
 
     def __init__(self, groups: list[dict[str, Any]], lr: float) -> None:
         self.lora_pairs = lora_pairs(groups)
+        self.transform = lora_muon_
         super().__init__(groups, lr=lr / 2)
-
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for down, up in self.lora_pairs:
-            lora_muon_(down, up)
-        super().step()
-        return loss
 
 
 class DistanceBoundEstimator(_LRFreeEstimator):
