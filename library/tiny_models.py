@@ -139,9 +139,8 @@ TINY_SDXL_UNET: dict[str, Any] = dict(
 )
 
 
-def _build_tiny_sd1(seed: int = 0) -> dict[str, Any]:
+def _build_tiny_sd1() -> dict[str, Any]:
     """Components of a tiny SD 1.x model: ``unet``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``."""
-    torch.manual_seed(seed)
     unet = UNet2DConditionModel(**TINY_SD1_UNET)
     vae = _vae(scaling_factor=0.18215)
     tokenizer = build_tokenizer()
@@ -155,14 +154,13 @@ def _build_tiny_sd1(seed: int = 0) -> dict[str, Any]:
     }
 
 
-def _build_tiny_sdxl(seed: int = 0) -> dict[str, Any]:
+def _build_tiny_sdxl() -> dict[str, Any]:
     """Components of a tiny SDXL model: ``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``,
     ``tokenizer``, ``tokenizer_2``, ``scheduler``.
 
     Context width = 32 (encoder 1) + 32 (encoder 2) = 64; the added embedding takes the pooled, projected
     text embedding (32) plus six time ids × 8 = 80 features, as in SDXL's ``text_time`` conditioning.
     """
-    torch.manual_seed(seed)
     unet = UNet2DConditionModel(**TINY_SDXL_UNET)
     vae = _vae(scaling_factor=0.13025)
     tokenizer = build_tokenizer()
@@ -186,4 +184,5 @@ def build_tiny(name: str, seed: int = 0) -> dict[str, Any]:
     if name not in builders:
         raise ValueError(f"unknown embedded model {name!r}; expected one of {', '.join(TINY_MODEL_NAMES)}")
     with torch.random.fork_rng(devices=[]):
-        return builders[name](seed)
+        torch.manual_seed(seed)
+        return builders[name]()

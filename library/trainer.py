@@ -302,8 +302,9 @@ class NetworkTrainer:
         return self.output_file
 
     def set_up(self, args: argparse.Namespace) -> TrainingRun:
-        """Everything before the first step, in sd-scripts' order: accelerator and seed, data, models, the latent
-        cache, network, optimizer and schedule, accelerate's prepare, metadata, ``--resume``, trackers."""
+        """Everything before the first step, in sd-scripts' order but for the seed, which follows the accelerator
+        (so that every process gets the same one): accelerator and seed, data, models, the latent cache, network,
+        optimizer and schedule, accelerate's prepare, metadata, ``--resume``, trackers."""
         session_id = random.randint(0, 2**32)
         training_started_at = time.time()
         self.args = args
